@@ -1,0 +1,38 @@
+# Two entry points for a fresh Debian machine: `make demo` and `make test`.
+# Both set everything up first (Debian packages, then .venv with the package editable).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+	@scripts/install-system-deps
+
+$(STAMP): pyproject.toml
+	@scripts/install-system-deps
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+demo: setup
+	@$(BIN)/python scripts/demo.py
+
+test: setup
+	@$(BIN)/python -m pytest -q tests
+
+lint: setup
+	@$(BIN)/ruff check src tests benchmarks scripts
+	@$(BIN)/ruff format --check src tests benchmarks scripts
+
+format: setup
+	@$(BIN)/ruff format src tests benchmarks scripts
+	@$(BIN)/ruff check --fix src tests benchmarks scripts
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,1 @@
+"""The ``coco`` command line: one group per part, ``coco <group> <verb>``."""

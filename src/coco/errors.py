@@ -1,0 +1,53 @@
+"""The exception hierarchy: one root, one family per package.
+
+Every error that reaches a user carries a message that says where it happened, what was expected and
+what was found. The CLI prints ``str(error)`` on one line and exits 1.
+"""
+
+
+class CocoError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class UsageError(CocoError):
+    """The caller asked for something that cannot be done as asked (bad flag value, bad reference)."""
+
+
+class OciError(CocoError):
+    """OCI image formats, layouts and transports."""
+
+
+class ManifestError(OciError):
+    """A manifest, index or config that is not what the image spec allows."""
+
+
+class DigestMismatchError(OciError):
+    """Content whose digest or size is not the one its descriptor promised."""
+
+
+class RegistryError(OciError):
+    """A registry answered with an error, or could not be reached."""
+
+
+class AuthError(RegistryError):
+    """Credentials were missing, malformed or refused."""
+
+
+class OcicryptError(CocoError):
+    """Layer encryption and key wrapping."""
+
+
+class DecryptionError(OcicryptError):
+    """A layer could not be decrypted: no usable key, wrong key, or tampered data."""
+
+
+class IntegrityError(CocoError):
+    """dm-verity, tardev, policies, initdata."""
+
+
+class AttestationError(CocoError):
+    """Evidence that could not be produced or did not verify."""
+
+
+class KbsError(CocoError):
+    """Key Broker Service protocol errors (client and server side)."""

@@ -1,0 +1,58 @@
+"""One package per TEE: its evidence format, its attester and its verifier.
+
+Adding a TEE is adding a folder and one line in :data:`_VERIFIERS` / :data:`_ATTESTERS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from coco.errors import AttestationError
+from coco.tee.base import Attester, Claims, Verifier
+
+# wire name (kbs-types, serde lowercase) -> "module:Class"
+_VERIFIERS: dict[str, str] = {
+    "sample": "coco.tee.sample.verifier:SampleVerifier",
+}
+_ATTESTERS: dict[str, str] = {
+    "sample": "coco.tee.sample.attester:SampleAttester",
+}
+
+
+def _load(table: dict[str, str], tee: str, what: str):
+    try:
+        target = table[tee]
+    except KeyError:
+        raise AttestationError(
+            f"unknown TEE {tee!r} for {what}: expected one of {', '.join(sorted(table))}"
+        ) from None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def get_verifier(tee: str) -> Verifier:
+    """The verifier registered for the wire name ``tee`` (``sample``, ``snp``, ``tdx``, ...)."""
+    return _load(_VERIFIERS, tee, "verification")()
+
+
+def get_attester(tee: str) -> Attester:
+    return _load(_ATTESTERS, tee, "attestation")()
+
+
+def verifier_names() -> list[str]:
+    return sorted(_VERIFIERS)
+
+
+def attester_names() -> list[str]:
+    return sorted(_ATTESTERS)
+
+
+__all__ = [
+    "Attester",
+    "Claims",
+    "Verifier",
+    "attester_names",
+    "get_attester",
+    "get_verifier",
+    "verifier_names",
+]
