@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -178,6 +179,7 @@ class LayoutTransaction:
         self._staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=layout.path))
         self._blobs: dict[str, Path] = {}
         self._tags: list[tuple[str | None, Descriptor]] = []
+        self._lock = threading.Lock()
         self._done = False
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
@@ -211,10 +213,11 @@ class LayoutTransaction:
                 os.unlink(tmp)
             raise
         assert reader.digest is not None
-        if reader.digest in self._blobs:
-            os.unlink(tmp)
-        else:
-            self._blobs[reader.digest] = Path(tmp)
+        with self._lock:
+            if reader.digest in self._blobs:
+                os.unlink(tmp)
+            else:
+                self._blobs[reader.digest] = Path(tmp)
         return reader.digest, reader.size
 
     def put_bytes(self, data: bytes, expected_digest: str | None = None, what: str = "blob") -> str:
@@ -313,4 +316,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-

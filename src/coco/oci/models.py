@@ -260,6 +260,27 @@ class Index:
     def digest(self) -> str:
         return sha256_digest(self.raw)
 
+    @property
+    def is_docker(self) -> bool:
+        return self.media_type == mt.DOCKER_MANIFEST_LIST
+
+    def to_bytes(self) -> bytes:
+        """Serialize as Go would (used only when the index changed)."""
+        docker = self.is_docker
+        out: dict[str, Any] = {"schemaVersion": 2, "mediaType": self.media_type}
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        out["manifests"] = [d.to_json(docker) for d in self.manifests]
+        if self.subject is not None:
+            out["subject"] = self.subject.to_json()
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return go_json(out)
+
+    def rebuilt(self, **changes: Any) -> Index:
+        i = replace(self, **changes)
+        return replace(i, raw=i.to_bytes())
+
     def select(
         self,
         os: str | None = None,

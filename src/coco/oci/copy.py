@@ -1,0 +1,358 @@
+"""Copy images between transports like ``skopeo copy``, with an optional per-layer transform.
+
+The copier reads the source manifest (for an index: every instance with ``all_platforms``, else
+the one for the requested or host platform), copies the config and the layers (several layers
+at once, each streamed in ~1 MiB chunks through a reader thread so I/O and hashing overlap),
+skips blobs the destination already has, tries a cross-repository mount on the same registry,
+and writes the manifest last. Unchanged manifests are copied byte for byte. Any failure leaves
+the destination as it was (see :mod:`coco.oci.transport`).
+
+A :class:`LayerTransform` (``coco.ocicrypt`` plugs in here) may rewrite layers on the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from coco.crypto.digest import sha256_digest
+from coco.errors import ManifestError
+from coco.oci import mediatypes as mt
+from coco.oci.auth import Credentials
+from coco.oci.models import Descriptor, Index, Manifest, parse_manifest
+from coco.oci.reference import ImageReference, parse_reference
+from coco.oci.transport import Access, ImageDestination, ImageSource, open_destination, open_source
+
+
+@dataclass
+class TransformedLayer:
+    """What a :class:`LayerTransform` returns for one layer."""
+
+    chunks: Iterator[bytes]
+    """The new blob bytes; may raise CocoError anywhere, including at the end."""
+    descriptor: Callable[[str, int], Descriptor]
+    """Called once ``chunks`` is exhausted with the new blob's digest and size."""
+
+
+class LayerTransform(Protocol):
+    """Rewrites selected layers while they are copied (encryption, decryption ...)."""
+
+    requires_oci: bool
+
+    def wants(self, index: int, total: int, layer: Descriptor) -> bool: ...
+
+    def apply(
+        self, index: int, total: int, layer: Descriptor, chunks: Iterator[bytes]
+    ) -> TransformedLayer: ...
+
+
+class ProgressTask(Protocol):
+    def advance(self, n: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Progress(Protocol):
+    """Receives progress; :mod:`coco.oci.progress` has a rich implementation."""
+
+    def task(self, description: str, total: int | None) -> ProgressTask: ...
+
+
+@dataclass
+class CopyOptions:
+    src_credentials: Credentials | None = None
+    dest_credentials: Credentials | None = None
+    authfile: Path | None = None
+    """Explicit authfile; None: $REGISTRY_AUTH_FILE, XDG, ~/.docker/config.json."""
+    src_tls_verify: bool = True
+    dest_tls_verify: bool = True
+    all_platforms: bool = False
+    override_os: str | None = None
+    override_arch: str | None = None
+    override_variant: str | None = None
+    workers: int = 3
+    patch_size: int | None = None
+    """Upload to registries in PATCH requests of at most this many bytes (None: one PATCH)."""
+
+
+@dataclass
+class LayerCopy:
+    source: Descriptor
+    dest: Descriptor
+    action: str  # "copied", "skipped", "mounted" or "transformed"
+
+
+@dataclass
+class CopyResult:
+    manifest_digest: str
+    media_type: str
+    manifest: bytes
+    destination: str
+    layers: list[LayerCopy] = field(default_factory=list)
+    instances: list[str] = field(default_factory=list)
+
+
+class _Cancelled(Exception):
+    """Another layer failed: stop this one quietly."""
+
+
+def copy_image(
+    src: ImageReference | str,
+    dst: ImageReference | str,
+    *,
+    options: CopyOptions | None = None,
+    transform: LayerTransform | None = None,
+    progress: Progress | None = None,
+) -> CopyResult:
+    """Copy ``src`` to ``dst``; return what was written. Raises CocoError on any failure."""
+    options = options or CopyOptions()
+    src_ref = parse_reference(src) if isinstance(src, str) else src
+    dst_ref = parse_reference(dst) if isinstance(dst, str) else dst
+    source = open_source(
+        src_ref,
+        Access(options.src_credentials, options.authfile, options.src_tls_verify),
+    )
+    try:
+        raw, media_type = source.top_manifest()
+        top = parse_manifest(raw, media_type, f"{src_ref}: manifest")
+        dest = open_destination(
+            dst_ref,
+            Access(options.dest_credentials, options.authfile, options.dest_tls_verify),
+            options.patch_size,
+        )
+        try:
+            copier = _Copier(source, dest, options, transform, progress)
+            result = copier.run(top)
+            dest.commit()
+            return result
+        except BaseException:
+            dest.abort()
+            raise
+        finally:
+            dest.close()
+    finally:
+        source.close()
+
+
+class _Copier:
+    def __init__(
+        self,
+        source: ImageSource,
+        dest: ImageDestination,
+        options: CopyOptions,
+        transform: LayerTransform | None,
+        progress: Progress | None,
+    ) -> None:
+        self.source = source
+        self.dest = dest
+        self.options = options
+        self.transform = transform
+        self.progress = progress
+        self.cancel = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, options.workers))
+        self.layers: list[LayerCopy] = []
+        self.instances: list[str] = []
+
+    def run(self, top: Manifest | Index) -> CopyResult:
+        try:
+            if isinstance(top, Manifest):
+                m = self._copy_manifest(top, str(self.source.ref))
+                self.dest.put_manifest(m.raw, m.media_type, top=True, what=f"{self.dest.ref}")
+                return self._result(m.raw, m.media_type)
+            if not self.options.all_platforms:
+                o = self.options
+                where = f"{self.source.ref}"
+                desc = top.select(o.override_os, o.override_arch, o.override_variant, where=where)
+                child = self._child(desc)
+                if not isinstance(child, Manifest):
+                    raise ManifestError(f"{where}: nested index for {desc.platform} not supported")
+                m = self._copy_manifest(child, f"{where} ({desc.platform})")
+                self.dest.put_manifest(m.raw, m.media_type, top=True, what=f"{self.dest.ref}")
+                return self._result(m.raw, m.media_type)
+            new_entries = []
+            for desc in top.manifests:
+                child = self._child(desc)
+                if not isinstance(child, Manifest):
+                    raise ManifestError(
+                        f"{self.source.ref}: nested index {desc.digest} not supported"
+                    )
+                label = f"{self.source.ref} ({desc.platform or desc.short})"
+                m = self._copy_manifest(child, label)
+                self.dest.put_manifest(m.raw, m.media_type, top=False, what=label)
+                self.instances.append(m.digest)
+                new_entries.append(
+                    desc.with_(media_type=m.media_type, digest=m.digest, size=len(m.raw))
+                )
+            idx = top
+            if tuple(new_entries) != top.manifests:
+                idx_type = (
+                    mt.OCI_INDEX
+                    if any(e.media_type == mt.OCI_MANIFEST for e in new_entries)
+                    else top.media_type
+                )
+                idx = top.rebuilt(media_type=idx_type, manifests=tuple(new_entries))
+            self.dest.put_manifest(idx.raw, idx.media_type, top=True, what=f"{self.dest.ref}")
+            return self._result(idx.raw, idx.media_type)
+        finally:
+            self.cancel.set()  # releases reader threads of streams nobody consumed
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _result(self, raw: bytes, media_type: str) -> CopyResult:
+        return CopyResult(
+            sha256_digest(raw), media_type, raw, str(self.dest.ref), self.layers, self.instances
+        )
+
+    def _child(self, desc: Descriptor) -> Manifest | Index:
+        what = f"{self.source.ref}: manifest {desc.digest}"
+        return parse_manifest(self.source.child_manifest(desc, what), desc.media_type, what)
+
+    def _copy_manifest(self, m: Manifest, label: str) -> Manifest:
+        total = len(m.layers)
+        t = self.transform
+        wanted = [bool(t and t.wants(i, total, d)) for i, d in enumerate(m.layers)]
+        out = m.to_oci() if (t is not None and t.requires_oci and any(wanted)) else m
+        # Config first (never transformed), then the layers in parallel.
+        self._copy_blob(m.config, f"{label}: config {m.config.digest}")
+        futures: list[Future[LayerCopy]] = []
+        for i, (src_desc, new_desc) in enumerate(zip(m.layers, out.layers, strict=True)):
+            what = f"{label}: layer {i + 1}/{total} {src_desc.digest}"
+            futures.append(
+                self.pool.submit(self._copy_layer, i, total, src_desc, new_desc, wanted[i], what)
+            )
+        results: list[LayerCopy] = []
+        error: BaseException | None = None
+        for f in futures:
+            try:
+                results.append(f.result())
+            except _Cancelled:
+                pass
+            except BaseException as e:
+                if error is None:
+                    error = e
+                self.cancel.set()
+        if error is not None:
+            raise error
+        self.layers.extend(results)
+        new_layers = tuple(r.dest for r in results)
+        if new_layers != out.layers:
+            out = out.rebuilt(layers=new_layers)
+        return out
+
+    def _source_chunks(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        it = self.source.open_blob(desc, what)
+        task = self.progress.task(what.rsplit(": ", 1)[-1], desc.size) if self.progress else None
+        return _prefetch(it, self.cancel, task)
+
+    def _copy_blob(self, desc: Descriptor, what: str) -> str:
+        if self.dest.has_blob(desc, what):
+            return "skipped"
+        if self.dest.try_mount(desc, self.source, what):
+            return "mounted"
+        self.dest.write_blob(
+            self._source_chunks(desc, what),
+            expected_digest=desc.digest,
+            expected_size=desc.size,
+            what=what,
+        )
+        return "copied"
+
+    def _copy_layer(
+        self,
+        i: int,
+        total: int,
+        src_desc: Descriptor,
+        new_desc: Descriptor,
+        wanted: bool,
+        what: str,
+    ) -> LayerCopy:
+        if self.cancel.is_set():
+            raise _Cancelled
+        if not wanted:
+            return LayerCopy(src_desc, new_desc, self._copy_blob(src_desc, what))
+        assert self.transform is not None
+        tl = self.transform.apply(i, total, new_desc, self._source_chunks(src_desc, what))
+        digest, size = self.dest.write_blob(
+            tl.chunks, expected_digest=None, expected_size=None, what=what
+        )
+        return LayerCopy(src_desc, tl.descriptor(digest, size), "transformed")
+
+
+_END = object()
+
+
+def _prefetch(
+    it: Iterator[bytes], cancel: threading.Event, task: ProgressTask | None, depth: int = 4
+) -> Iterator[bytes]:
+    """Run ``it`` in a reader thread feeding a bounded queue (overlaps reading with the consumer).
+
+    Exceptions from ``it`` (a digest mismatch at the end) re-raise in the consumer. When the
+    consumer stops early, or another layer failed (``cancel``), the reader stops too.
+    """
+    q: queue.Queue[object] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set() and not cancel.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for chunk in it:
+                if stop.is_set() or not put(chunk):
+                    return
+            put(_END)
+        except BaseException as e:
+            put(e)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+
+    th = threading.Thread(target=reader, name="coco-blob-reader", daemon=True)
+    th.start()
+
+    def consume() -> Iterator[bytes]:
+        try:
+            while True:
+                if cancel.is_set():
+                    raise _Cancelled
+                try:
+                    item = q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, bytes)
+                if task is not None:
+                    task.advance(len(item))
+                yield item
+        finally:
+            stop.set()
+            if task is not None:
+                task.finish()
+
+    return consume()
+
+
+__all__ = [
+    "CopyOptions",
+    "CopyResult",
+    "LayerCopy",
+    "LayerTransform",
+    "TransformedLayer",
+    "copy_image",
+]

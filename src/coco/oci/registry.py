@@ -1,0 +1,430 @@
+"""A distribution-spec registry client: ping, auth (anonymous, basic, bearer token), manifests,
+streamed blob download with digest verification, monolithic/streamed/chunked upload and
+cross-repository mount.
+
+One :class:`RegistryClient` talks to one registry host and is safe to share between threads.
+With ``tls_verify=False`` it talks HTTPS without certificate checks and falls back to plain HTTP
+when the registry does not speak TLS (like skopeo's ``--tls-verify=false``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import httpx
+
+from coco import __version__
+from coco.crypto.digest import HashingReader, sha256_digest
+from coco.errors import AuthError, CocoError, DigestMismatchError, RegistryError
+from coco.oci import mediatypes as mt
+from coco.oci.auth import Credentials
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+_UA = f"coco/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A parsed ``WWW-Authenticate`` header."""
+
+    scheme: str  # "basic" or "bearer"
+    params: dict[str, str]
+
+    @classmethod
+    def parse(cls, header: str) -> Challenge:
+        scheme, _, rest = header.strip().partition(" ")
+        params = {
+            k.lower(): v
+            for k, v in re.findall(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*"((?:[^"\\]|\\.)*)"', rest)
+        }
+        for k, v in re.findall(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*([^",\s]+)', rest):
+            params.setdefault(k.lower(), v)
+        return cls(scheme.lower(), params)
+
+
+class RegistryClient:
+    """Client for one registry host (``host[:port]``)."""
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        credentials: Credentials | None = None,
+        tls_verify: bool = True,
+        timeout: float = 120.0,
+    ) -> None:
+        self.registry = registry
+        self._host = "registry-1.docker.io" if registry == "docker.io" else registry
+        self._creds = credentials
+        self._tls_verify = tls_verify
+        self._client = httpx.Client(
+            verify=tls_verify,
+            timeout=httpx.Timeout(timeout, connect=15.0),
+            headers={"User-Agent": _UA},
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+        )
+        self._base: str | None = None
+        self._challenge: Challenge | None = None
+        self._tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- connection and auth -------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Find the scheme (HTTPS, or HTTP when TLS verification is off) and the auth challenge."""
+        with self._lock:
+            if self._base is not None:
+                return
+            schemes = ["https"] if self._tls_verify else ["https", "http"]
+            last: Exception | None = None
+            for scheme in schemes:
+                url = f"{scheme}://{self._host}/v2/"
+                try:
+                    resp = self._client.get(url)
+                except httpx.TransportError as e:
+                    last = e
+                    continue
+                if resp.status_code == 401:
+                    hdr = resp.headers.get("www-authenticate", "")
+                    self._challenge = Challenge.parse(hdr) if hdr else Challenge("basic", {})
+                elif resp.status_code != 200 and resp.status_code != 404:
+                    raise RegistryError(
+                        f"{self.registry}: ping {url}: registry answered {_status(resp)}"
+                    )
+                self._base = f"{scheme}://{self._host}"
+                return
+            hint = "" if not self._tls_verify else " (plain-HTTP registry? use --tls-verify=false)"
+            raise RegistryError(f"{self.registry}: cannot connect: {_exc_text(last)}{hint}")
+
+    def _token(self, scopes: tuple[str, ...]) -> str:
+        key = " ".join(scopes)
+        with self._lock:
+            tok = self._tokens.get(key)
+        if tok is not None:
+            return tok
+        assert self._challenge is not None
+        realm = self._challenge.params.get("realm")
+        if not realm:
+            raise AuthError(f"{self.registry}: bearer challenge without a realm")
+        params: list[tuple[str, str]] = []
+        if "service" in self._challenge.params:
+            params.append(("service", self._challenge.params["service"]))
+        params.extend(("scope", s) for s in scopes)
+        headers = {"Authorization": self._creds.basic()} if self._creds else {}
+        try:
+            resp = self._client.get(realm, params=params, headers=headers)
+        except httpx.TransportError as e:
+            raise AuthError(f"{self.registry}: token endpoint {realm}: {_exc_text(e)}") from None
+        if resp.status_code in (401, 403):
+            raise AuthError(
+                f"{self.registry}: token endpoint {realm} refused the "
+                f"{'credentials' if self._creds else 'anonymous request'}: {_status(resp)}"
+            )
+        if resp.status_code != 200:
+            raise AuthError(f"{self.registry}: token endpoint {realm} answered {_status(resp)}")
+        try:
+            body = resp.json()
+            tok = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            tok = None
+        if not isinstance(tok, str) or not tok:
+            raise AuthError(f"{self.registry}: token endpoint {realm}: no token in the answer")
+        with self._lock:
+            self._tokens[key] = tok
+        return tok
+
+    def _auth_headers(self, scopes: tuple[str, ...]) -> dict[str, str]:
+        ch = self._challenge
+        if ch is None:
+            return {}
+        if ch.scheme == "basic":
+            if self._creds is None:
+                return {}
+            return {"Authorization": self._creds.basic()}
+        if ch.scheme == "bearer":
+            return {"Authorization": "Bearer " + self._token(scopes)}
+        raise AuthError(f"{self.registry}: unsupported auth scheme {ch.scheme!r}")
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        scopes: tuple[str, ...],
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | Iterable[bytes] | None = None,
+        stream: bool = False,
+        follow: bool = False,
+    ) -> httpx.Response:
+        self.ping()
+        assert self._base is not None
+        if url.startswith("/"):
+            url = self._base + url
+        hdrs = {**(headers or {}), **self._auth_headers(scopes)}
+        req = self._client.build_request(method, url, headers=hdrs, content=content)
+        try:
+            resp = self._client.send(req, stream=stream, follow_redirects=follow)
+        except CocoError:
+            raise
+        except httpx.TransportError as e:
+            raise RegistryError(f"{what}: {method} {url}: {_exc_text(e)}") from None
+        if resp.status_code == 401 and self._challenge is None:
+            # The registry asks for auth on this path although /v2/ did not: learn and retry once.
+            hdr = resp.headers.get("www-authenticate", "")
+            if hdr and not isinstance(content, Iterator):
+                resp.close()
+                self._challenge = Challenge.parse(hdr)
+                return self._send(
+                    method, url, scopes, what, headers=headers, content=content, stream=stream
+                )
+        if resp.status_code == 401:
+            detail = _status(resp, read=not stream)
+            resp.close()
+            if self._creds is None:
+                raise AuthError(f"{what}: authentication required: {detail}")
+            raise AuthError(
+                f"{what}: credentials for user {self._creds.username!r} refused: {detail}"
+            )
+        return resp
+
+    # --- manifests -----------------------------------------------------------------------------
+
+    def get_manifest(self, repo: str, reference: str, what: str) -> tuple[bytes, str]:
+        """The raw manifest bytes and their media type (digest-checked for a digest reference)."""
+        resp = self._send(
+            "GET",
+            f"/v2/{repo}/manifests/{reference}",
+            (f"repository:{repo}:pull",),
+            what,
+            headers={"Accept": mt.MANIFEST_ACCEPT},
+        )
+        if resp.status_code != 200:
+            raise RegistryError(f"{what}: manifest: registry answered {_status(resp)}")
+        raw = resp.content
+        if reference.startswith("sha256:") and sha256_digest(raw) != reference:
+            raise DigestMismatchError(
+                f"{what}: manifest digest mismatch: expected {reference}, got {sha256_digest(raw)}"
+            )
+        ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+        return raw, ctype
+
+    def put_manifest(
+        self, repo: str, reference: str, raw: bytes, media_type: str, what: str
+    ) -> str:
+        resp = self._send(
+            "PUT",
+            f"/v2/{repo}/manifests/{reference}",
+            (f"repository:{repo}:pull,push",),
+            what,
+            headers={"Content-Type": media_type},
+            content=raw,
+        )
+        if resp.status_code not in (200, 201, 202):
+            raise RegistryError(f"{what}: manifest upload: registry answered {_status(resp)}")
+        return resp.headers.get("docker-content-digest") or sha256_digest(raw)
+
+    # --- blobs ---------------------------------------------------------------------------------
+
+    def blob_exists(self, repo: str, digest: str, what: str, *, push: bool = False) -> bool:
+        scope = f"repository:{repo}:pull,push" if push else f"repository:{repo}:pull"
+        resp = self._send("HEAD", f"/v2/{repo}/blobs/{digest}", (scope,), what, follow=True)
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise RegistryError(f"{what}: blob check: registry answered {_status(resp, read=False)}")
+
+    def open_blob(
+        self, repo: str, digest: str, size: int | None, what: str, chunk: int = CHUNK
+    ) -> Iterator[bytes]:
+        """Stream a blob; the iterator raises DigestMismatchError at its end if it is corrupt."""
+        resp = self._send(
+            "GET",
+            f"/v2/{repo}/blobs/{digest}",
+            (f"repository:{repo}:pull",),
+            what,
+            stream=True,
+            follow=True,
+        )
+        if resp.status_code != 200:
+            detail = _status(resp, read=True)
+            resp.close()
+            raise RegistryError(f"{what}: download: registry answered {detail}")
+
+        def body() -> Iterator[bytes]:
+            try:
+                yield from resp.iter_raw(chunk)
+            except httpx.HTTPError as e:
+                raise DigestMismatchError(
+                    f"{what}: download interrupted (truncated stream): {_exc_text(e)}"
+                ) from None
+            finally:
+                resp.close()
+
+        return iter(HashingReader(body(), what=what, expected_digest=digest, expected_size=size))
+
+    def mount_blob(self, repo: str, digest: str, from_repo: str, what: str) -> bool:
+        """Try a cross-repository mount; True if the registry mounted the blob."""
+        q = urllib.parse.urlencode({"mount": digest, "from": from_repo})
+        resp = self._send(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/?{q}",
+            (f"repository:{repo}:pull,push", f"repository:{from_repo}:pull"),
+            what,
+        )
+        if resp.status_code == 201:
+            return True
+        if resp.status_code == 202:
+            self._cancel(resp, repo, what)
+            return False
+        log.debug("%s: mount answered %s", what, resp.status_code)
+        return False
+
+    def _start_upload(self, repo: str, what: str) -> str:
+        resp = self._send(
+            "POST", f"/v2/{repo}/blobs/uploads/", (f"repository:{repo}:pull,push",), what
+        )
+        if resp.status_code != 202:
+            raise RegistryError(f"{what}: upload start: registry answered {_status(resp)}")
+        return self._location(resp, what)
+
+    def _location(self, resp: httpx.Response, what: str) -> str:
+        loc = resp.headers.get("location")
+        if not loc:
+            raise RegistryError(f"{what}: upload: registry sent no Location header")
+        return urllib.parse.urljoin(str(resp.url), loc)
+
+    def _cancel(self, resp: httpx.Response, repo: str, what: str) -> None:
+        try:
+            loc = self._location(resp, what)
+            self._send("DELETE", loc, (f"repository:{repo}:pull,push",), what)
+        except CocoError:
+            pass
+
+    def upload_bytes(self, repo: str, data: bytes, what: str, digest: str | None = None) -> str:
+        """Monolithic upload: POST, then PUT with the whole body and its digest."""
+        digest = digest or sha256_digest(data)
+        loc = self._start_upload(repo, what)
+        resp = self._send(
+            "PUT",
+            _with_query(loc, digest=digest),
+            (f"repository:{repo}:pull,push",),
+            what,
+            headers={"Content-Type": "application/octet-stream"},
+            content=data,
+        )
+        if resp.status_code not in (201, 204):
+            raise RegistryError(f"{what}: upload: registry answered {_status(resp)}")
+        return digest
+
+    def upload_stream(
+        self,
+        repo: str,
+        chunks: Iterable[bytes],
+        what: str,
+        *,
+        expected_digest: str | None = None,
+        expected_size: int | None = None,
+        patch_size: int | None = None,
+    ) -> tuple[str, int]:
+        """Streamed (one PATCH) or chunked (a PATCH per ``patch_size`` bytes) upload, then PUT
+        ``?digest=`` with the digest computed on the way. Nothing is committed on failure."""
+        loc = self._start_upload(repo, what)
+        reader = HashingReader(
+            chunks, what=what, expected_digest=expected_digest, expected_size=expected_size
+        )
+        scope = (f"repository:{repo}:pull,push",)
+        try:
+            it = iter(reader)
+            offset = 0
+            while True:
+                head = next(it, None)
+                if head is None:
+                    break
+                seg = _Segment(head, it, patch_size)
+                hdrs = {"Content-Type": "application/octet-stream"}
+                resp = self._send("PATCH", loc, scope, what, headers=hdrs, content=iter(seg))
+                if resp.status_code not in (202, 204):
+                    raise RegistryError(f"{what}: upload chunk: registry answered {_status(resp)}")
+                offset += seg.count
+                loc = self._location(resp, what)
+                if not seg.more:
+                    break
+            if reader.digest is None:  # empty blob, or the iterator was not exhausted
+                for _ in it:
+                    pass
+            assert reader.digest is not None
+            resp = self._send("PUT", _with_query(loc, digest=reader.digest), scope, what)
+            if resp.status_code not in (201, 204):
+                raise RegistryError(f"{what}: upload commit: registry answered {_status(resp)}")
+        except BaseException:
+            # best effort: the registry expires abandoned uploads anyway
+            with contextlib.suppress(Exception):
+                self._send("DELETE", loc, scope, what)
+            raise
+        return reader.digest, reader.size
+
+
+class _Segment:
+    """Up to ``limit`` bytes of an iterator, starting with ``head``; ``more`` if data remains."""
+
+    def __init__(self, head: bytes, it: Iterator[bytes], limit: int | None) -> None:
+        self._head = head
+        self._it = it
+        self._limit = limit
+        self.count = 0
+        self.more = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunk: bytes | None = self._head
+        while chunk is not None:
+            self.count += len(chunk)
+            yield chunk
+            if self._limit is not None and self.count >= self._limit:
+                self.more = True
+                return
+            chunk = next(self._it, None)
+
+
+def _with_query(url: str, **params: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + urllib.parse.urlencode(params)
+
+
+def _status(resp: httpx.Response, read: bool = True) -> str:
+    """``404 MANIFEST_UNKNOWN: manifest unknown`` from a registry error answer."""
+    text = f"{resp.status_code} {resp.reason_phrase}".strip()
+    if not read:
+        return text
+    try:
+        resp.read()
+        body = resp.json()
+        err = body["errors"][0]
+        code, msg = err.get("code", ""), err.get("message", "")
+        return f"{resp.status_code} {code}: {msg}".strip().rstrip(":")
+    except Exception:
+        return text
+
+
+def _exc_text(e: BaseException | None) -> str:
+    if e is None:
+        return "unknown error"
+    msg = str(e) or type(e).__name__
+    return " ".join(msg.split())

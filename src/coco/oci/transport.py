@@ -1,0 +1,265 @@
+"""Image sources and destinations for the two transports, ``oci:`` layouts and ``docker://``
+registries, behind one small interface used by :mod:`coco.oci.copy`.
+
+A destination stages everything and makes it visible only in :meth:`ImageDestination.commit`:
+a layout renames blobs into place and then rewrites ``index.json``; a registry receives blobs as
+they come (unreferenced until a manifest points at them) and the tagged manifest last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from coco.crypto.digest import sha256_digest
+from coco.errors import DigestMismatchError, UsageError
+from coco.oci.auth import AuthFile, Credentials, default_authfile
+from coco.oci.layout import LayoutTransaction, OciLayout
+from coco.oci.models import Descriptor
+from coco.oci.reference import DockerReference, ImageReference, LayoutReference
+from coco.oci.registry import RegistryClient
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach a registry: credentials (flag > authfile) and TLS verification."""
+
+    credentials: Credentials | None = None
+    authfile: Path | None = None
+    tls_verify: bool = True
+
+    def client(self, ref: DockerReference) -> RegistryClient:
+        creds = self.credentials
+        if creds is None:
+            path = self.authfile or default_authfile()
+            if path is not None:
+                creds = AuthFile.load(path, required=self.authfile is not None).lookup(
+                    ref.registry, ref.repository
+                )
+        return RegistryClient(ref.registry, credentials=creds, tls_verify=self.tls_verify)
+
+
+class ImageSource:
+    """Where an image is read from."""
+
+    ref: ImageReference
+
+    def top_manifest(self) -> tuple[bytes, str | None]:
+        """The manifest or index the reference names, and its media type if the transport knows."""
+        raise NotImplementedError
+
+    def child_manifest(self, desc: Descriptor, what: str) -> bytes:
+        raise NotImplementedError
+
+    def open_blob(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        """The blob in ~1 MiB chunks; raises DigestMismatchError at the end if it is corrupt."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ImageDestination:
+    """Where an image is written; nothing is visible before :meth:`commit`."""
+
+    ref: ImageReference
+
+    def has_blob(self, desc: Descriptor, what: str) -> bool:
+        raise NotImplementedError
+
+    def try_mount(self, desc: Descriptor, source: ImageSource, what: str) -> bool:
+        return False
+
+    def write_blob(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        expected_digest: str | None,
+        expected_size: int | None,
+        what: str,
+    ) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def put_manifest(self, raw: bytes, media_type: str, *, top: bool, what: str) -> str:
+        """Store a manifest; ``top``: the one the reference names (tagged at commit)."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# --- oci: layouts ------------------------------------------------------------------------------
+
+
+class LayoutSource(ImageSource):
+    def __init__(self, ref: LayoutReference) -> None:
+        self.ref = ref
+        self.layout = OciLayout.open(ref.path)
+
+    def top_manifest(self) -> tuple[bytes, str | None]:
+        desc = self.layout.resolve(self.ref.tag)
+        raw = self.layout.read_blob(desc.digest, desc.size, f"{self.ref}: manifest {desc.digest}")
+        return raw, desc.media_type
+
+    def child_manifest(self, desc: Descriptor, what: str) -> bytes:
+        return self.layout.read_blob(desc.digest, desc.size, what)
+
+    def open_blob(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        return self.layout.open_blob(desc.digest, desc.size, what)
+
+
+class LayoutDestination(ImageDestination):
+    def __init__(self, ref: LayoutReference) -> None:
+        self.ref = ref
+        path = Path(ref.path)
+        self._created = not path.exists()
+        self.layout = OciLayout.init(path)
+        self._tx = LayoutTransaction(self.layout)
+        self._top: Descriptor | None = None
+
+    def has_blob(self, desc: Descriptor, what: str) -> bool:
+        return self._tx.has_blob(desc.digest, desc.size)
+
+    def write_blob(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        expected_digest: str | None,
+        expected_size: int | None,
+        what: str,
+    ) -> tuple[str, int]:
+        return self._tx.write_blob(
+            chunks, expected_digest=expected_digest, expected_size=expected_size, what=what
+        )
+
+    def put_manifest(self, raw: bytes, media_type: str, *, top: bool, what: str) -> str:
+        digest = self._tx.put_bytes(raw, what=what)
+        if top:
+            self._top = Descriptor(media_type, digest, len(raw))
+        return digest
+
+    def commit(self) -> None:
+        if self._top is not None:
+            self._tx.set_tag(self.ref.tag, self._top)
+        self._tx.commit()
+        self._tx.discard()
+
+    def abort(self) -> None:
+        self._tx.discard()
+        if self._created:
+            shutil.rmtree(self.layout.path, ignore_errors=True)
+
+
+# --- docker:// registries ----------------------------------------------------------------------
+
+
+class RegistrySource(ImageSource):
+    def __init__(self, ref: DockerReference, access: Access) -> None:
+        self.ref = ref
+        self.client = access.client(ref)
+
+    def top_manifest(self) -> tuple[bytes, str | None]:
+        raw, ctype = self.client.get_manifest(
+            self.ref.repository, self.ref.reference, str(self.ref)
+        )
+        return raw, ctype or None
+
+    def child_manifest(self, desc: Descriptor, what: str) -> bytes:
+        raw, _ = self.client.get_manifest(self.ref.repository, desc.digest, what)
+        if len(raw) != desc.size:
+            raise DigestMismatchError(
+                f"{what}: size mismatch: expected {desc.size} bytes, received {len(raw)}"
+            )
+        return raw
+
+    def open_blob(self, desc: Descriptor, what: str) -> Iterator[bytes]:
+        return self.client.open_blob(self.ref.repository, desc.digest, desc.size, what)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RegistryDestination(ImageDestination):
+    def __init__(self, ref: DockerReference, access: Access, patch_size: int | None = None) -> None:
+        self.ref = ref
+        self.client = access.client(ref)
+        self._patch_size = patch_size
+        self._top: tuple[bytes, str] | None = None
+
+    @property
+    def _repo(self) -> str:
+        return self.ref.repository
+
+    def has_blob(self, desc: Descriptor, what: str) -> bool:
+        return self.client.blob_exists(self._repo, desc.digest, what, push=True)
+
+    def try_mount(self, desc: Descriptor, source: ImageSource, what: str) -> bool:
+        if (
+            isinstance(source, RegistrySource)
+            and source.ref.registry == self.ref.registry
+            and source.ref.repository != self._repo
+        ):
+            return self.client.mount_blob(self._repo, desc.digest, source.ref.repository, what)
+        return False
+
+    def write_blob(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        expected_digest: str | None,
+        expected_size: int | None,
+        what: str,
+    ) -> tuple[str, int]:
+        return self.client.upload_stream(
+            self._repo,
+            chunks,
+            what,
+            expected_digest=expected_digest,
+            expected_size=expected_size,
+            patch_size=self._patch_size,
+        )
+
+    def put_manifest(self, raw: bytes, media_type: str, *, top: bool, what: str) -> str:
+        digest = sha256_digest(raw)
+        if top:
+            if self.ref.digest and self.ref.digest != digest:
+                raise UsageError(
+                    f"{self.ref}: the copied manifest has digest {digest}, not the one named"
+                )
+            self._top = (raw, media_type)
+            return digest
+        self.client.put_manifest(self._repo, digest, raw, media_type, what)
+        return digest
+
+    def commit(self) -> None:
+        if self._top is not None:
+            raw, media_type = self._top
+            self.client.put_manifest(self._repo, self.ref.reference, raw, media_type, str(self.ref))
+
+    def abort(self) -> None:
+        self._top = None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_source(ref: ImageReference, access: Access) -> ImageSource:
+    if isinstance(ref, LayoutReference):
+        return LayoutSource(ref)
+    return RegistrySource(ref, access)
+
+
+def open_destination(
+    ref: ImageReference, access: Access, patch_size: int | None = None
+) -> ImageDestination:
+    if isinstance(ref, LayoutReference):
+        return LayoutDestination(ref)
+    return RegistryDestination(ref, access, patch_size)

@@ -1,0 +1,121 @@
+"""Shared pytest fixtures: a real ``docker-registry`` (distribution 2.8) on a free loopback port.
+
+``registry`` (session scope) has htpasswd basic auth and an authfile; ``open_registry`` has no
+auth. Both have ``storage.delete`` enabled and expose ``host`` (``127.0.0.1:PORT``), ``storage``
+(the filesystem root, to corrupt blobs in tests), ``user``, ``password`` and ``authfile``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Registry:
+    host: str
+    storage: Path
+    user: str | None
+    password: str | None
+    authfile: Path | None
+    log: Path
+
+    @property
+    def creds(self) -> str:
+        return f"{self.user}:{self.password}"
+
+    def url(self, repo: str, tag: str = "latest") -> str:
+        return f"docker://{self.host}/{repo}:{tag}"
+
+    def blob_file(self, digest: str) -> Path:
+        alg, hexpart = digest.split(":")
+        return self.storage / "docker/registry/v2/blobs" / alg / hexpart[:2] / hexpart / "data"
+
+
+def _start_registry(base: Path, *, auth: bool) -> Iterator[Registry]:
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+    base.mkdir(parents=True, exist_ok=True)
+    storage = base / "storage"
+    port = free_port()
+    cfg = [
+        "version: 0.1",
+        "log:",
+        "  level: warn",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {storage}",
+        "  delete:",
+        "    enabled: true",
+        "http:",
+        f"  addr: 127.0.0.1:{port}",
+    ]
+    user = password = None
+    authfile = None
+    if auth:
+        user, password = "alice", "s3cret-pw"
+        hp = subprocess.run(
+            ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
+        ).stdout
+        (base / "htpasswd").write_text(hp)
+        cfg += ["auth:", "  htpasswd:", "    realm: test", f"    path: {base / 'htpasswd'}"]
+        authfile = base / "auth.json"
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        authfile.write_text(json.dumps({"auths": {f"127.0.0.1:{port}": {"auth": token}}}))
+    (base / "config.yml").write_text("\n".join(cfg) + "\n")
+    log = base / "registry.log"
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(base / "config.yml")], stdout=logf, stderr=logf
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # 401: up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"docker-registry did not start: {log.read_text()}"
+                    ) from None
+                time.sleep(0.05)
+        yield Registry(f"127.0.0.1:{port}", storage, user, password, authfile, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry with htpasswd basic auth (user ``alice``)."""
+    yield from _start_registry(tmp_path_factory.mktemp("registry-auth"), auth=True)
+
+
+@pytest.fixture(scope="session")
+def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry without auth."""
+    yield from _start_registry(tmp_path_factory.mktemp("registry-open"), auth=False)
