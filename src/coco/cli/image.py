@@ -1,8 +1,211 @@
-"""``coco image``: copy, inspect (and later pull, prune) OCI images."""
+"""``coco image``: copy and inspect OCI images (``oci:PATH[:TAG]``, ``docker://HOST/REPO[:TAG]``).
+
+Other packages add options to ``coco image copy`` that turn into a layer transform (``coco
+ocicrypt`` adds the encryption and decryption keys) through :func:`add_copy_transform`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
+
+from coco.errors import UsageError
+from coco.oci.auth import Credentials, parse_creds
+from coco.oci.copy import CopyOptions, LayerTransform, copy_image
+from coco.oci.inspect import inspect_image
+from coco.oci.progress import RichProgress, wants_progress
+from coco.oci.reference import ImageReference, parse_reference
+from coco.oci.transport import Access
+
+TransformFactory = Callable[[dict[str, Any]], LayerTransform | None]
+_FACTORIES: list[tuple[list[str], TransformFactory]] = []
 
 
 @click.group()
 def image() -> None:
     """Copy, inspect and pull OCI images."""
+
+
+def _tls_option(name: str, what: str) -> Callable[[Any], Any]:
+    return click.option(
+        name,
+        type=click.BOOL,
+        is_flag=False,
+        flag_value=True,
+        default=True,
+        show_default=True,
+        metavar="[=BOOL]",
+        help=f"Require HTTPS and verify certificates for the {what} registry "
+        "(false: skip verification, fall back to plain HTTP).",
+    )
+
+
+def _ref(text: str, param: str) -> ImageReference:
+    try:
+        return parse_reference(text)
+    except UsageError as e:
+        raise click.BadParameter(str(e), param_hint=param) from None
+
+
+def _creds(text: str | None, flag: str) -> Credentials | None:
+    if text is None:
+        return None
+    try:
+        return parse_creds(text, flag)
+    except UsageError as e:
+        raise click.BadParameter(str(e), param_hint=flag) from None
+
+
+_authfile_option = click.option(
+    "--authfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="auth.json with registry credentials (default: $REGISTRY_AUTH_FILE, "
+    "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).",
+)
+
+
+@image.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--src-creds", metavar="USER[:PASS]", help="Credentials for the source registry.")
+@click.option("--dest-creds", metavar="USER[:PASS]", help="Credentials for the destination.")
+@_authfile_option
+@_tls_option("--src-tls-verify", "source")
+@_tls_option("--dest-tls-verify", "destination")
+@click.option("--all", "all_platforms", is_flag=True, help="Copy every image of an index.")
+@click.option("--override-os", metavar="OS", help="Pick this OS from an index (default linux).")
+@click.option("--override-arch", metavar="ARCH", help="Pick this arch (default: this host's).")
+@click.option("--override-variant", metavar="VARIANT", help="Pick this variant from an index.")
+@click.option(
+    "--digestfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the digest of the copied manifest to this file.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
+def copy_cmd(
+    src: str,
+    dst: str,
+    src_creds: str | None,
+    dest_creds: str | None,
+    authfile: Path | None,
+    src_tls_verify: bool,
+    dest_tls_verify: bool,
+    all_platforms: bool,
+    override_os: str | None,
+    override_arch: str | None,
+    override_variant: str | None,
+    digestfile: Path | None,
+    quiet: bool,
+    **extra: Any,
+) -> None:
+    """Copy an image from SRC to DST (oci:PATH[:TAG] or docker://HOST[:PORT]/REPO[:TAG|@DIGEST]).
+
+    Prints the digest of the written manifest on stdout.
+    """
+    src_ref = _ref(src, "SRC")
+    dst_ref = _ref(dst, "DST")
+    options = CopyOptions(
+        src_credentials=_creds(src_creds, "--src-creds"),
+        dest_credentials=_creds(dest_creds, "--dest-creds"),
+        authfile=authfile,
+        src_tls_verify=src_tls_verify,
+        dest_tls_verify=dest_tls_verify,
+        all_platforms=all_platforms,
+        override_os=override_os,
+        override_arch=override_arch,
+        override_variant=override_variant,
+    )
+    transform = _make_transform(extra)
+    if wants_progress(quiet):
+        with RichProgress() as progress:
+            result = copy_image(
+                src_ref, dst_ref, options=options, transform=transform, progress=progress
+            )
+    else:
+        result = copy_image(src_ref, dst_ref, options=options, transform=transform)
+    if digestfile is not None:
+        digestfile.write_text(result.manifest_digest)
+    if not quiet:
+        counts: dict[str, int] = {}
+        for layer in result.layers:
+            counts[layer.action] = counts.get(layer.action, 0) + 1
+        summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) or "no layers"
+        click.echo(f"copied {src_ref} -> {dst_ref} (layers: {summary})", err=True)
+    click.echo(result.manifest_digest)
+
+
+def _make_transform(extra: dict[str, Any]) -> LayerTransform | None:
+    chosen: list[LayerTransform] = []
+    for names, factory in _FACTORIES:
+        t = factory({n: extra.get(n) for n in names})
+        if t is not None:
+            chosen.append(t)
+    if len(chosen) > 1:
+        raise click.UsageError("these copy options cannot be combined (more than one transform)")
+    return chosen[0] if chosen else None
+
+
+def add_copy_transform(params: list[click.Parameter], factory: TransformFactory) -> None:
+    """Add ``params`` to ``coco image copy``; ``factory`` gets their values (by parameter name)
+    and returns a LayerTransform, or None when the options were not used."""
+    copy_cmd.params.extend(params)
+    _FACTORIES.append(([p.name for p in params if p.name], factory))
+
+
+@image.command("inspect")
+@click.argument("ref")
+@click.option("--creds", metavar="USER[:PASS]", help="Registry credentials.")
+@_authfile_option
+@_tls_option("--tls-verify", "")
+@click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes as stored.")
+@click.option("--config", "show_config", is_flag=True, help="Print the config bytes as stored.")
+@click.option("--override-os", metavar="OS", help="Pick this OS from an index (default linux).")
+@click.option("--override-arch", metavar="ARCH", help="Pick this arch (default: this host's).")
+@click.option("--override-variant", metavar="VARIANT", help="Pick this variant from an index.")
+def inspect_cmd(
+    ref: str,
+    creds: str | None,
+    authfile: Path | None,
+    tls_verify: bool,
+    raw: bool,
+    show_config: bool,
+    override_os: str | None,
+    override_arch: str | None,
+    override_variant: str | None,
+) -> None:
+    """Print the manifest and config of REF as JSON."""
+    r = _ref(ref, "REF")
+    if raw and show_config:
+        raise click.UsageError("--raw and --config cannot be combined")
+    info = inspect_image(
+        r,
+        Access(_creds(creds, "--creds"), authfile, tls_verify),
+        os=override_os,
+        arch=override_arch,
+        variant=override_variant,
+    )
+    if raw:
+        sys.stdout.buffer.write(info.raw)
+        sys.stdout.buffer.flush()
+        return
+    if show_config:
+        sys.stdout.buffer.write(info.config.raw)
+        sys.stdout.buffer.flush()
+        return
+    out = {
+        "Name": info.reference,
+        "Digest": info.digest,
+        "MediaType": info.media_type,
+        "ManifestDigest": info.manifest.digest,
+        "Platform": f"{info.config.os}/{info.config.architecture}"
+        + (f"/{info.config.variant}" if info.config.variant else ""),
+        "Layers": [layer.digest for layer in info.manifest.layers],
+        "Manifest": json.loads(info.manifest.raw),
+        "Config": json.loads(info.config.raw),
+    }
+    click.echo(json.dumps(out, indent=2))

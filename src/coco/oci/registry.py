@@ -86,8 +86,9 @@ class RegistryClient:
 
     # --- connection and auth -------------------------------------------------------------------
 
-    def ping(self) -> None:
+    def ping(self, what: str | None = None) -> None:
         """Find the scheme (HTTPS, or HTTP when TLS verification is off) and the auth challenge."""
+        what = what or self.registry
         with self._lock:
             if self._base is not None:
                 return
@@ -104,13 +105,15 @@ class RegistryClient:
                     hdr = resp.headers.get("www-authenticate", "")
                     self._challenge = Challenge.parse(hdr) if hdr else Challenge("basic", {})
                 elif resp.status_code != 200 and resp.status_code != 404:
-                    raise RegistryError(
-                        f"{self.registry}: ping {url}: registry answered {_status(resp)}"
-                    )
+                    raise RegistryError(f"{what}: ping {url}: registry answered {_status(resp)}")
                 self._base = f"{scheme}://{self._host}"
                 return
-            hint = "" if not self._tls_verify else " (plain-HTTP registry? use --tls-verify=false)"
-            raise RegistryError(f"{self.registry}: cannot connect: {_exc_text(last)}{hint}")
+            hint = (
+                " (a plain-HTTP registry? then set --tls-verify=false)" if self._tls_verify else ""
+            )
+            raise RegistryError(
+                f"{what}: cannot connect to {self.registry}: {_exc_text(last)}{hint}"
+            )
 
     def _token(self, scopes: tuple[str, ...]) -> str:
         key = " ".join(scopes)
@@ -173,7 +176,7 @@ class RegistryClient:
         stream: bool = False,
         follow: bool = False,
     ) -> httpx.Response:
-        self.ping()
+        self.ping(what)
         assert self._base is not None
         if url.startswith("/"):
             url = self._base + url
