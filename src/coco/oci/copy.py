@@ -218,12 +218,22 @@ class _Copier:
         wanted = [bool(t and t.wants(i, total, d)) for i, d in enumerate(m.layers)]
         out = m.to_oci() if (t is not None and t.requires_oci and any(wanted)) else m
         # Config first (never transformed), then the layers in parallel.
-        self._copy_blob(m.config, f"{label}: config {m.config.digest}")
+        part = f"config {m.config.digest}"
+        self._copy_blob(m.config, f"{label}: {part}", f"{self.dest.ref}: {part}")
         futures: list[Future[LayerCopy]] = []
         for i, (src_desc, new_desc) in enumerate(zip(m.layers, out.layers, strict=True)):
-            what = f"{label}: layer {i + 1}/{total} {src_desc.digest}"
+            part = f"layer {i + 1}/{total} {src_desc.digest}"
             futures.append(
-                self.pool.submit(self._copy_layer, i, total, src_desc, new_desc, wanted[i], what)
+                self.pool.submit(
+                    self._copy_layer,
+                    i,
+                    total,
+                    src_desc,
+                    new_desc,
+                    wanted[i],
+                    f"{label}: {part}",
+                    f"{self.dest.ref}: {part}",
+                )
             )
         results: list[LayerCopy] = []
         error: BaseException | None = None
@@ -249,16 +259,16 @@ class _Copier:
         task = self.progress.task(what.rsplit(": ", 1)[-1], desc.size) if self.progress else None
         return _prefetch(it, self.cancel, task)
 
-    def _copy_blob(self, desc: Descriptor, what: str) -> str:
-        if self.dest.has_blob(desc, what):
+    def _copy_blob(self, desc: Descriptor, what: str, dwhat: str) -> str:
+        if self.dest.has_blob(desc, dwhat):
             return "skipped"
-        if self.dest.try_mount(desc, self.source, what):
+        if self.dest.try_mount(desc, self.source, dwhat):
             return "mounted"
         self.dest.write_blob(
             self._source_chunks(desc, what),
             expected_digest=desc.digest,
             expected_size=desc.size,
-            what=what,
+            what=dwhat,
         )
         return "copied"
 
@@ -270,15 +280,16 @@ class _Copier:
         new_desc: Descriptor,
         wanted: bool,
         what: str,
+        dwhat: str,
     ) -> LayerCopy:
         if self.cancel.is_set():
             raise _Cancelled
         if not wanted:
-            return LayerCopy(src_desc, new_desc, self._copy_blob(src_desc, what))
+            return LayerCopy(src_desc, new_desc, self._copy_blob(src_desc, what, dwhat))
         assert self.transform is not None
         tl = self.transform.apply(i, total, new_desc, self._source_chunks(src_desc, what))
         digest, size = self.dest.write_blob(
-            tl.chunks, expected_digest=None, expected_size=None, what=what
+            tl.chunks, expected_digest=None, expected_size=None, what=dwhat
         )
         return LayerCopy(src_desc, tl.descriptor(digest, size), "transformed")
 
