@@ -32,6 +32,7 @@ def cli(debug: bool, verbose: bool) -> None:
 
 def _register() -> None:
     from coco.cli import image
+    from coco.cli import image_crypt  # noqa: F401  (adds the encryption options to image copy)
 
     cli.add_command(image.image)
 
