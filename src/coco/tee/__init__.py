@@ -13,6 +13,7 @@ from coco.tee.base import Attester, Claims, Verifier
 # wire name (kbs-types, serde lowercase) -> "module:Class"
 _VERIFIERS: dict[str, str] = {
     "sample": "coco.tee.sample.verifier:SampleVerifier",
+    "snp": "coco.tee.snp.verifier:SnpVerifier",
 }
 _ATTESTERS: dict[str, str] = {
     "sample": "coco.tee.sample.attester:SampleAttester",

@@ -1,0 +1,1 @@
+"""AMD SEV-SNP: the attestation report layout, AMD's key hierarchy and the verifier."""
