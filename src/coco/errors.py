@@ -45,6 +45,22 @@ class IntegrityError(CocoError):
     """dm-verity, tardev, policies, initdata."""
 
 
+class VerityError(IntegrityError):
+    """dm-verity parameters, hash trees and superblocks that are not what was asked or expected."""
+
+
+class VerityMismatchError(VerityError):
+    """A data or hash block whose hash is not the one the tree above it (or the root) records."""
+
+
+class TarIndexError(IntegrityError):
+    """A tar archive that cannot be indexed (truncated, bad checksum, malformed header)."""
+
+
+class InitdataError(IntegrityError):
+    """An initdata document (TOML, digest, annotation) that is not what the spec allows."""
+
+
 class AttestationError(CocoError):
     """Evidence that could not be produced or did not verify."""
 

@@ -36,6 +36,10 @@ def _register() -> None:
 
     cli.add_command(image.image)
 
+    from coco.cli import verity as verity_cli
+
+    cli.add_command(verity_cli.verity_group)
+
 
 _register()
 
