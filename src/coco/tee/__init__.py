@@ -14,6 +14,7 @@ from coco.tee.base import Attester, Claims, Verifier
 _VERIFIERS: dict[str, str] = {
     "sample": "coco.tee.sample.verifier:SampleVerifier",
     "snp": "coco.tee.snp.verifier:SnpVerifier",
+    "tdx": "coco.tee.tdx.verifier:TdxVerifier",
 }
 _ATTESTERS: dict[str, str] = {
     "sample": "coco.tee.sample.attester:SampleAttester",
