@@ -1,0 +1,223 @@
+"""The built-in Attestation Service: verify evidence, grade it with a Rego policy, issue an EAR.
+
+For each verification request the TEE's verifier (``coco.tee.get_verifier``) checks the evidence
+against the expected report data (HashAlg of the JCS runtime data) and init-data digest; its
+claims, shaped as upstream's, become the policy input ``{<tee>: claims, report_data,
+runtime_data_claims, init_data, init_data_claims}``. Policy ``<id>_<tee class>`` (``default_cpu``,
+``default_gpu``) yields ``trust_claims`` (and optional ``extensions``); the result is an EAR JWT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from coco.crypto.jcs import canonicalize
+from coco.errors import AttestationError, CocoError
+from coco.protocol.kbs import InitData, hash_bytes
+from coco.tee import get_verifier
+from coco.trustee.attestation.ear import TokenSigner, check_trust_vector, ear_status
+from coco.trustee.rego import PolicyError, RegoPolicy
+from coco.trustee.rvps import Rvps
+from coco.trustee.storage import NS_AS_POLICY, Store
+from coco.trustee.storage.base import check_key
+
+log = logging.getLogger(__name__)
+
+EAT_PROFILE = "tag:github.com,2024:confidential-containers/Trustee"
+_POLICY_RULES = ("trust_claims", "extensions")
+_INITDATA_ALGS = {"sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
+
+
+@dataclass
+class VerificationRequest:
+    tee: str
+    evidence: Any
+    runtime_data: dict[str, Any]
+    hash_algorithm: str = "sha384"
+    init_data: InitData | None = None
+
+
+def default_policy_text(policy_id: str) -> str | None:
+    name = {"default_cpu": "default_cpu.rego", "default_gpu": "default_gpu.rego"}.get(policy_id)
+    if name is None:
+        return None
+    return (importlib.resources.files("coco.trustee.attestation") / "policies" / name).read_text()
+
+
+def parse_init_data(init: InitData) -> tuple[bytes, dict[str, Any]]:
+    """The digest of an init-data TOML document and its claims (``data``, nested TOML parsed)."""
+    if init.format != "toml":
+        raise AttestationError(f"init-data: unsupported format {init.format!r}: expected 'toml'")
+    try:
+        doc = tomllib.loads(init.body)
+    except tomllib.TOMLDecodeError as e:
+        raise AttestationError(f"init-data: not valid TOML: {e}") from None
+    alg = doc.get("algorithm", "sha256")
+    if alg not in _INITDATA_ALGS:
+        raise AttestationError(
+            f"init-data: algorithm: expected sha256, sha384 or sha512, found {alg!r}"
+        )
+    digest = hashlib.new(alg, init.body.encode()).digest()
+    data = doc.get("data", {})
+    claims: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k.endswith(".toml") and isinstance(v, str):
+                try:
+                    claims[k] = tomllib.loads(v)
+                    continue
+                except tomllib.TOMLDecodeError:
+                    pass
+            claims[k] = v
+    return digest, claims
+
+
+class AttestationService:
+    def __init__(
+        self,
+        store: Store,
+        rvps: Rvps,
+        signer: TokenSigner,
+        *,
+        duration_min: int = 5,
+        issuer: str = "CoCo-Attestation-Service",
+        developer: str = "https://confidentialcontainers.org",
+        build: str = "coco attestation-service 0.1.0",
+        verbose_token: bool = True,
+    ):
+        self.store = store
+        self.rvps = rvps
+        self.signer = signer
+        self.duration_min = duration_min
+        self.issuer = issuer
+        self.developer = developer
+        self.build = build
+        self.verbose_token = verbose_token
+        self._policies: dict[str, RegoPolicy] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ policies
+
+    def set_policy(self, policy_id: str, text: str) -> None:
+        """Compile and store an attestation policy (refused if it does not compile)."""
+        check_key(policy_id)
+        policy = RegoPolicy(text, policy_id, _POLICY_RULES, reference_values=True)
+        self.store.put(NS_AS_POLICY, f"{policy_id}.rego", text.encode())
+        with self._lock:
+            self._policies[policy_id] = policy
+
+    def policy(self, policy_id: str) -> RegoPolicy:
+        raw = self.store.get(NS_AS_POLICY, f"{policy_id}.rego")
+        text = raw.decode() if raw is not None else default_policy_text(policy_id)
+        if text is None:
+            raise AttestationError(f"attestation policy {policy_id!r} not found")
+        with self._lock:
+            cached = self._policies.get(policy_id)
+        if cached is not None and cached.text == text:
+            return cached
+        policy = RegoPolicy(text, policy_id, _POLICY_RULES, reference_values=True)
+        with self._lock:
+            self._policies[policy_id] = policy
+        return policy
+
+    def list_policies(self) -> list[str]:
+        ids = {k.removesuffix(".rego") for k in self.store.keys(NS_AS_POLICY)}
+        return sorted(ids | {"default_cpu", "default_gpu"})
+
+    # ------------------------------------------------------------------------------ evaluate
+
+    def _annotate(self, req: VerificationRequest) -> tuple[str, dict[str, Any]]:
+        expected_rd = hash_bytes(canonicalize(req.runtime_data), req.hash_algorithm)
+        init_digest, init_claims = (None, None)
+        if req.init_data is not None:
+            init_digest, init_claims = parse_init_data(req.init_data)
+        verifier = get_verifier(req.tee)
+        claims = verifier.verify(req.evidence, expected_rd, init_digest)
+        body = dict(claims.claims)
+        report_data = body.pop("report_data", None)
+        init_data = body.pop("init_data", None)
+        annotated: dict[str, Any] = {req.tee: body}
+        if report_data is not None:
+            rdc = dict(req.runtime_data)
+            if not self.verbose_token:
+                rdc.pop("additional-evidence", None)
+            annotated["report_data"] = report_data
+            annotated["runtime_data_claims"] = rdc
+        if init_data is not None:
+            annotated["init_data"] = init_data
+            annotated["init_data_claims"] = init_claims
+        return claims.tee_class, annotated
+
+    def evaluate(
+        self, requests: list[VerificationRequest], policy_ids: list[str] | None = None
+    ) -> str:
+        """Verify every request and return the signed EAR token (raises AttestationError)."""
+        if not requests:
+            raise AttestationError("attestation: no evidence to verify")
+        policy_id = (policy_ids or ["default"])[0]
+        reference_values = None
+        counters: dict[str, int] = {}
+        submods: dict[str, Any] = {}
+        for req in requests:
+            tee_class, annotated = self._annotate(req)
+            if reference_values is None:
+                reference_values = self.rvps.all_values()
+            full_id = f"{policy_id}_{tee_class}"
+            try:
+                result = self.policy(full_id).evaluate(
+                    annotated, {"reference_values": reference_values}
+                )
+            except PolicyError as e:
+                raise AttestationError(f"attestation policy {full_id}: {e}") from None
+            vector = check_trust_vector(result.get("trust_claims"), f"attestation policy {full_id}")
+            index = counters.get(tee_class, 0)
+            counters[tee_class] = index + 1
+            submod: dict[str, Any] = {
+                "ear.status": ear_status(vector),
+                "ear.trustworthiness-vector": vector,
+                "ear.appraisal-policy-id": policy_id,
+                "ear.veraison.annotated-evidence": annotated,
+            }
+            exts = result.get("extensions")
+            if isinstance(exts, list):
+                for ext in exts:
+                    if (
+                        isinstance(ext, dict)
+                        and isinstance(ext.get("name"), str)
+                        and "value" in ext
+                    ):
+                        submod[ext["name"]] = ext["value"]
+            submods[f"{tee_class}{index}"] = submod
+        now = int(time.time())
+        payload = {
+            "eat_profile": EAT_PROFILE,
+            "iat": now,
+            "ear.verifier-id": {"developer": self.developer, "build": self.build},
+            "submods": submods,
+            "exp": now + 60 * self.duration_min,
+            "iss": self.issuer,
+        }
+        return self.signer.sign(payload)
+
+
+def verify_only(
+    tee: str, evidence: bytes, report_data: bytes | None, init_data: bytes | None
+) -> dict:
+    """What ``coco attestation verify`` prints: the verifier's claims as JSON."""
+    try:
+        claims = get_verifier(tee).verify(evidence, report_data, init_data)
+    except CocoError:
+        raise
+    return {"tee": claims.tee, "tee_class": claims.tee_class, "claims": claims.claims}
+
+
+__all__ = ["AttestationService", "VerificationRequest", "default_policy_text", "parse_init_data"]
+_ = json

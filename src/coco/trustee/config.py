@@ -1,0 +1,281 @@
+"""``kbs-config.toml``: the upstream shape, parsed strictly (an unknown key is an error naming it).
+
+Sections: ``[http_server]``, ``[attestation_token]``, ``[attestation_service]`` (built-in only,
+with ``attestation_token_broker``, ``rvps_config``, ``verifier_config``), ``[admin]``,
+``[storage_backend]``, ``session_storage_type``, ``[[plugins]]``. Storage types: ``Sqlite``
+(ours, ``backends.sqlite.path``), ``Postgres`` (``backends.postgres`` host/port/db/username/
+password, or env ``POSTGRES_URL``), ``Memory``, and ``LocalFs`` (kept as one SQLite file
+``coco-kbs.sqlite`` under ``dir_path``). Our additions: ``http_server.request_header_size``
+(KiB, default 256) and ``storage_backend.url``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from coco.errors import KbsError
+
+
+class ConfigError(KbsError):
+    """A kbs-config.toml that is not what we accept."""
+
+
+def _table(d: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a table, found {type(d).__name__}")
+    unknown = set(d) - allowed
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+    return d
+
+
+def _get(d: dict[str, Any], key: str, where: str, typ: type | tuple, default: Any) -> Any:
+    if key not in d:
+        return default
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise ConfigError(f"{where}.{key}: expected {names}, found {type(v).__name__} {v!r}")
+    return v
+
+
+def _str_list(d: dict[str, Any], key: str, where: str) -> list[str]:
+    v = _get(d, key, where, list, [])
+    if not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{where}.{key}: expected a list of strings")
+    return list(v)
+
+
+@dataclass
+class HttpServer:
+    sockets: list[str] = field(default_factory=lambda: ["127.0.0.1:8080"])
+    insecure_http: bool = False
+    private_key: str | None = None
+    certificate: str | None = None
+    payload_request_size: int = 2  # MiB
+    request_header_size: int = 256  # KiB
+    worker_count: int | None = None
+
+
+@dataclass
+class AdminIdp:
+    issuer: str | None = None
+    audience: str | None = None
+    public_key_uri: str | None = None
+    jwk_set_uri: str | None = None
+
+
+@dataclass
+class KbsConfig:
+    http_server: HttpServer = field(default_factory=HttpServer)
+    trusted_certs_paths: list[str] = field(default_factory=list)
+    trusted_jwk_sets: list[str] = field(default_factory=list)
+    extra_teekey_paths: list[str] = field(default_factory=list)
+    insecure_header_jwk: bool = False
+    session_timeout_min: int = 5
+    token_duration_min: int = 5
+    token_issuer: str = "CoCo-Attestation-Service"
+    token_developer: str = "https://confidentialcontainers.org"
+    token_build: str = "coco attestation-service 0.1.0"
+    verbose_token: bool = True
+    signer_key_path: str | None = None
+    signer_cert_path: str | None = None
+    signer_cert_url: str | None = None
+    verifier_config: dict[str, Any] = field(default_factory=dict)
+    admin_mode: str = "InsecureAllowAll"
+    admin_idps: list[AdminIdp] = field(default_factory=list)
+    admin_acls: list[tuple[str, str]] = field(default_factory=list)
+    storage_url: str = "memory://"
+    session_storage_url: str | None = None
+
+    @classmethod
+    def load(cls, path: str) -> KbsConfig:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"KBS config {path}: {e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"KBS config {path}: not valid TOML: {e}") from None
+        try:
+            return cls.from_dict(doc)
+        except ConfigError as e:
+            raise ConfigError(f"KBS config {path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> KbsConfig:
+        _table(doc, "config", {
+            "http_server", "attestation_token", "attestation_service", "admin",
+            "storage_backend", "session_storage_type", "plugins", "policy_engine",
+        })  # fmt: skip
+        c = cls()
+        hs = _table(doc.get("http_server", {}), "http_server", {
+            "sockets", "insecure_http", "private_key", "certificate", "payload_request_size",
+            "request_header_size", "worker_count", "tls_profile", "tls_min_version",
+            "tls_max_version", "tls_ciphers", "tls_groups",
+        })  # fmt: skip
+        for k in ("tls_ciphers", "tls_groups", "tls_min_version", "tls_max_version"):
+            if k in hs:
+                raise ConfigError(
+                    f"http_server.{k}: not supported (TLS uses Python's defaults, TLS >= 1.2)"
+                )
+        c.http_server = HttpServer(
+            sockets=_str_list(hs, "sockets", "http_server") or ["127.0.0.1:8080"],
+            insecure_http=_get(hs, "insecure_http", "http_server", bool, False),
+            private_key=_get(hs, "private_key", "http_server", str, None),
+            certificate=_get(hs, "certificate", "http_server", str, None),
+            payload_request_size=_get(hs, "payload_request_size", "http_server", int, 2),
+            request_header_size=_get(hs, "request_header_size", "http_server", int, 256),
+            worker_count=_get(hs, "worker_count", "http_server", int, None),
+        )
+        if not c.http_server.insecure_http and not (
+            c.http_server.private_key and c.http_server.certificate
+        ):
+            raise ConfigError(
+                "http_server: HTTPS needs private_key and certificate (or set insecure_http = true)"
+            )
+        at = _table(doc.get("attestation_token", {}), "attestation_token", {
+            "trusted_certs_paths", "trusted_jwk_sets", "extra_teekey_paths", "insecure_header_jwk",
+        })  # fmt: skip
+        c.trusted_certs_paths = _str_list(at, "trusted_certs_paths", "attestation_token")
+        c.trusted_jwk_sets = _str_list(at, "trusted_jwk_sets", "attestation_token")
+        c.extra_teekey_paths = _str_list(at, "extra_teekey_paths", "attestation_token")
+        c.insecure_header_jwk = _get(at, "insecure_header_jwk", "attestation_token", bool, False)
+        c._load_as(doc.get("attestation_service", {}))
+        c._load_admin(doc)
+        c._load_storage(doc)
+        for i, p in enumerate(_get(doc, "plugins", "config", list, [])):
+            w = f"plugins[{i}]"
+            _table(p, w, {"name", "storage_backend_type"})
+            if p.get("name") != "resource":
+                raise ConfigError(
+                    f"{w}.name: only the 'resource' plugin is available, found {p.get('name')!r}"
+                )
+            if p.get("storage_backend_type", "kvstorage") != "kvstorage":
+                raise ConfigError(f"{w}.storage_backend_type: only 'kvstorage' is available")
+        return c
+
+    def _load_as(self, a: Any) -> None:
+        w = "attestation_service"
+        _table(
+            a, w, {"type", "timeout", "attestation_token_broker", "rvps_config", "verifier_config"}
+        )
+        kind = _get(a, "type", w, str, "coco_as_builtin")
+        if kind != "coco_as_builtin":
+            raise ConfigError(f"{w}.type: only 'coco_as_builtin' is available, found {kind!r}")
+        self.session_timeout_min = _get(a, "timeout", w, int, 5)
+        tb = _table(a.get("attestation_token_broker", {}), f"{w}.attestation_token_broker", {
+            "type", "duration_min", "issuer_name", "developer_name", "build_name", "profile_name",
+            "verbose_token", "signer", "policy_dir",
+        })  # fmt: skip
+        wt = f"{w}.attestation_token_broker"
+        if _get(tb, "type", wt, str, "Ear") not in ("Ear", "ear"):
+            raise ConfigError(f"{wt}.type: only 'Ear' tokens are issued")
+        self.token_duration_min = _get(tb, "duration_min", wt, int, 5)
+        self.token_issuer = _get(tb, "issuer_name", wt, str, self.token_issuer)
+        self.token_developer = _get(tb, "developer_name", wt, str, self.token_developer)
+        self.token_build = _get(tb, "build_name", wt, str, self.token_build)
+        self.verbose_token = _get(tb, "verbose_token", wt, bool, True)
+        signer = _table(tb.get("signer", {}), f"{wt}.signer", {"key_path", "cert_path", "cert_url"})
+        self.signer_key_path = _get(signer, "key_path", f"{wt}.signer", str, None)
+        self.signer_cert_path = _get(signer, "cert_path", f"{wt}.signer", str, None)
+        self.signer_cert_url = _get(signer, "cert_url", f"{wt}.signer", str, None)
+        if signer and not self.signer_key_path:
+            raise ConfigError(f"{wt}.signer: key_path is required")
+        rv = _table(
+            a.get("rvps_config", {}), f"{w}.rvps_config", {"type", "storage_type", "extractors"}
+        )
+        if _get(rv, "type", f"{w}.rvps_config", str, "BuiltIn") != "BuiltIn":
+            raise ConfigError(f"{w}.rvps_config.type: only 'BuiltIn' is available")
+        self.verifier_config = _get(a, "verifier_config", w, dict, {})
+
+    def _load_admin(self, doc: dict[str, Any]) -> None:
+        if "admin" not in doc:
+            raise ConfigError(
+                "[admin] is required: set authorization_mode (DenyAll, AuthenticatedAuthorization or InsecureAllowAll)"
+            )
+        ad = _table(
+            doc["admin"], "admin", {"authorization_mode", "authentication", "authorization"}
+        )
+        self.admin_mode = _get(ad, "authorization_mode", "admin", str, None)
+        if self.admin_mode is None:
+            raise ConfigError("admin.authorization_mode: required")
+        if self.admin_mode != "AuthenticatedAuthorization":
+            if "authentication" in ad or "authorization" in ad:
+                raise ConfigError(
+                    f"admin: authentication/authorization tables need AuthenticatedAuthorization, not {self.admin_mode}"
+                )
+            return
+        authn = _table(ad.get("authentication", {}), "admin.authentication", {"bearer_jwt"})
+        bj = _table(
+            authn.get("bearer_jwt", {}), "admin.authentication.bearer_jwt", {"identity_providers"}
+        )
+        for i, idp in enumerate(
+            _get(bj, "identity_providers", "admin.authentication.bearer_jwt", list, [])
+        ):
+            wi = f"admin.authentication.bearer_jwt.identity_providers[{i}]"
+            _table(idp, wi, {"issuer", "audience", "public_key_uri", "jwk_set_uri"})
+            self.admin_idps.append(AdminIdp(**{k: _get(idp, k, wi, str, None) for k in idp}))
+        authz = _table(ad.get("authorization", {}), "admin.authorization", {"regex_acl"})
+        ra = _table(authz.get("regex_acl", {}), "admin.authorization.regex_acl", {"acls"})
+        for i, acl in enumerate(_get(ra, "acls", "admin.authorization.regex_acl", list, [])):
+            wa = f"admin.authorization.regex_acl.acls[{i}]"
+            _table(acl, wa, {"role", "allowed_endpoints"})
+            role = _get(acl, "role", wa, str, None)
+            ep = _get(acl, "allowed_endpoints", wa, str, None)
+            if role is None or ep is None:
+                raise ConfigError(f"{wa}: role and allowed_endpoints are required")
+            self.admin_acls.append((role, ep))
+
+    def _load_storage(self, doc: dict[str, Any]) -> None:
+        sb = _table(
+            doc.get("storage_backend", {}), "storage_backend", {"storage_type", "backends", "url"}
+        )
+        if "url" in sb:
+            self.storage_url = _get(sb, "url", "storage_backend", str, None)
+        else:
+            kind = _get(sb, "storage_type", "storage_backend", str, "Memory")
+            self.storage_url = _backend_url(kind, sb.get("backends", {}))
+        if "session_storage_type" in doc:
+            kind = _get(doc, "session_storage_type", "config", str, None)
+            self.session_storage_url = _backend_url(kind, sb.get("backends", {}))
+
+
+def _backend_url(kind: str, backends: Any) -> str:
+    w = "storage_backend.backends"
+    b = _table(backends, w, {"local_fs", "local_json", "postgres", "redis", "sqlite", "memory"})
+    k = kind.lower().replace("_", "")
+    if k == "memory":
+        return "memory://"
+    if k == "sqlite":
+        s = _table(b.get("sqlite", {}), f"{w}.sqlite", {"path"})
+        path = _get(s, "path", f"{w}.sqlite", str, None)
+        if not path:
+            raise ConfigError(f"{w}.sqlite.path: required for storage_type Sqlite")
+        return "sqlite://" + os.path.abspath(path)
+    if k == "localfs":
+        s = _table(b.get("local_fs", {}), f"{w}.local_fs", {"dir_path"})
+        d = _get(s, "dir_path", f"{w}.local_fs", str, "/opt/confidential-containers/storage")
+        return "sqlite://" + os.path.join(os.path.abspath(d), "coco-kbs.sqlite")
+    if k == "postgres":
+        s = _table(
+            b.get("postgres", {}), f"{w}.postgres", {"host", "port", "db", "username", "password"}
+        )
+        if not s and os.environ.get("POSTGRES_URL"):
+            return os.environ["POSTGRES_URL"]
+        host = _get(s, "host", f"{w}.postgres", str, "127.0.0.1")
+        port = _get(s, "port", f"{w}.postgres", int, 5432)
+        db = _get(s, "db", f"{w}.postgres", str, "postgres")
+        user = _get(s, "username", f"{w}.postgres", str, "postgres")
+        pw = _get(s, "password", f"{w}.postgres", str, None)
+        cred = quote(user, safe="") + (":" + quote(pw, safe="") if pw else "")
+        return f"postgresql://{cred}@{host}:{port}/{quote(db, safe='')}"
+    raise ConfigError(
+        f"storage_backend.storage_type: expected Sqlite, Postgres, LocalFs or Memory, found {kind!r}"
+    )

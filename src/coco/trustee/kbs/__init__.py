@@ -1,0 +1,1 @@
+"""The Key Broker Service: RCAR sessions, resources, policies, admin API over HTTP."""

@@ -1,0 +1,579 @@
+"""The KBS HTTP application (ASGI): protocol 0.4.0, admin API, health and metrics.
+
+Routes, as upstream: ``POST /kbs/v0/auth``, ``POST /kbs/v0/attest``, ``GET|POST|DELETE
+/kbs/v0/resource/<repo>/<type>/<tag>``, ``POST /kbs/v0/attestation-policy``, ``POST|GET
+/kbs/v0/resource-policy``, ``POST /kbs/v0/reference-value``, ``GET
+/kbs/v0/reference-value/<id>``, ``GET /healthz``, ``GET /metrics``. All state (sessions,
+resources, policies, reference values, the token-signing key) lives in the store, so replicas on
+one PostgreSQL database serve any step of any client.
+
+Deviation from upstream, on purpose: a session's nonce is good for one ``/attest`` only; a second
+attempt (replay) is refused instead of answering the stored token again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from coco.crypto.jose import JoseError, jwe_encrypt, public_key_from_jwk
+from coco.errors import AttestationError, CocoError
+from coco.protocol.kbs import (
+    PROTOCOL_VERSION,
+    SESSION_COOKIE,
+    Attestation,
+    Challenge,
+    ProtocolError,
+    Request,
+    runtime_data_claims,
+)
+from coco.tee import verifier_names
+from coco.trustee.attestation.ear import TokenSigner
+from coco.trustee.attestation.service import AttestationService, VerificationRequest
+from coco.trustee.config import KbsConfig
+from coco.trustee.kbs.admin import Acl, AdminAuth, AdminAuthError, IdentityProvider
+from coco.trustee.kbs.errors import KbsHttpError
+from coco.trustee.kbs.metrics import Metrics
+from coco.trustee.kbs.token import TokenVerifier, TokenVerifierError, tee_pubkey_of
+from coco.trustee.rego import PolicyError, RegoPolicy
+from coco.trustee.rvps import Rvps, RvpsError
+from coco.trustee.storage import NS_KBS, NS_REPOSITORY, NS_SESSION, Store, open_store
+
+log = logging.getLogger("coco.kbs")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+RESOURCE_POLICY_KEY = "resource-policy.rego"
+_SEGMENT = re.compile(r"^[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*$")
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+)
+_JSON = [(b"content-type", b"application/json")]
+
+
+def default_resource_policy() -> str:
+    import importlib.resources
+
+    return (
+        importlib.resources.files("coco.trustee.attestation") / "policies" / "default_resource.rego"
+    ).read_text()
+
+
+def _b64url_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a base64url string")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where}: not base64url UTF-8 text: {e}") from None
+
+
+def _http_date(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def _rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] | None = None
+
+
+class KbsApp:
+    """The whole KBS as one ASGI callable."""
+
+    def __init__(self, config: KbsConfig, store: Store | None = None):
+        self.config = config
+        self.store = store or open_store(config.storage_url)
+        self.session_store = (
+            open_store(config.session_storage_url) if config.session_storage_url else self.store
+        )
+        self.session_ttl = 60 * config.session_timeout_min
+        self.body_limit = config.http_server.payload_request_size * 1024 * 1024
+        self.header_limit = config.http_server.request_header_size * 1024
+        self.rvps = Rvps(self.store)
+        if config.signer_key_path:
+            signer = TokenSigner.from_files(
+                config.signer_key_path, config.signer_cert_path, config.signer_cert_url
+            )
+        else:
+            signer = TokenSigner.from_store(self.store)
+        self.attestation = AttestationService(
+            self.store,
+            self.rvps,
+            signer,
+            duration_min=config.token_duration_min,
+            issuer=config.token_issuer,
+            developer=config.token_developer,
+            build=config.token_build,
+            verbose_token=config.verbose_token,
+        )
+        self.tokens = TokenVerifier(
+            own_keys=[signer.key.public_key()],
+            trusted_certs_paths=config.trusted_certs_paths,
+            trusted_jwk_sets=config.trusted_jwk_sets,
+            insecure_header_jwk=config.insecure_header_jwk,
+        )
+        self.admin = AdminAuth(
+            config.admin_mode,
+            [IdentityProvider(**vars(i)) for i in config.admin_idps],
+            [Acl(role, ep) for role, ep in config.admin_acls],
+        )
+        self.store.put(
+            NS_KBS, RESOURCE_POLICY_KEY, default_resource_policy().encode(), overwrite=False
+        )
+        self._resource_policy: RegoPolicy | None = None
+        self.metrics = Metrics()
+        self._sweeper: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        start = time.perf_counter()
+        self.metrics.active_connections += 1
+        method = scope["method"]
+        path = scope["path"]
+        reply: Reply
+        body_len = 0
+        try:
+            hdr_size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if hdr_size > self.header_limit:
+                raise KbsHttpError(
+                    "RequestHeaderFieldsTooLarge",
+                    f"request headers of {hdr_size} bytes exceed the limit of {self.header_limit} bytes",
+                )
+            body = await self._read_body(scope, receive)
+            body_len = len(body)
+            reply = await self._route(scope, method, path, body)
+        except KbsHttpError as e:
+            client = scope.get("client") or ("?", 0)
+            log.warning(
+                "refused %s %s from %s: %s: %s", method, path, client[0], e.variant, e.detail
+            )
+            reply = Reply(e.status, e.body(), list(_JSON))
+        except Exception as e:  # a bug: still answer ErrorInformation, never a bare 500 page
+            log.exception("internal error on %s %s", method, path)
+            err = KbsHttpError("HTTPFailed", f"internal error: {type(e).__name__}: {e}")
+            reply = Reply(500, err.body(), list(_JSON))
+        finally:
+            self.metrics.active_connections -= 1
+        headers = reply.headers or []
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+        m = self.metrics
+        m.inc("kbs_http_requests_total", method=method, status=str(reply.status))
+        m.observe("kbs_http_request_duration_seconds", time.perf_counter() - start, method=method)
+        m.observe("kbs_http_request_size_bytes", float(body_len))
+        m.observe("kbs_http_response_size_bytes", float(len(reply.body)))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                if self._sweeper:
+                    self._sweeper.cancel()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                n = self.session_store.sweep(NS_SESSION)
+                if n:
+                    log.debug("swept %d expired sessions", n)
+            except CocoError as e:
+                log.warning("session sweep failed: %s", e)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    raise KbsHttpError("HTTPFailed", "Content-Length is not a number") from None
+                if declared > self.body_limit:
+                    raise KbsHttpError(
+                        "PayloadTooLarge",
+                        f"request body of {declared} bytes exceeds the limit of {self.body_limit} bytes",
+                    )
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+            chunk = msg.get("body", b"")
+            total += len(chunk)
+            if total > self.body_limit:
+                raise KbsHttpError(
+                    "PayloadTooLarge", f"request body exceeds the limit of {self.body_limit} bytes"
+                )
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                break
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------------------------ routing
+
+    async def _route(self, scope: Scope, method: str, path: str, body: bytes) -> Reply:
+        if path == "/healthz":
+            if method != "GET":
+                raise KbsHttpError("MethodNotAllowed", f"{method} /healthz: only GET")
+            return Reply(200, b"", [(b"content-type", b"text/plain")])
+        if path == "/metrics":
+            if method != "GET":
+                raise KbsHttpError("MethodNotAllowed", f"{method} /metrics: only GET")
+            return Reply(
+                200, self.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4")]
+            )
+        if not path.startswith("/kbs/v0/"):
+            raise KbsHttpError(
+                "InvalidRequestPath", f"Invalid request path: {path}: expected /kbs/v0/..."
+            )
+        if method not in ("GET", "POST", "PUT", "DELETE"):
+            raise KbsHttpError(
+                "MethodNotAllowed", f"{method} {path}: expected GET, POST, PUT or DELETE"
+            )
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rest = path[len("/kbs/v0/") :]
+        parts = rest.split("/")
+        plugin, sub = parts[0], parts[1:]
+        query_string = scope.get("query_string", b"").decode("latin-1")
+        uri = path + ("?" + query_string if query_string else "")
+        if method == "POST" and plugin == "auth" and not sub:
+            return self._auth(body)
+        if method == "POST" and plugin == "attest" and not sub:
+            return await self._attest(headers, body)
+        if plugin == "attestation-policy" and method == "POST" and not sub:
+            self._admin(headers, uri)
+            return self._set_attestation_policy(body)
+        if plugin == "resource-policy" and not sub and method in ("POST", "GET"):
+            self._admin(headers, uri)
+            if method == "GET":
+                ids = [
+                    k.removesuffix(".rego") for k in self.store.keys(NS_KBS) if k.endswith(".rego")
+                ]
+                return Reply(200, json.dumps(ids).encode(), list(_JSON))
+            return self._set_resource_policy(body)
+        if plugin == "reference-value":
+            if method == "POST" and not sub:
+                self._admin(headers, uri)
+                try:
+                    self.rvps.register(body)
+                except RvpsError as e:
+                    raise KbsHttpError("RvpsError", f"RVPS error: {e}") from None
+                return Reply(200)
+            if method == "GET" and sub:
+                self._admin(headers, uri)
+                rv_id = "/".join(sub)
+                value = self.rvps.query(rv_id)
+                if value is None:
+                    raise KbsHttpError(
+                        "RvpsError", f"No reference value found for the given id: {rv_id}"
+                    )
+                return Reply(200, json.dumps(value).encode(), list(_JSON))
+        if plugin == "resource":
+            return await self._resource(method, headers, uri, sub, query_string, body)
+        raise KbsHttpError("PluginNotFound", f"Plugin {plugin} not found")
+
+    def _admin(self, headers: dict[str, str], uri: str) -> None:
+        try:
+            self.admin.check(headers.get("authorization"), uri)
+        except AdminAuthError as e:
+            raise KbsHttpError("AdminAuthAccess", str(e)) from None
+
+    # ------------------------------------------------------------------------------ RCAR
+
+    def _auth(self, body: bytes) -> Reply:
+        m = self.metrics
+        m.inc("kbs_auth_requests_total")
+        try:
+            req = Request.from_json(body)
+            if not _SEMVER.match(req.version):
+                raise ProtocolError(f"Request.version: {req.version!r} is not a semantic version")
+            if req.version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"KBS Client Protocol Version Mismatch: expect ={PROTOCOL_VERSION} while the "
+                    f"request is {req.version}"
+                )
+            if req.tee not in verifier_names():
+                raise ProtocolError(
+                    f"unknown TEE {req.tee!r}: this KBS verifies {', '.join(verifier_names())}"
+                )
+        except ProtocolError as e:
+            m.inc("kbs_auth_errors_total")
+            raise KbsHttpError(
+                "AttestationError", f"Attestation error: RCAR handshake Auth failed: {e}"
+            ) from None
+        nonce = base64.b64encode(os.urandom(32)).decode()
+        challenge = Challenge(nonce, "")
+        sid = uuid.uuid4().hex
+        expires = time.time() + self.session_ttl
+        state = {
+            "Authed": {
+                "request": req.to_json(),
+                "challenge": challenge.to_json(),
+                "id": sid,
+                "timeout": _rfc3339(expires),
+            }
+        }
+        self.session_store.put(NS_SESSION, sid, json.dumps(state).encode(), expires=expires)
+        m.inc("kbs_auth_successes_total")
+        return Reply(
+            200, json.dumps(challenge.to_json()).encode(), [*_JSON, self._cookie(sid, expires)]
+        )
+
+    @staticmethod
+    def _cookie(sid: str, expires: float) -> tuple[bytes, bytes]:
+        return (b"set-cookie", f"{SESSION_COOKIE}={sid}; Expires={_http_date(expires)}".encode())
+
+    @staticmethod
+    def _session_id(headers: dict[str, str]) -> str | None:
+        cookie = headers.get("cookie")
+        if not cookie:
+            return None
+        for part in cookie.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE and re.fullmatch(r"[0-9a-f]{32}", value):
+                return value
+        return None
+
+    def _load_session(self, sid: str) -> dict[str, Any] | None:
+        raw = self.session_store.get(NS_SESSION, sid)
+        return json.loads(raw) if raw is not None else None
+
+    async def _attest(self, headers: dict[str, str], body: bytes) -> Reply:
+        m = self.metrics
+        m.inc("kbs_attestation_requests_total")
+
+        def fail(msg: str, variant: str = "AttestationError") -> KbsHttpError:
+            m.inc("kbs_attestation_errors_total")
+            return KbsHttpError(variant, f"Attestation error: RCAR handshake Attest failed: {msg}")
+
+        sid = self._session_id(headers)
+        if sid is None:
+            raise fail(f"no valid {SESSION_COOKIE} cookie: call /kbs/v0/auth first")
+        state = self._load_session(sid)
+        if state is None:
+            raise fail(f"session {sid} not found or expired")
+        if "Authed" not in state:
+            raise fail(f"session {sid}: its nonce was already used; start again with /kbs/v0/auth")
+        # Claim the nonce: only one /attest per session, even with concurrent replicas.
+        if not self.session_store.delete(NS_SESSION, sid):
+            raise fail(f"session {sid}: its nonce was already used; start again with /kbs/v0/auth")
+        authed = state["Authed"]
+        tee = authed["request"]["tee"]
+        challenge = Challenge.from_json(authed["challenge"])
+        try:
+            att = Attestation.from_json(body)
+        except ProtocolError as e:
+            raise fail(str(e)) from None
+        rd = att.runtime_data
+        if rd.nonce != challenge.nonce:
+            raise fail("runtime-data.nonce is not the nonce of this session's challenge")
+        try:
+            public_key_from_jwk(rd.tee_pubkey.to_json(), "runtime-data.tee-pubkey")
+            if (rd.tee_pubkey.kty, rd.tee_pubkey.alg) not in (
+                ("EC", "ECDH-ES+A256KW"), ("RSA", "RSA-OAEP-256"), ("RSA", "RSA1_5"),
+            ) or (rd.tee_pubkey.kty == "EC" and rd.tee_pubkey.crv not in ("P-256", "P-521")):  # fmt: skip
+                raise JoseError(
+                    f"runtime-data.tee-pubkey: unsupported kty={rd.tee_pubkey.kty} alg={rd.tee_pubkey.alg}"
+                )
+        except JoseError as e:
+            raise fail(str(e)) from None
+        hash_alg = challenge.hash_algorithm()
+        ev = att.tee_evidence
+        requests = [
+            VerificationRequest(
+                tee,
+                ev.primary_evidence,
+                runtime_data_claims(rd.nonce, rd.tee_pubkey, ev.additional_evidence),
+                hash_alg,
+                att.init_data,
+            )
+        ]
+        try:
+            for dev_tee, dev_evidence in ev.additional().items():
+                requests.append(
+                    VerificationRequest(
+                        dev_tee,
+                        dev_evidence,
+                        runtime_data_claims(rd.nonce, rd.tee_pubkey, None),
+                        hash_alg,
+                    )
+                )
+        except ProtocolError as e:
+            raise fail(str(e)) from None
+        try:
+            if tee == "sample" and len(requests) == 1:
+                token = self.attestation.evaluate(requests)
+            else:
+                token = await asyncio.to_thread(self.attestation.evaluate, requests)
+        except CocoError as e:
+            m.inc("kbs_attestation_failures_total", tee_type=tee)
+            log.warning("attestation of session %s (%s) failed: %s", sid, tee, e)
+            raise KbsHttpError(
+                "AttestationError", f"Attestation error: RCAR handshake Attest failed: {e}"
+            ) from None
+        expires = time.time() + self.session_ttl
+        attested = {"Attested": {"token": token, "id": sid, "timeout": _rfc3339(expires)}}
+        self.session_store.put(NS_SESSION, sid, json.dumps(attested).encode(), expires=expires)
+        m.inc("kbs_attestation_successes_total", tee_type=tee)
+        return Reply(
+            200, json.dumps({"token": token}).encode(), [*_JSON, self._cookie(sid, expires)]
+        )
+
+    # ------------------------------------------------------------------------------ admin
+
+    def _json_body(self, body: bytes, what: str) -> dict[str, Any]:
+        try:
+            obj = json.loads(body)
+        except ValueError as e:
+            raise KbsHttpError("SerdeError", f"{what}: body is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise KbsHttpError("SerdeError", f"{what}: expected a JSON object")
+        return obj
+
+    def _set_attestation_policy(self, body: bytes) -> Reply:
+        obj = self._json_body(body, "attestation-policy")
+        unknown = set(obj) - {"type", "policy_id", "policy"}
+        if unknown:
+            raise KbsHttpError(
+                "SerdeError", f"attestation-policy: unknown field(s) {sorted(unknown)}"
+            )
+        policy_id = obj.get("policy_id")
+        if not isinstance(policy_id, str):
+            raise KbsHttpError("SerdeError", "attestation-policy: policy_id: expected a string")
+        try:
+            text = _b64url_text(obj.get("policy"), "attestation-policy.policy")
+            self.attestation.set_policy(policy_id, text)
+        except (ValueError, PolicyError, CocoError) as e:
+            raise KbsHttpError("PolicyEngineError", f"Set attestation policy failed: {e}") from None
+        log.info("attestation policy %s set", policy_id)
+        return Reply(200)
+
+    def _set_resource_policy(self, body: bytes) -> Reply:
+        obj = self._json_body(body, "resource-policy")
+        unknown = set(obj) - {"policy"}
+        if unknown:
+            raise KbsHttpError("SerdeError", f"resource-policy: unknown field(s) {sorted(unknown)}")
+        try:
+            text = _b64url_text(obj.get("policy"), "resource-policy.policy")
+            policy = RegoPolicy(text, "resource-policy", ("allow",))
+        except (ValueError, PolicyError) as e:
+            raise KbsHttpError("PolicyEngineError", f"Set resource policy failed: {e}") from None
+        self.store.put(NS_KBS, RESOURCE_POLICY_KEY, text.encode())
+        self._resource_policy = policy
+        log.info("resource policy set")
+        return Reply(200)
+
+    def resource_policy(self) -> RegoPolicy:
+        raw = self.store.get(NS_KBS, RESOURCE_POLICY_KEY)
+        text = raw.decode() if raw is not None else default_resource_policy()
+        cached = self._resource_policy
+        if cached is not None and cached.text == text:
+            return cached
+        self._resource_policy = RegoPolicy(text, "resource-policy", ("allow",))
+        return self._resource_policy
+
+    # ------------------------------------------------------------------------------ resources
+
+    async def _resource(
+        self, method: str, headers: dict[str, str], uri: str, sub: list[str], qs: str, body: bytes
+    ) -> Reply:
+        m = self.metrics
+        m.inc("kbs_plugin_requests_total", plugin="resource")
+        if len(sub) != 3 or not all(_SEGMENT.match(s) for s in sub):
+            m.inc("kbs_plugin_errors_total", plugin="resource")
+            raise KbsHttpError(
+                "InvalidRequestPath",
+                f"Invalid request path: resource/{'/'.join(sub)}: expected <repository>/<type>/<tag>, "
+                "each of [A-Za-z0-9_-.] not starting with '.'",
+            )
+        key = "/".join(sub)
+        if method in ("POST", "PUT", "DELETE"):
+            self._admin(headers, uri)
+            if method == "DELETE":
+                if not self.store.delete(NS_REPOSITORY, key):
+                    raise KbsHttpError(
+                        "PluginInternalError", f"Plugin internal error: resource not found: {key}"
+                    )
+                m.inc("kbs_resource_deletes_total", resource_path=key)
+                log.info("resource %s deleted", key)
+            else:
+                self.store.put(NS_REPOSITORY, key, body)
+                m.inc("kbs_resource_writes_total", resource_path=key)
+                log.info("resource %s written (%d bytes)", key, len(body))
+            return Reply(200, b"", [(b"content-type", b"text/xml")])
+        # GET: an attested caller.
+        token = None
+        sid = self._session_id(headers)
+        if sid is not None:
+            state = self._load_session(sid)
+            if state is not None and "Attested" in state:
+                token = state["Attested"]["token"]
+        if token is None:
+            auth = headers.get("authorization", "")
+            if auth.startswith("Bearer "):
+                token = auth[len("Bearer ") :].strip()
+        if not token:
+            raise KbsHttpError("TokenNotFound", "Attestation Token not found")
+        try:
+            claims = self.tokens.verify(token)
+        except TokenVerifierError as e:
+            raise KbsHttpError("TokenVerifierError", f"Token Verifier error: {e}") from None
+        data = {"plugin": "resource", "resource-path": sub, "query": dict(parse_qsl(qs))}
+        m.inc("kbs_policy_evaluations_total")
+        try:
+            allowed = self.resource_policy().evaluate(claims, data).get("allow") is True
+        except PolicyError as e:
+            m.inc("kbs_policy_errors_total")
+            raise KbsHttpError("PolicyEngineError", f"Policy engine error: {e}") from None
+        if not allowed:
+            m.inc("kbs_policy_violations_total")
+            raise KbsHttpError("PolicyDeny", f"Access denied by policy: resource {key}")
+        m.inc("kbs_policy_approvals_total")
+        value = self.store.get(NS_REPOSITORY, key)
+        if value is None:
+            m.inc("kbs_plugin_errors_total", plugin="resource")
+            raise KbsHttpError(
+                "PluginInternalError", f"Plugin internal error: resource not found: {key}"
+            )
+        try:
+            jwe = jwe_encrypt(tee_pubkey_of(claims), value)
+        except (JoseError, TokenVerifierError) as e:
+            raise KbsHttpError("JweError", f"JWE error: {e}") from None
+        m.inc("kbs_resource_reads_total", resource_path=key)
+        return Reply(200, json.dumps(jwe).encode(), list(_JSON))
+
+
+__all__ = ["KbsApp", "default_resource_policy"]
+_ = AttestationError
