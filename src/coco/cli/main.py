@@ -40,6 +40,14 @@ def _register() -> None:
 
     cli.add_command(verity_cli.verity_group)
 
+    from coco.cli import attestation as attestation_cli
+    from coco.cli import kbs as kbs_cli
+    from coco.cli import kbs_client as kbs_client_cli
+
+    cli.add_command(kbs_cli.kbs)
+    cli.add_command(kbs_client_cli.kbs_client)
+    cli.add_command(attestation_cli.attestation)
+
 
 _register()
 
