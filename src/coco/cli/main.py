@@ -40,6 +40,10 @@ def _register() -> None:
 
     cli.add_command(verity_cli.verity_group)
 
+    from coco.cli import tardev as tardev_cli
+
+    cli.add_command(tardev_cli.tardev_group)
+
     from coco.cli import attestation as attestation_cli
     from coco.cli import kbs as kbs_cli
     from coco.cli import kbs_client as kbs_client_cli

@@ -40,6 +40,7 @@ __all__ = [
     "format_file",
     "read_superblock",
     "report",
+    "tree_blocks",
     "verify",
 ]
 
@@ -150,6 +151,11 @@ def _geometry(p: VerityParams, data_blocks: int) -> _Geometry:
         starts[i] = pos
         pos += sizes[i]
     return _Geometry(ds, stride, per_block, area_block, tuple(starts), tuple(sizes))
+
+
+def tree_blocks(params: VerityParams, data_blocks: int) -> int:
+    """How many hash blocks the tree of ``data_blocks`` data blocks takes."""
+    return _geometry(params, data_blocks).hash_blocks
 
 
 @dataclass(frozen=True, slots=True)
