@@ -17,8 +17,6 @@ import click
 from coco.errors import UsageError
 from coco.oci.auth import Credentials, parse_creds
 from coco.oci.copy import CopyOptions, LayerTransform, copy_image
-from coco.oci.inspect import inspect_image
-from coco.oci.progress import RichProgress, wants_progress
 from coco.oci.reference import ImageReference, parse_reference
 from coco.oci.transport import Access
 
@@ -121,7 +119,9 @@ def copy_cmd(
         override_variant=override_variant,
     )
     transform = _make_transform(extra)
-    if wants_progress(quiet):
+    if not quiet and sys.stderr.isatty():
+        from coco.oci.progress import RichProgress  # rich only on a terminal
+
         with RichProgress() as progress:
             result = copy_image(
                 src_ref, dst_ref, options=options, transform=transform, progress=progress
@@ -179,6 +179,8 @@ def inspect_cmd(
     override_variant: str | None,
 ) -> None:
     """Print the manifest and config of REF as JSON."""
+    from coco.oci.inspect import inspect_image
+
     r = _ref(ref, "REF")
     if raw and show_config:
         raise click.UsageError("--raw and --config cannot be combined")

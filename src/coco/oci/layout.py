@@ -192,15 +192,23 @@ class LayoutTransaction:
         expected_digest: str | None = None,
         expected_size: int | None = None,
         what: str = "blob",
+        trusted: bool = False,
     ) -> tuple[str, int]:
         """Stream ``chunks`` into a staged blob; return its digest and size.
+
+        ``trusted``: ``chunks`` verify themselves against ``expected_digest`` (they raise at their
+        end otherwise), so they are not hashed a second time.
 
         Raises :class:`DigestMismatchError` (and stages nothing) if the content does not match
         ``expected_digest``/``expected_size``; any exception raised by ``chunks`` propagates.
         """
         fd, tmp = tempfile.mkstemp(dir=self._staging, prefix="blob-")
         reader = HashingReader(
-            chunks, what=what, expected_digest=expected_digest, expected_size=expected_size
+            chunks,
+            what=what,
+            expected_digest=expected_digest,
+            expected_size=expected_size,
+            trusted=trusted,
         )
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:

@@ -346,12 +346,17 @@ class RegistryClient:
         expected_digest: str | None = None,
         expected_size: int | None = None,
         patch_size: int | None = None,
+        trusted: bool = False,
     ) -> tuple[str, int]:
         """Streamed (one PATCH) or chunked (a PATCH per ``patch_size`` bytes) upload, then PUT
         ``?digest=`` with the digest computed on the way. Nothing is committed on failure."""
         loc = self._start_upload(repo, what)
         reader = HashingReader(
-            chunks, what=what, expected_digest=expected_digest, expected_size=expected_size
+            chunks,
+            what=what,
+            expected_digest=expected_digest,
+            expected_size=expected_size,
+            trusted=trusted,
         )
         scope = (f"repository:{repo}:pull,push",)
         try:

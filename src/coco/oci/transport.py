@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coco.crypto.digest import sha256_digest
 from coco.errors import DigestMismatchError, UsageError
@@ -19,7 +20,9 @@ from coco.oci.auth import AuthFile, Credentials, default_authfile
 from coco.oci.layout import LayoutTransaction, OciLayout
 from coco.oci.models import Descriptor
 from coco.oci.reference import DockerReference, ImageReference, LayoutReference
-from coco.oci.registry import RegistryClient
+
+if TYPE_CHECKING:  # httpx is imported only when a registry is used
+    from coco.oci.registry import RegistryClient
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Access:
     tls_verify: bool = True
 
     def client(self, ref: DockerReference) -> RegistryClient:
+        from coco.oci.registry import RegistryClient
+
         creds = self.credentials
         if creds is None:
             path = self.authfile or default_authfile()
@@ -79,7 +84,10 @@ class ImageDestination:
         expected_digest: str | None,
         expected_size: int | None,
         what: str,
+        trusted: bool = False,
     ) -> tuple[str, int]:
+        """Stream ``chunks`` into a blob. ``trusted``: the chunks check themselves against
+        ``expected_digest`` (a source HashingReader), so they need not be hashed again."""
         raise NotImplementedError
 
     def put_manifest(self, raw: bytes, media_type: str, *, top: bool, what: str) -> str:
@@ -135,9 +143,14 @@ class LayoutDestination(ImageDestination):
         expected_digest: str | None,
         expected_size: int | None,
         what: str,
+        trusted: bool = False,
     ) -> tuple[str, int]:
         return self._tx.write_blob(
-            chunks, expected_digest=expected_digest, expected_size=expected_size, what=what
+            chunks,
+            expected_digest=expected_digest,
+            expected_size=expected_size,
+            what=what,
+            trusted=trusted,
         )
 
     def put_manifest(self, raw: bytes, media_type: str, *, top: bool, what: str) -> str:
@@ -217,6 +230,7 @@ class RegistryDestination(ImageDestination):
         expected_digest: str | None,
         expected_size: int | None,
         what: str,
+        trusted: bool = False,
     ) -> tuple[str, int]:
         return self.client.upload_stream(
             self._repo,
@@ -225,6 +239,7 @@ class RegistryDestination(ImageDestination):
             expected_digest=expected_digest,
             expected_size=expected_size,
             patch_size=self._patch_size,
+            trusted=trusted,
         )
 
     def put_manifest(self, raw: bytes, media_type: str, *, top: bool, what: str) -> str:
