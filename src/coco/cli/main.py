@@ -44,6 +44,10 @@ def _register() -> None:
 
     cli.add_command(tardev_cli.tardev_group)
 
+    from coco.cli import initdata as initdata_cli
+
+    cli.add_command(initdata_cli.initdata_group)
+
     from coco.cli import attestation as attestation_cli
     from coco.cli import kbs as kbs_cli
     from coco.cli import kbs_client as kbs_client_cli
