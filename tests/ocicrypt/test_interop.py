@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Registry
-from tests.imagekit import BuiltImage
+from tests.imagekit import BuiltImage, tar_layer, write_image
 
 from .conftest import Keys, layer_digests, layout_manifest, skopeo
 
@@ -211,3 +211,48 @@ def test_through_registry(
     )  # fmt: skip
     assert r.code == 0, r.err
     assert r.out.strip() == plain.manifest_digest
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_other_compressions(tmp_path: Path, keys: Keys, coco_cli, compression) -> None:
+    img = write_image(
+        tmp_path / "plain", [tar_layer({"a": b"A" * 5000})], tag="v1", compression=compression
+    )
+    r = coco_cli("--encryption-key", f"jwe:{keys.rsa_pub}", img.ref, f"oci:{tmp_path}/enc:latest")
+    assert r.code == 0, r.err
+    suffix = {"zstd": "tar+zstd+encrypted", "none": "tar+encrypted"}[compression]
+    assert _enc_layers(tmp_path / "enc")[0]["mediaType"].endswith(suffix)
+    skopeo(
+        "--decryption-key", str(keys.rsa), f"oci:{tmp_path}/enc:latest", f"oci:{tmp_path}/d:latest"
+    )
+    assert layer_digests(tmp_path / "d") == img.layer_digests
+
+
+def test_docker_image_is_converted_to_oci(
+    tmp_path: Path, keys: Keys, coco_cli, open_registry
+) -> None:
+    """Encrypting a Docker schema 2 image yields OCI media types, as skopeo does (skopeo reads the
+    Docker image from a registry: its oci: transport refuses Docker manifests)."""
+    img = write_image(tmp_path / "plain", [tar_layer({"a": b"x"})], tag="v1", docker=True)
+    src = open_registry.url("crypt/docker", "v1")
+    r = coco_cli("--dest-tls-verify=false", img.ref, src)
+    assert r.code == 0, r.err
+    assert r.out.strip() == img.manifest_digest
+    skopeo(
+        "--src-tls-verify=false", "--encryption-key", f"jwe:{keys.rsa_pub}", src,
+        f"oci:{tmp_path}/by-skopeo:latest",
+    )  # fmt: skip
+    r = coco_cli(
+        "--src-tls-verify=false", "--encryption-key", f"jwe:{keys.rsa_pub}", src,
+        f"oci:{tmp_path}/enc:latest",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    _, ours = layout_manifest(tmp_path / "enc")
+    _, theirs = layout_manifest(tmp_path / "by-skopeo")
+    assert ours["mediaType"] == theirs["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert ours["config"] == theirs["config"]
+    assert ours["layers"][0]["mediaType"] == theirs["layers"][0]["mediaType"]
+    skopeo(
+        "--decryption-key", str(keys.rsa), f"oci:{tmp_path}/enc:latest", f"oci:{tmp_path}/d:latest"
+    )
+    assert layer_digests(tmp_path / "d") == img.layer_digests

@@ -269,3 +269,29 @@ def test_missing_command(tmp_path: Path, plain: BuiltImage, coco_cli, monkeypatc
     assert r.code == 1
     assert "layer 1/2" in r.err and "keyprovider gone: command" in r.err and "not found" in r.err
     assert not (tmp_path / "o").exists()
+
+
+def test_through_registry(tmp_path: Path, plain: BuiltImage, kp_config, coco_cli, registry) -> None:
+    """skopeo 1.2.3 -> docker-registry -> coco, and coco -> docker-registry -> skopeo 1.2.3."""
+    creds = registry.creds
+    skopeo(
+        "--dest-tls-verify=false", "--dest-creds", creds, "--encryption-key", "provider:grpckp:r1",
+        plain.ref, registry.url("kp/by-skopeo", "v1"), binary=KP_SKOPEO, env=kp_config,
+    )  # fmt: skip
+    r = coco_cli(
+        "--src-tls-verify=false", "--src-creds", creds, "--decryption-key", "provider:grpckp:r1",
+        registry.url("kp/by-skopeo", "v1"), f"oci:{tmp_path}/d1:latest",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert layer_digests(tmp_path / "d1") == plain.layer_digests
+    r = coco_cli(
+        "--dest-tls-verify=false", "--dest-creds", creds, "--encryption-key", "provider:cmdkp:r2",
+        plain.ref, registry.url("kp/by-coco", "v1"),
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    skopeo(
+        "--src-tls-verify=false", "--src-creds", creds, "--decryption-key", "provider:cmdkp:r2",
+        registry.url("kp/by-coco", "v1"), f"oci:{tmp_path}/d2:latest", binary=KP_SKOPEO,
+        env=kp_config,
+    )  # fmt: skip
+    assert layer_digests(tmp_path / "d2") == plain.layer_digests
