@@ -163,6 +163,8 @@ class KbsConfig:
 
     def _load_as(self, a: Any) -> None:
         w = "attestation_service"
+        if isinstance(a, dict) and a.get("type", "coco_as_builtin") != "coco_as_builtin":
+            raise ConfigError(f"{w}.type: only 'coco_as_builtin' is available, found {a['type']!r}")
         _table(
             a, w, {"type", "timeout", "attestation_token_broker", "rvps_config", "verifier_config"}
         )
