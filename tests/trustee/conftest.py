@@ -111,3 +111,6 @@ def open_kbs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KbsProcess]:
     p.db = d / "kbs.db"  # type: ignore[attr-defined]
     yield p.start()
     p.stop()
+
+
+PG_AVAILABLE = Path("/usr/lib/postgresql/15/bin/initdb").exists()
