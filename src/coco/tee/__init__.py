@@ -15,6 +15,9 @@ _VERIFIERS: dict[str, str] = {
     "sample": "coco.tee.sample.verifier:SampleVerifier",
     "snp": "coco.tee.snp.verifier:SnpVerifier",
     "tdx": "coco.tee.tdx.verifier:TdxVerifier",
+    "tpm": "coco.tee.tpm.verifier:TpmVerifier",
+    "az-snp-vtpm": "coco.tee.az_snp_vtpm.verifier:AzSnpVtpmVerifier",
+    "az-tdx-vtpm": "coco.tee.az_tdx_vtpm.verifier:AzTdxVtpmVerifier",
 }
 _ATTESTERS: dict[str, str] = {
     "sample": "coco.tee.sample.attester:SampleAttester",

@@ -1,0 +1,1 @@
+"""Azure confidential VMs on SEV-SNP with a paravisor vTPM (``az-snp-vtpm``)."""

@@ -1,0 +1,1 @@
+"""Azure confidential VMs on TDX with a paravisor vTPM (``az-tdx-vtpm``)."""
