@@ -29,6 +29,7 @@ from coco.errors import AuthError
 from coco.oci.auth import Credentials
 from coco.oci.copy import CopyOptions, copy_image
 from coco.oci.layout import OciLayout
+from coco.oci.registry import RegistryClient
 from tests.conftest import free_port
 from tests.imagekit import tar_layer, write_image
 from tests.oci.fakeregistry import reply, serve
@@ -163,3 +164,22 @@ def test_bearer_wrong_password(token_registry, tmp_path: Path) -> None:
     o = CopyOptions(dest_credentials=Credentials(USER, "nope"), dest_tls_verify=False)
     with pytest.raises(AuthError, match=r"token endpoint .* refused the credentials: 401"):
         copy_image(img.ref, f"docker://{host}/team/app:bad", options=o)
+
+
+def test_stale_token_is_refreshed(token_registry, tmp_path: Path) -> None:
+    host, server = token_registry
+    img = write_image(tmp_path / "src", [tar_layer({"t": b"stale"})], tag="v1")
+    creds = Credentials(USER, PASSWORD)
+    copy_image(
+        img.ref,
+        f"docker://{host}/team/stale:v1",
+        options=CopyOptions(dest_credentials=creds, dest_tls_verify=False),
+    )
+    client = RegistryClient(host, credentials=creds, tls_verify=False)
+    client.ping()
+    client._tokens["repository:team/stale:pull"] = "expired.token.value"
+    before = len(server.requests)
+    raw, _ = client.get_manifest("team/stale", "v1", "docker://team/stale:v1")
+    assert raw == img.manifest
+    assert len(server.requests) == before + 1  # exactly one fresh token was fetched
+    client.close()

@@ -175,6 +175,7 @@ class RegistryClient:
         content: bytes | Iterable[bytes] | None = None,
         stream: bool = False,
         follow: bool = False,
+        _retried: bool = False,
     ) -> httpx.Response:
         self.ping(what)
         assert self._base is not None
@@ -186,16 +187,33 @@ class RegistryClient:
             resp = self._client.send(req, stream=stream, follow_redirects=follow)
         except CocoError:
             raise
-        except httpx.TransportError as e:
+        except httpx.HTTPError as e:
             raise RegistryError(f"{what}: {method} {url}: {_exc_text(e)}") from None
-        if resp.status_code == 401 and self._challenge is None:
-            # The registry asks for auth on this path although /v2/ did not: learn and retry once.
+        replayable = not isinstance(content, Iterator)
+        if resp.status_code == 401 and not _retried and replayable:
             hdr = resp.headers.get("www-authenticate", "")
-            if hdr and not isinstance(content, Iterator):
-                resp.close()
+            retry = False
+            if self._challenge is None and hdr:
+                # The registry asks for auth on this path although /v2/ did not: learn it.
                 self._challenge = Challenge.parse(hdr)
+                retry = True
+            elif self._challenge is not None and self._challenge.scheme == "bearer":
+                # The token may have expired: fetch a fresh one once.
+                with self._lock:
+                    self._tokens.pop(" ".join(scopes), None)
+                retry = True
+            if retry:
+                resp.close()
                 return self._send(
-                    method, url, scopes, what, headers=headers, content=content, stream=stream
+                    method,
+                    url,
+                    scopes,
+                    what,
+                    headers=headers,
+                    content=content,
+                    stream=stream,
+                    follow=follow,
+                    _retried=True,
                 )
         if resp.status_code == 401:
             detail = _status(resp, read=not stream)
