@@ -104,8 +104,14 @@ def test_jwe_serializations(tmp_path: Path, keys: Keys, plain: BuiltImage, coco_
         return json.loads(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
 
     one = jwe_of("one")
-    assert "recipients" not in one
+    assert list(one) == ["protected", "encrypted_key", "iv", "ciphertext", "tag"]
     assert b64url(one["protected"]) == {"alg": "RSA-OAEP", "enc": "A256GCM"}
+    coco_cli("--encryption-key", f"jwe:{keys.ec_pub}", plain.ref, f"oci:{tmp_path}/ec:latest")
+    ec = jwe_of("ec")
+    assert list(ec) == ["protected", "encrypted_key", "iv", "ciphertext", "tag"]
+    hdr = b64url(ec["protected"])
+    assert list(hdr) == ["alg", "enc", "epk"] and hdr["alg"] == "ECDH-ES+A256KW"
+    assert hdr["epk"]["crv"] == "P-256"
     two = jwe_of("two")
     assert b64url(two["protected"]) == {"enc": "A256GCM"}
     assert [r["header"]["alg"] for r in two["recipients"]] == ["RSA-OAEP", "ECDH-ES+A256KW"]

@@ -2,7 +2,7 @@
 
 Like containers/ocicrypt (go-jose): content encryption ``A256GCM``; key management ``RSA-OAEP``
 for RSA keys and ``ECDH-ES+A256KW`` for EC keys. One recipient gives the flattened serialization
-with every header in ``protected``; several give the general one, with ``enc`` protected and each
+with every header (``alg``, ``enc``, ``epk``) in ``protected``; several give the general one, with ``enc`` protected and each
 recipient's ``alg`` (and ``epk``) in its own header. Unwrapping accepts RSA-OAEP, RSA-OAEP-256 and
 ECDH-ES+A128/192/256KW with any AES-GCM or AES-CBC-HMAC content encryption, in either
 serialization.
@@ -17,7 +17,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwe as _jwe
 from jwcrypto import jwk as _jwk
-from jwcrypto.common import JWException
+from jwcrypto.common import JWException, base64url_encode
+from jwcrypto.jwa import JWA
 
 from coco.errors import OcicryptError
 from coco.ocicrypt.keywrap import KeyUnwrapError
@@ -69,17 +70,30 @@ def wrap(recipients: Sequence[PublicKey], plaintext: bytes) -> bytes:
     if not recipients:
         raise OcicryptError("jwe: no recipients")
     if len(recipients) == 1:
-        key = recipients[0]
-        token = _jwe.JWE(plaintext, protected={"alg": _alg_for(key), "enc": CONTENT_ENC})
-        token.add_recipient(_jwk.JWK.from_pyca(key))
-        out = json.loads(token.serialize())
-        # ECDH-ES: jwcrypto puts the ephemeral key in an unprotected per-recipient header; it is
-        # authenticated through the derived key either way, and go-jose merges both headers.
-    else:
-        token = _jwe.JWE(plaintext, protected={"enc": CONTENT_ENC})
-        for key in recipients:
-            token.add_recipient(_jwk.JWK.from_pyca(key), header={"alg": _alg_for(key)})
-        out = json.loads(token.serialize())
+        return _wrap_flattened(recipients[0], plaintext)
+    token = _jwe.JWE(plaintext, protected={"enc": CONTENT_ENC})
+    for key in recipients:
+        token.add_recipient(_jwk.JWK.from_pyca(key), header={"alg": _alg_for(key)})
+    out = json.loads(token.serialize())
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def _wrap_flattened(key: PublicKey, plaintext: bytes) -> bytes:
+    """One recipient, as go-jose writes it: every header (alg, enc, epk) in ``protected``."""
+    alg = _alg_for(key)
+    enc = JWA.encryption_alg(CONTENT_ENC)
+    headers: dict[str, Any] = {"alg": alg, "enc": CONTENT_ENC}
+    wrapped = JWA.keymgmt_alg(alg).wrap(_jwk.JWK.from_pyca(key), enc.input_keysize, None, headers)
+    headers.update(wrapped.get("header", {}))
+    protected = base64url_encode(json.dumps(dict(sorted(headers.items())), separators=(",", ":")))
+    iv, ciphertext, tag = enc.encrypt(wrapped["cek"], protected.encode("ascii"), plaintext)
+    out = {
+        "protected": protected,
+        "encrypted_key": base64url_encode(wrapped["ek"]),
+        "iv": base64url_encode(iv),
+        "ciphertext": base64url_encode(ciphertext),
+        "tag": base64url_encode(tag),
+    }
     return json.dumps(out, separators=(",", ":")).encode()
 
 
