@@ -21,6 +21,7 @@ _VERIFIERS: dict[str, str] = {
 }
 _ATTESTERS: dict[str, str] = {
     "sample": "coco.tee.sample.attester:SampleAttester",
+    "tpm": "coco.tee.tpm.attester:TpmAttester",
 }
 
 
