@@ -31,7 +31,7 @@ def serve(routes: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[str]:
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
     srv.daemon_threads = True
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     th.start()
     try:
         yield f"127.0.0.1:{srv.server_address[1]}"

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from coco.cli.main import main
 from tests.conftest import Registry
 from tests.imagekit import tar_layer, write_image, write_index
 
 
-def coco(*args: str) -> subprocess.CompletedProcess[str]:
+def coco_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``coco`` entry point in a child process."""
     return subprocess.run(
         [sys.executable, "-m", "coco.cli.main", *args], capture_output=True, text=True, timeout=60
     )
+
+
+def coco(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``coco.cli.main.main`` in this process (same exit-code mapping, no start-up cost)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def one_error_line(p: subprocess.CompletedProcess[str]) -> str:
@@ -81,7 +97,7 @@ def test_copy_push_inspect_pull(registry: Registry, tmp_path: Path) -> None:
         f"oci:{tmp_path / 'back'}:v1",
     )
     assert p.returncode == 0 and p.stderr == ""
-    p = coco("image", "inspect", "--config", f"oci:{tmp_path / 'back'}:v1")
+    p = coco_process("image", "inspect", "--config", f"oci:{tmp_path / 'back'}:v1")
     assert p.returncode == 0 and p.stdout.encode() == img.config
 
 
@@ -144,3 +160,5 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         p = coco(*args)
         assert p.returncode == 2, (args, p.stderr)
         assert "Traceback" not in p.stderr
+    p = coco_process("image", "copy", "oci:/x", "ftp://host/x")
+    assert p.returncode == 2 and "unsupported transport 'ftp'" in p.stderr

@@ -256,7 +256,10 @@ class _Copier:
 
     def _source_chunks(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         it = self.source.open_blob(desc, what)
-        task = self.progress.task(what.rsplit(": ", 1)[-1], desc.size) if self.progress else None
+        task = None
+        if self.progress is not None:
+            kind = what.rsplit(": ", 1)[-1].rsplit(" ", 1)[0]  # "layer 2/3" or "config"
+            task = self.progress.task(f"{kind} {desc.short}", desc.size)
         return _prefetch(it, self.cancel, task)
 
     def _copy_blob(self, desc: Descriptor, what: str, dwhat: str) -> str:

@@ -174,6 +174,9 @@ class LayoutDestination(ImageDestination):
 # --- docker:// registries ----------------------------------------------------------------------
 
 
+_MONOLITHIC_MAX = 1 << 20
+
+
 class RegistrySource(ImageSource):
     def __init__(self, ref: DockerReference, access: Access) -> None:
         self.ref = ref
@@ -232,6 +235,19 @@ class RegistryDestination(ImageDestination):
         what: str,
         trusted: bool = False,
     ) -> tuple[str, int]:
+        if expected_digest and expected_size is not None and expected_size <= _MONOLITHIC_MAX:
+            # Small blobs (configs, tiny layers): one monolithic PUT. Joining the chunks
+            # exhausts them, so a source that fails its digest check raises here first.
+            data = b"".join(chunks)
+            if len(data) != expected_size or (
+                not trusted and sha256_digest(data) != expected_digest
+            ):
+                raise DigestMismatchError(
+                    f"{what}: expected {expected_size} bytes with digest {expected_digest}, "
+                    f"got {len(data)} bytes with digest {sha256_digest(data)}"
+                )
+            self.client.upload_bytes(self._repo, data, what, expected_digest)
+            return expected_digest, expected_size
         return self.client.upload_stream(
             self._repo,
             chunks,
