@@ -297,3 +297,85 @@ def test_superblock_parse_is_strict(tmp_path):
     raw[0] = ord("V")
     with pytest.raises(VerityError, match="h: expected the verity superblock magic"):
         verity.Superblock.parse(bytes(raw[:512]), "h")
+
+
+def test_parallel_hashing_from_a_threaded_process(tmp_path, monkeypatch):
+    """With other threads running, workers come from a fork server; same result."""
+    import threading
+
+    data = _data(tmp_path, 700 * 4096, 11)
+    monkeypatch.setattr(verity, "PARALLEL_THRESHOLD", 4096)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        p = VerityParams(salt=b"\x05", superblock=False)
+        two = verity.build_tree(data, p, workers=2)
+    finally:
+        stop.set()
+        t.join()
+    assert two.root_hash == verity.build_tree(data, p, workers=1).root_hash
+
+
+def test_root_hash_file_like_veritysetup(tmp_path):
+    data = _data(tmp_path, 12 * 4096, 12)
+    r = veritysetup(
+        "format",
+        data,
+        tmp_path / "h1",
+        "-s",
+        "00",
+        f"--uuid={UUID}",
+        f"--root-hash-file={tmp_path / 'r1'}",
+    )
+    assert r.returncode == 0, r.stderr
+    res = CliRunner().invoke(
+        cli,
+        [
+            "verity",
+            "format",
+            str(data),
+            str(tmp_path / "h2"),
+            "-s",
+            "00",
+            f"--uuid={UUID}",
+            f"--root-hash-file={tmp_path / 'r2'}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r1").read_bytes() == (tmp_path / "r2").read_bytes()
+    assert (tmp_path / "r2").stat().st_mode & 0o777 == 0o600
+    res = CliRunner().invoke(
+        cli,
+        [
+            "verity",
+            "verify",
+            str(data),
+            str(tmp_path / "h1"),
+            f"--root-hash-file={tmp_path / 'r2'}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+
+
+def test_verify_tree_inside_data_without_superblock(tmp_path):
+    data = _data(tmp_path, 64 * 4096, 13)
+    res = CliRunner().invoke(cli, ["verity", "format", str(data), "--no-superblock", "-s", "-"])
+    root = root_of(res.output)
+    r = veritysetup(
+        "verify",
+        data,
+        data,
+        root,
+        "--no-superblock",
+        "-s",
+        "-",
+        "--data-blocks=64",
+        f"--hash-offset={64 * 4096}",
+    )
+    assert r.returncode == 0, r.stderr
+    ok = ["verity", "verify", str(data), root, "--no-superblock", "-s", "-", "--data-blocks=64"]
+    assert CliRunner().invoke(cli, ok).exit_code == 0
+    _flip(data, 64 * 4096 + 7)  # a byte of the (single) hash block
+    code, err = run_main(ok)
+    assert code == 1 and "(level 0, the top) does not match the root hash" in err

@@ -112,7 +112,15 @@ def verity_group() -> None:
 @click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("hash_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @_params_options
-@click.option("--salt", default=None, help="Salt as hex, '-' for none [default: 32 random bytes].")
+@click.option(
+    "-s", "--salt", default=None, help="Salt as hex, '-' for none [default: 32 random bytes]."
+)
+@click.option(
+    "--root-hash-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the root hash (hex, no newline) to this file.",
+)
 @click.option("--uuid", "uuid_text", default=None, help="UUID stored in the superblock.")
 @click.option(
     "--jobs",
@@ -131,6 +139,7 @@ def format_cmd(
     hash_type: int,
     no_superblock: bool,
     salt: str | None,
+    root_hash_file: Path | None,
     uuid_text: str | None,
     jobs: int | None,
 ) -> None:
@@ -156,14 +165,38 @@ def format_cmd(
     )
     target = hash_file if hash_file is not None else data
     tree = verity.format_file(data, target, params, workers=jobs)
+    if root_hash_file is not None:
+        _write_root(root_hash_file, tree.root_hash.hex())
     click.echo(verity.report(tree, os.fspath(target)), nl=False)
+
+
+def _write_root(path: Path, text: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError(f"--root-hash-file {path}: cannot write it: {e.strerror}") from None
+
+
+def _read_root(path: Path) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as e:
+        raise UsageError(f"--root-hash-file {path}: cannot read it: {e.strerror}") from None
 
 
 @verity_group.command("verify")
 @click.argument("files", nargs=-1, required=True)
 @_params_options
 @click.option(
-    "--salt", default=None, help="Salt as hex, '-' for none (needed with --no-superblock)."
+    "-s", "--salt", default=None, help="Salt as hex, '-' for none (needed with --no-superblock)."
+)
+@click.option(
+    "--root-hash-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the root hash from this file instead of the ROOT_HASH argument.",
 )
 @click.option(
     "--jobs",
@@ -181,6 +214,7 @@ def verify_cmd(
     hash_type: int,
     no_superblock: bool,
     salt: str | None,
+    root_hash_file: Path | None,
     jobs: int | None,
 ) -> None:
     """Check DATA [HASH_FILE] ROOT_HASH; name the first block that does not match.
@@ -188,8 +222,13 @@ def verify_cmd(
     With a superblock (the default) the parameters are read from it. Without HASH_FILE the tree
     is read from DATA at --hash-offset (default: right after the data).
     """
+    if root_hash_file is not None:
+        files = (*files, _read_root(root_hash_file))
     if len(files) not in (2, 3):
-        raise click.UsageError(f"expected DATA [HASH_FILE] ROOT_HASH, found {len(files)} arguments")
+        raise click.UsageError(
+            f"expected DATA [HASH_FILE] ROOT_HASH (or --root-hash-file), found {len(files)} "
+            "arguments"
+        )
     data = Path(files[0])
     hash_file = Path(files[1]) if len(files) == 3 else data
     root_text = files[-1]
