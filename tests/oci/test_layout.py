@@ -99,6 +99,10 @@ def test_corrupt_blob_copy_leaves_destination_unchanged(tmp_path: Path) -> None:
     with pytest.raises(DigestMismatchError):
         copy_image(f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'new'}:latest")
     assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DigestMismatchError):
+        copy_image(f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'empty'}:latest")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
 
 
 def test_truncated_blob(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coco.errors import AuthError, DigestMismatchError, RegistryError
+from coco.errors import AuthError, DigestMismatchError, RegistryError, UsageError
 from coco.oci.auth import Credentials
 from coco.oci.copy import CopyOptions, copy_image
 from coco.oci.layout import OciLayout
@@ -242,3 +242,19 @@ def test_corrupt_blob_in_registry(
         assert not (tmp_path / "never").exists()
     finally:
         f.write_bytes(good)
+
+
+def test_push_and_pull_by_digest(registry: Registry, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "src", [tar_layer({"d": b"by digest"})])
+    base = f"docker://{registry.host}/coco/bydigest"
+    r = copy_image(img.ref, f"{base}@{img.manifest_digest}", options=opts(registry))
+    assert r.manifest_digest == img.manifest_digest
+    r = copy_image(
+        f"{base}@{img.manifest_digest}", f"oci:{tmp_path / 'out'}", options=opts(registry)
+    )
+    entries = OciLayout.open(tmp_path / "out").index().manifests
+    assert [e.digest for e in entries] == [img.manifest_digest]
+    assert entries[0].annotations == {}  # no tag given: an untagged entry
+    other = write_image(tmp_path / "other", [tar_layer({"d": b"something else"})])
+    with pytest.raises(UsageError, match="not the one named"):
+        copy_image(other.ref, f"{base}@{img.manifest_digest}", options=opts(registry))

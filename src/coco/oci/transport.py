@@ -128,7 +128,9 @@ class LayoutDestination(ImageDestination):
     def __init__(self, ref: LayoutReference) -> None:
         self.ref = ref
         path = Path(ref.path)
-        self._created = not path.exists()
+        self._existed = path.exists()
+        # A missing or empty directory becomes a layout now; abort() puts it back as it was.
+        self._fresh = not self._existed or (path.is_dir() and not any(path.iterdir()))
         self.layout = OciLayout.init(path)
         self._tx = LayoutTransaction(self.layout)
         self._top: Descriptor | None = None
@@ -167,8 +169,10 @@ class LayoutDestination(ImageDestination):
 
     def abort(self) -> None:
         self._tx.discard()
-        if self._created:
+        if self._fresh:
             shutil.rmtree(self.layout.path, ignore_errors=True)
+            if self._existed:
+                self.layout.path.mkdir()
 
 
 # --- docker:// registries ----------------------------------------------------------------------
