@@ -41,15 +41,29 @@ class TransformedLayer:
 
 
 class LayerTransform(Protocol):
-    """Rewrites selected layers while they are copied (encryption, decryption ...)."""
+    """Rewrites selected layers while they are copied (encryption, decryption ...).
+
+    The copier calls :meth:`wants` for every layer of every manifest it copies (with the
+    source descriptor). If any layer is wanted and ``requires_oci`` is true, a Docker v2s2
+    manifest is converted to OCI first; :meth:`apply` then gets the layer descriptor as it will
+    appear in the destination manifest (OCI media types) and the *source* blob as a stream of
+    ~1 MiB chunks that raises DigestMismatchError at its end if the source is corrupt. The
+    returned chunks are written to the destination while they are produced; a CocoError from
+    them (at any point, including the end) aborts the whole copy and leaves the destination
+    unchanged. The config blob is never transformed.
+    """
 
     requires_oci: bool
 
-    def wants(self, index: int, total: int, layer: Descriptor) -> bool: ...
+    def wants(self, index: int, total: int, layer: Descriptor) -> bool:
+        """True to transform layer ``index`` (0-based) of ``total``; False copies it unchanged."""
+        ...
 
     def apply(
         self, index: int, total: int, layer: Descriptor, chunks: Iterator[bytes]
-    ) -> TransformedLayer: ...
+    ) -> TransformedLayer:
+        """Start transforming one layer (called from a worker thread)."""
+        ...
 
 
 class ProgressTask(Protocol):
