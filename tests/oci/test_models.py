@@ -160,3 +160,29 @@ def test_go_json_escaping_and_order() -> None:
         + b'","size":3,"annotations":{"a":"\\u2028\\n","z":"\\u003c\\u0026\\u003e"}}'
     )
     assert list(d.to_json(docker=True))[:3] == ["mediaType", "size", "digest"]
+
+
+def test_index_variant_preference_and_single_unnamed_entry() -> None:
+    def entry(digest_byte: str, variant: str) -> dict:
+        return {
+            "mediaType": mt.OCI_MANIFEST,
+            "digest": "sha256:" + digest_byte * 64,
+            "size": 1,
+            "platform": {"architecture": "arm64", "os": "linux", "variant": variant},
+        }
+
+    idx = parse_manifest(
+        json.dumps({"schemaVersion": 2, "manifests": [entry("1", "v9"), entry("2", "v8")]}).encode()
+    )
+    assert isinstance(idx, Index)
+    assert idx.select("linux", "arm64").digest == "sha256:" + "2" * 64
+    assert idx.select("linux", "arm64", "v9").digest == "sha256:" + "1" * 64
+    single = parse_manifest(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": mt.OCI_MANIFEST, "digest": D, "size": 1}],
+            }
+        ).encode()
+    )
+    assert isinstance(single, Index) and single.select().digest == D

@@ -291,6 +291,8 @@ class Index:
         """The entry for ``os``/``arch`` (default: this host), as skopeo picks it."""
         want_os = os or "linux"
         want_arch = arch or host_arch()
+        if len(self.manifests) == 1 and self.manifests[0].platform is None:
+            return self.manifests[0]  # a single entry that names no platform
         candidates = [
             d
             for d in self.manifests
@@ -305,7 +307,15 @@ class Index:
                 f"{where}: no image for platform {want_os}/{want_arch}"
                 f"{'/' + variant if variant else ''} (available: {have})"
             )
+        if not variant and len(candidates) > 1:
+            preferred = _DEFAULT_VARIANT.get(want_arch, "")
+            for d in candidates:
+                if d.platform is not None and d.platform.variant == preferred:
+                    return d
         return candidates[0]
+
+
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
 
 
 def host_arch() -> str:
