@@ -142,3 +142,22 @@ def test_decoded_size_is_bounded(monkeypatch):
 def test_fit():
     assert initdata.fit(b"\x01" * 64, 32) == b"\x01" * 32
     assert initdata.fit(b"\x01" * 32, 48) == b"\x01" * 32 + b"\x00" * 16
+
+
+def test_device_image(tmp_path):
+    p = _doc(tmp_path, "sha256")
+    img = tmp_path / "initdata.img"
+    res = CliRunner().invoke(cli, ["initdata", "encode", str(p), "--image", str(img)])
+    assert res.exit_code == 0, res.output
+    blob = img.read_bytes()
+    assert blob[:8] == b"initdata" and len(blob) % 512 == 0
+    n = int.from_bytes(blob[8:16], "little")
+    peer = subprocess.run(["gzip", "-dc"], input=blob[16 : 16 + n], capture_output=True, check=True)
+    assert peer.stdout == p.read_bytes()
+    assert blob[16 + n :].count(0) == len(blob) - 16 - n
+    res = CliRunner().invoke(cli, ["initdata", "decode", str(img)])
+    assert res.exit_code == 0 and res.stdout_bytes == p.read_bytes()
+    bad = bytearray(blob)
+    bad[8:16] = (len(blob)).to_bytes(8, "little")
+    with pytest.raises(InitdataError, match="header says"):
+        initdata.decode_image(bytes(bad), "img")

@@ -71,10 +71,29 @@ def digest_cmd(file: str, encoded: bool, fmt: str) -> None:
     is_flag=True,
     help=f"Print '{initdata.ANNOTATION}=<value>' instead of the value alone.",
 )
-def encode_cmd(file: str, annotation: bool) -> None:
+@click.option(
+    "--image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the block-device image the runtime attaches to the guest.",
+)
+def encode_cmd(file: str, annotation: bool, image: Path | None) -> None:
     """Print the annotation value for FILE: base64(gzip(TOML)), after checking the document."""
-    value = initdata.encode(_read(file), _where(file))
+    raw = _read(file)
+    value = initdata.encode(raw, _where(file))
+    if image is not None:
+        _write(image, initdata.encode_image(raw, _where(file)))
     click.echo(f"{initdata.ANNOTATION}={value}" if annotation else value)
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InitdataError(f"{path}: cannot write it: {e.strerror}") from None
 
 
 @initdata_group.command("decode")
@@ -89,21 +108,20 @@ def encode_cmd(file: str, annotation: bool) -> None:
 def decode_cmd(file: str, output: Path | None) -> None:
     """Decode the annotation value in FILE ('-': stdin) back to the TOML, checking it.
 
-    A leading 'io.katacontainers.config.{hypervisor,runtime}.cc_init_data=' is accepted.
+    A leading 'io.katacontainers.config.{hypervisor,runtime}.cc_init_data=' is accepted, and so
+    is an initdata block-device image.
     """
-    text = _read(file).decode("ascii", errors="replace").strip()
-    for key in (initdata.ANNOTATION, initdata.ANNOTATION_LEGACY):
-        if text.startswith(key + "="):
-            text = text[len(key) + 1 :]
-    doc = initdata.decode(text, _where(file))
+    raw = _read(file)
+    if raw.startswith(initdata.IMAGE_MAGIC):
+        doc = initdata.decode_image(raw, _where(file))
+    else:
+        text = raw.decode("ascii", errors="replace").strip()
+        for key in (initdata.ANNOTATION, initdata.ANNOTATION_LEGACY):
+            if text.startswith(key + "="):
+                text = text[len(key) + 1 :]
+        doc = initdata.decode(text, _where(file))
     if output is None:
         sys.stdout.buffer.write(doc.raw)
         sys.stdout.buffer.flush()
         return
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        tmp.write_bytes(doc.raw)
-        tmp.replace(output)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InitdataError(f"{output}: cannot write it: {e.strerror}") from None
+    _write(output, doc.raw)

@@ -13,7 +13,9 @@ compute it (no canonicalisation). The digest is fitted to the evidence field by 
 zero-padding on the right: SNP ``HOST_DATA`` takes 32 bytes, TDX ``MRCONFIGID`` 48.
 
 The pod annotation ``io.katacontainers.config.hypervisor.cc_init_data`` carries
-``base64(gzip(TOML))`` (standard alphabet, padded).
+``base64(gzip(TOML))`` (standard alphabet, padded). The runtime hands the document to the guest
+as a small disk image: ``"initdata"``, the gzip length as ``u64`` little-endian, the gzip bytes,
+zero padding to a multiple of 512.
 
 Parsing is strict: unknown top-level keys, other versions or algorithms, non-string data values,
 invalid UTF-8 or TOML are refused with the place and what was expected.
@@ -42,7 +44,9 @@ __all__ = [
     "VERSION",
     "Initdata",
     "decode",
+    "decode_image",
     "encode",
+    "encode_image",
     "fit",
 ]
 
@@ -53,6 +57,8 @@ MRCONFIGID_SIZE = 48  # Intel TDX MRCONFIGID
 ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
 ANNOTATION_LEGACY = "io.katacontainers.config.runtime.cc_init_data"
 MAX_DECODED = 64 * 1024 * 1024  # a decoded document larger than this is refused
+IMAGE_MAGIC = b"initdata"
+IMAGE_SECTOR = 512
 _KEYS = ("version", "algorithm", "data")
 
 
@@ -162,3 +168,28 @@ def _gunzip(packed: bytes, where: str) -> bytes:
     except zlib.error as e:
         raise InitdataError(f"{where}: gzip data is corrupt: {e}") from None
     return bytes(out)
+
+
+def encode_image(raw: bytes, where: str = "initdata") -> bytes:
+    """The block-device image the runtime attaches for the document ``raw`` (checked first)."""
+    Initdata.parse(raw, where)
+    packed = gzip.compress(raw, mtime=0)
+    body = IMAGE_MAGIC + len(packed).to_bytes(8, "little") + packed
+    return body + bytes(-len(body) % IMAGE_SECTOR)
+
+
+def decode_image(image: bytes, where: str = "initdata image") -> Initdata:
+    """Read a document back from a block-device image."""
+    head = len(IMAGE_MAGIC) + 8
+    if not image.startswith(IMAGE_MAGIC):
+        raise InitdataError(f"{where}: expected the magic {IMAGE_MAGIC!r}, found {image[:8]!r}")
+    if len(image) < head:
+        raise InitdataError(f"{where}: truncated header: {len(image)} bytes")
+    length = int.from_bytes(image[len(IMAGE_MAGIC) : head], "little")
+    if length > len(image) - head:
+        raise InitdataError(
+            f"{where}: header says {length} bytes of gzip, the image holds {len(image) - head}"
+        )
+    if image[head + length :].strip(b"\0"):
+        raise InitdataError(f"{where}: non-zero bytes after the gzip data")
+    return Initdata.parse(_gunzip(image[head : head + length], where), f"{where} (decoded)")
