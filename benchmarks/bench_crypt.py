@@ -4,7 +4,8 @@ Builds a one-layer gzip image (random files and compressible text, about 200 MB 
 in a temporary OCI layout, encrypts it with ``skopeo copy --encryption-key jwe:…``, then times
 ``skopeo copy --decryption-key`` and ``coco image copy --decryption-key`` of that image,
 alternating between the two, each into a fresh layout. Peak memory is the child's maximum RSS
-(``wait4``). Prints the median wall times, the ratio coco/skopeo and the peak RSS of each, and
+(``wait4``). Prints the median wall and CPU times, the wall ratio coco/skopeo and the peak RSS of
+each, and
 checks that both produced the plain layer digest. The same for encryption with ``--encrypt``.
 
     .venv/bin/python benchmarks/bench_crypt.py [--runs 3] [--size-mb 200] [--encrypt]
@@ -103,8 +104,8 @@ def write_image(path: Path, tar: bytes, gz: bytes) -> None:
         )
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MB) of one child."""
+def run(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system) of one child."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -113,7 +114,7 @@ def run(cmd: list[str]) -> tuple[float, int]:
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss // 1024
+    return wall, usage.ru_maxrss // 1024, usage.ru_utime + usage.ru_stime
 
 
 def layer_digest(path: Path) -> str:
@@ -126,22 +127,28 @@ def layer_digest(path: Path) -> str:
 def compare(label: str, cmds: dict[str, list[str]], out: Path, runs: int, want: str | None) -> None:
     times: dict[str, list[float]] = {k: [] for k in cmds}
     rss: dict[str, int] = dict.fromkeys(cmds, 0)
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     for i in range(runs):
         order = list(cmds) if i % 2 == 0 else list(reversed(cmds))
         for name in order:
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak = run([*cmds[name], f"oci:{out}:latest"])
+            wall, peak, used = run([*cmds[name], f"oci:{out}:latest"])
             if want is not None and layer_digest(out) != want:
                 raise SystemExit(f"{name}: wrong layer digest {layer_digest(out)}, want {want}")
             times[name].append(wall)
             rss[name] = max(rss[name], peak)
+            cpu[name].append(used)
             print(
-                f"  {label} run {i + 1} {name:6s} {wall:6.2f} s  peak RSS {peak:4d} MB", flush=True
+                f"  {label} run {i + 1} {name:6s} {wall:6.2f} s  cpu {used:5.2f} s  "
+                f"peak RSS {peak:4d} MB",
+                flush=True,
             )
     med = {k: statistics.median(v) for k, v in times.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(
-        f"{label}: skopeo {med['skopeo']:.2f} s ({rss['skopeo']} MB), coco {med['coco']:.2f} s "
-        f"({rss['coco']} MB); coco/skopeo = {med['coco'] / med['skopeo']:.2f}"
+        f"{label}: wall skopeo {med['skopeo']:.2f} s, coco {med['coco']:.2f} s, "
+        f"coco/skopeo = {med['coco'] / med['skopeo']:.2f}; cpu skopeo {mcpu['skopeo']:.2f} s, "
+        f"coco {mcpu['coco']:.2f} s; peak RSS skopeo {rss['skopeo']} MB, coco {rss['coco']} MB"
     )
 
 
