@@ -4,12 +4,14 @@ Evidence is ``{"cc_eventlog": "<base64 CCEL>" | null, "quote": "<base64 DCAP quo
 Checked offline: the attestation key's ECDSA-P256 signature over header and body; the QE report
 signed by the PCK leaf; the QE report binding ``report_data[:32] == SHA-256(AK || auth data)``;
 the PCK chain to the bundled Intel SGX Root CA; report data and MRCONFIGID bindings; RTMR replay
-of the CC event log when one is sent.
+of the CC event log when one is sent; the TCB status when Intel's collateral is configured.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -22,6 +24,7 @@ from coco.errors import AttestationError
 from coco.tee import eventlog
 from coco.tee._common import b64, check_keys, expect_equal, fit, load_object, load_pem_certs
 from coco.tee.base import Claims, Verifier
+from coco.tee.tdx.collateral import Collateral
 from coco.tee.tdx.pck import PckInfo, check_chain, pck_info
 from coco.tee.tdx.quote import Quote
 
@@ -122,7 +125,21 @@ def check_rtmrs(log: eventlog.EventLog, quote: Quote, where: str) -> None:
 
 
 class TdxVerifier(Verifier):
+    """``collateral_dir`` (or ``$COCO_TDX_COLLATERAL_DIR``): Intel PCS collateral to evaluate the
+    TCB status with (see :mod:`coco.tee.tdx.collateral`); without it the TCB status is not
+    evaluated and no DCAP claims are produced."""
+
     tee = "tdx"
+
+    def __init__(
+        self,
+        collateral_dir: Path | str | None = None,
+        *,
+        insecure_skip_collateral_signature: bool = False,
+    ) -> None:
+        chosen = collateral_dir or os.environ.get("COCO_TDX_COLLATERAL_DIR")
+        self.collateral_dir = Path(chosen) if chosen else None
+        self.insecure_skip_collateral_signature = insecure_skip_collateral_signature
 
     def verify(
         self,
@@ -143,6 +160,12 @@ class TdxVerifier(Verifier):
             check_rtmrs(log, quote, where)
         info = pck_info(chain[0], chain[1], f"{where}: PCK leaf")
         claims = parse_claims(quote, info, log)
+        if self.collateral_dir is not None:
+            collateral = Collateral.load(
+                self.collateral_dir,
+                insecure_skip_signature=self.insecure_skip_collateral_signature,
+            )
+            claims.update(collateral.evaluate(quote, info, f"{where}: collateral"))
         return Claims(tee="tdx", claims=claims, tee_class="cpu")
 
 
