@@ -297,3 +297,44 @@ def test_index_semantics_on_a_fresh_tar(tmp_path):
     assert blob[by["/f"].offset : by["/f"].offset + by["/f"].size] == b"two!"
     # the hardlink points at the first "f", which the second one replaced at its path
     assert blob[by["/d/hl"].offset : by["/d/hl"].offset + by["/d/hl"].size] == b"one"
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
+def test_gnu_tar_archives_read_back_as_gnu_tar_extracts_them(tmp_path, fmt):
+    """Archives written by GNU tar (long names, a long symlink, hardlinks) as tarfs sees them."""
+    src = tmp_path / "src"
+    deep = src / "d" / ("x" * 60) / ("y" * 60) if fmt != "ustar" else src / "d" / "x"
+    deep.mkdir(parents=True)
+    (deep / "file").write_bytes(b"payload" * 100)
+    (src / "d" / "hard").hardlink_to(deep / "file")
+    (src / "d" / "short").symlink_to("x")
+    if fmt != "ustar":
+        (src / "d" / "long").symlink_to("/" + "t" * 150)
+    (src / "empty").mkdir()
+    tar = tmp_path / "a.tar"
+    subprocess.run(["tar", f"--format={fmt}", "-cf", str(tar), "-C", str(src), "."], check=True)
+    out = tmp_path / "layer"
+    tardev.convert(tar, out)
+    info = tardev.inspect(out)
+    assert info.tree_ok
+    blob = out.read_bytes()
+    ours = {e.path: blob[e.offset : e.offset + e.size] for e in info.entries if e.kind == "-"}
+    assert ours == _gnu_tar_files(tar, tmp_path / "x")
+    by = {e.path: e for e in info.entries}
+    assert by["/d/hard"].ino == by[f"/{deep.relative_to(src)}/file"].ino
+    assert by["/d/short"].target == "x"
+    if fmt != "ustar":
+        assert by["/d/long"].target == "/" + "t" * 150
+    assert by["/empty"].kind == "d" and by["/empty"].size == 0
+
+
+def test_inspect_prints_a_veritysetup_command_that_works(tmp_path):
+    out = tmp_path / "layer"
+    tardev.convert(VECTORS / "t_pax.tar", out)
+    res = CliRunner().invoke(cli, ["tardev", "inspect", str(out)])
+    line = next(x for x in res.output.splitlines() if x.startswith("Check with: veritysetup "))
+    args = line.split()[3:]
+    assert veritysetup(*args).returncode == 0
+    _ = args[-1]
+    args[-1] = "00" * 32
+    assert veritysetup(*args).returncode != 0

@@ -78,5 +78,12 @@ def inspect_cmd(file: Path, fmt: str) -> None:
         else (" (stored tree matches)" if info.tree_ok else " (STORED TREE DOES NOT MATCH)")
     )
     click.echo(f"Root hash:  {info.root_hash.hex()}{tree}")
+    if info.layer_file:
+        n = info.data_size // tardev.BLOCK
+        click.echo(
+            f"Check with: veritysetup verify --data-block-size=4096 --hash-block-size=4096 "
+            f"--data-blocks={n} --hash-offset={info.data_size} --no-superblock "
+            f"--salt={tardev.ZERO_SALT.hex()} {file} {file} {info.root_hash.hex()}"
+        )
     for e in info.entries:
         click.echo(e.line())
