@@ -70,6 +70,7 @@ _STRING_TYPES = {0x1, 0x5, 0x8, 0xA, 0x80000007}
 EV_IPL = 0xD
 _VARIABLE_TYPES = {0x80000001, 0x80000002, 0x8000000C, 0x800000E0}
 _DESCRIBED_TYPES = {0x8000000A, 0x8000000B}  # u8 length + description first
+_IMAGE_TYPES = {0x80000003, 0x80000004, 0x80000005}  # UEFI_IMAGE_LOAD_EVENT
 AAEL_TAG = 0x4141454C  # "AAEL": CoCo attestation-agent event log entries
 _HASHES = {
     "SHA-1": "sha1",
@@ -263,6 +264,10 @@ def _details(etype: int, data: bytes) -> dict[str, Any]:
                 "variable_data_length": data_len,
                 "variable_name": _guid(data[:16]),
             }
+        if etype in _IMAGE_TYPES and len(data) >= 32:
+            (length,) = struct.unpack_from("<Q", data, 24)
+            paths = _device_paths(data[32 : 32 + length])
+            return {"device_paths": paths} if paths else {}
         if etype == 0x6 and len(data) >= 8:
             tag, size = struct.unpack_from("<II", data, 0)
             body = data[8 : 8 + size]
@@ -272,6 +277,51 @@ def _details(etype: int, data: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, struct.error):
         return {}
     return {}
+
+
+def _efi_guid(raw: bytes) -> str:
+    """An EFI_GUID in its registry form (first three fields little-endian), upper case."""
+    a, b, c = struct.unpack_from("<IHH", raw)
+    return f"{a:08X}-{b:04X}-{c:04X}-{raw[8:10].hex().upper()}-{raw[10:16].hex().upper()}"
+
+
+def _eisa_id(value: int) -> str:
+    vendor = value & 0xFFFF
+    letters = "".join(chr(((vendor >> s) & 0x1F) + ord("A") - 1) for s in (10, 5, 0))
+    return f"{letters}{value >> 16:04X}"
+
+
+def _device_paths(raw: bytes) -> list[str]:
+    """UEFI device-path nodes as text, up to the end node; unknown nodes as Path(type,sub,hex)."""
+    out: list[str] = []
+    pos = 0
+    while pos + 4 <= len(raw):
+        kind, sub, length = struct.unpack_from("<BBH", raw, pos)
+        if kind == 0x7F or length < 4 or pos + length > len(raw):
+            break
+        body = raw[pos + 4 : pos + length]
+        pos += length
+        if kind == 2 and sub == 1 and len(body) == 8:
+            hid, uid = struct.unpack("<II", body)
+            out.append(f"ACPI({_eisa_id(hid)},{uid})")
+        elif kind == 1 and sub == 1 and len(body) == 2:
+            out.append(f"Pci({body[0]},{body[1]})")
+        elif kind == 4 and sub == 1 and len(body) == 38:
+            part, start, size = struct.unpack_from("<IQQ", body)
+            sig_type = body[37]
+            if sig_type == 2:
+                sig = _efi_guid(body[20:36])
+                out.append(f"HD({part},GPT,{sig},0x{start:x},0x{size:x})")
+            else:
+                sig = f"0x{struct.unpack_from('<I', body, 20)[0]:08x}"
+                out.append(f"HD({part},MBR,{sig},0x{start:x},0x{size:x})")
+        elif kind == 4 and sub == 3 and len(body) >= 16:
+            out.append(f"VenMedia({_efi_guid(body[:16])},{body[16:].hex()})")
+        elif kind == 4 and sub == 4:
+            out.append(f"File({body.decode('utf-16-le').rstrip(chr(0))})")
+        else:
+            out.append(f"Path({kind},{sub},{body.hex()})")
+    return out
 
 
 def _aael(body: bytes) -> dict[str, Any]:
