@@ -248,3 +248,35 @@ def test_encrypted_image_without_keys_is_copied_as_is(
     r = coco_cli(f"oci:{encrypted}:latest", f"oci:{tmp_path}/copy:latest")
     assert r.code == 0, r.err
     assert layout_manifest(tmp_path / "copy")[0] == layout_manifest(encrypted)[0]
+
+
+def test_tampered_layer_leaves_registry_tag_alone(
+    encrypted: Path, keys: Keys, coco_cli, registry
+) -> None:
+    """A failed decryption into a registry writes no manifest: the tag keeps pointing where it did."""
+    import urllib.error
+    import urllib.request
+
+    target = registry.url("crypt/tamper", "v1")
+    r = coco_cli(
+        "--dest-tls-verify=false", "--dest-creds", registry.creds, "--decryption-key", str(keys.rsa),
+        f"oci:{encrypted}:latest", target,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    good = r.out.strip()
+    rewrite_layer(encrypted, 0, lambda layer, blob: (layer, blob[:-1] + bytes([blob[-1] ^ 0x80])))
+    r = coco_cli(
+        "--dest-tls-verify=false", "--dest-creds", registry.creds, "--decryption-key", str(keys.rsa),
+        f"oci:{encrypted}:latest", target,
+    )  # fmt: skip
+    assert r.code == 1 and "layer 1/2" in r.err and "HMAC mismatch" in r.err
+    req = urllib.request.Request(
+        f"http://{registry.host}/v2/crypt/tamper/manifests/v1",
+        method="HEAD",
+        headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json",
+            "Authorization": "Basic " + base64.b64encode(registry.creds.encode()).decode(),
+        },
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.headers["Docker-Content-Digest"] == good
