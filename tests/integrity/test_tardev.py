@@ -335,6 +335,20 @@ def test_inspect_prints_a_veritysetup_command_that_works(tmp_path):
     line = next(x for x in res.output.splitlines() if x.startswith("Check with: veritysetup "))
     args = line.split()[3:]
     assert veritysetup(*args).returncode == 0
-    _ = args[-1]
     args[-1] = "00" * 32
     assert veritysetup(*args).returncode != 0
+
+
+def test_pax_global_header_is_skipped_and_types_are_refused(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "made by a test"}
+    ) as tf:
+        info, data = _file("only")
+        tf.addfile(info, io.BytesIO(data))
+    src = tmp_path / "g.tar"
+    src.write_bytes(buf.getvalue())
+    assert buf.getvalue()[156:157] == b"g"
+    tardev.convert(src, tmp_path / "out")
+    paths = [e.path for e in tardev.inspect(tmp_path / "out").entries]
+    assert paths == ["/", "/only"]

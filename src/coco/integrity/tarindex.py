@@ -66,7 +66,7 @@ SUPER = struct.Struct("<QQ")
 _WHITEOUT = b".wh."
 _OPAQUE = b".wh..wh..opq"
 _MAX_META = 1 << 20  # GNU long names / PAX records larger than this are refused
-_GLOBAL_SKIPPED = frozenset(b"g")  # metadata only, no file: skipped like the reference does
+_GLOBAL = b"g"  # PAX global header: metadata only, no file; skipped like the reference does
 _UNSUPPORTED = "an entry type the tarfs index cannot represent"
 
 
@@ -373,7 +373,7 @@ class _Tree:
             f"{self.name}: entry {e.path.decode(errors='replace')!r} at offset {e.header_offset}"
         )
         t = e.type
-        if t in _GLOBAL_SKIPPED:
+        if t == _GLOBAL:
             log.warning("%s: PAX global header skipped", where)
             return
         if t not in (b"0", b"\0", b"1", b"2", b"3", b"4", b"5", b"6"):
