@@ -128,6 +128,23 @@ def public_key_from_jwk(jwk: Any, where: str = "JWK") -> PublicKey:
     """Load a public key from a JWK object (EC P-256/384/521, RSA, Ed25519)."""
     if not isinstance(jwk, dict):
         raise JoseError(f"{where}: expected a JSON object, found {type(jwk).__name__}")
+    ident = tuple(jwk.get(k) for k in ("kty", "crv", "x", "y", "n", "e"))
+    if all(isinstance(v, str | None) for v in ident):
+        cached = _KEY_CACHE.get(ident)
+        if cached is not None:
+            return cached
+        key = _load_jwk(jwk, where)
+        _KEY_CACHE[ident] = key
+        if len(_KEY_CACHE) > 4096:
+            _KEY_CACHE.pop(next(iter(_KEY_CACHE)))
+        return key
+    return _load_jwk(jwk, where)
+
+
+_KEY_CACHE: dict[tuple, PublicKey] = {}
+
+
+def _load_jwk(jwk: dict[str, Any], where: str) -> PublicKey:
     kty = jwk.get("kty")
     try:
         if kty == "EC":

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 import regopy
+from regopy import rego_shared as _rs
 
 from coco.errors import CocoError
 
@@ -24,6 +25,45 @@ __all__ = ["PolicyError", "RegoPolicy"]
 _RV_MODULE = "package policy\n\nquery_reference_value(id) := data.reference_values[id]\n"
 _ERRMSG = re.compile(r"\(errormsg \d+:([^)]*)\)")
 _PKG = re.compile(r"^\s*package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.M)
+
+
+_LIB = _rs.rego
+_OK = _rs.Code.OK
+
+
+def _input(value: Any) -> regopy.Input:
+    """A regopy Input built with direct C calls (regopy's own builder costs ~1 ms per token)."""
+    p = _rs.rego_new_input()
+    lib = _LIB
+
+    def add(v: Any) -> int:
+        if v is True or v is False:
+            return lib.regoInputBoolean(p, v)
+        if isinstance(v, str):
+            return lib.regoInputString(p, v.encode("utf-8"))
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if add(k) != _OK or add(item) != _OK or lib.regoInputObjectItem(p) != _OK:
+                    return -1
+            return lib.regoInputObject(p, len(v))
+        if isinstance(v, list | tuple):
+            for item in v:
+                if add(item) != _OK:
+                    return -1
+            return lib.regoInputArray(p, len(v))
+        if isinstance(v, int):
+            return lib.regoInputInt(p, v)
+        if isinstance(v, float):
+            return lib.regoInputFloat(p, v)
+        if v is None:
+            return lib.regoInputNull(p)
+        raise PolicyError(f"policy input: cannot convert {type(v).__name__}")
+
+    inp = regopy.Input.__new__(regopy.Input)
+    inp._impl = p  # freed by Input.__del__
+    if add(value) != _OK:
+        raise PolicyError("policy input: the Rego engine refused the input document")
+    return inp
 
 
 class PolicyError(CocoError):
@@ -85,7 +125,7 @@ class RegoPolicy:
         bundle = self._bundle(json.dumps(data, sort_keys=True, separators=(",", ":")))
         runner = regopy.Interpreter()
         try:
-            runner.set_input(regopy.Input(input_doc))
+            runner.set_input(_input(input_doc))
             out = runner.query_bundle(bundle)
         except regopy.RegoError as e:
             raise PolicyError(

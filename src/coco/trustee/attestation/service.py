@@ -9,6 +9,7 @@ runtime_data_claims, init_data, init_data_claims}``. Policy ``<id>_<tee class>``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -45,6 +46,7 @@ class VerificationRequest:
     init_data: InitData | None = None
 
 
+@functools.cache
 def default_policy_text(policy_id: str) -> str | None:
     name = {"default_cpu": "default_cpu.rego", "default_gpu": "default_gpu.rego"}.get(policy_id)
     if name is None:

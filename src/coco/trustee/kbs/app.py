@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ _SEMVER = re.compile(
 _JSON = [(b"content-type", b"application/json")]
 
 
+@functools.cache
 def default_resource_policy() -> str:
     import importlib.resources
 
@@ -141,6 +143,7 @@ class KbsApp:
             NS_KBS, RESOURCE_POLICY_KEY, default_resource_policy().encode(), overwrite=False
         )
         self._resource_policy: RegoPolicy | None = None
+        self._decisions: dict[tuple[str, str, str, str], bool] = {}
         self.metrics = Metrics()
         self._sweeper: asyncio.Task | None = None
 
@@ -443,6 +446,7 @@ class KbsApp:
             raise KbsHttpError(
                 "AttestationError", f"Attestation error: RCAR handshake Attest failed: {e}"
             ) from None
+        self.tokens.remember(token)
         expires = time.time() + self.session_ttl
         attested = {"Attested": {"token": token, "id": sid, "timeout": _rfc3339(expires)}}
         self.session_store.put(NS_SESSION, sid, json.dumps(attested).encode(), expires=expires)
@@ -553,7 +557,15 @@ class KbsApp:
         data = {"plugin": "resource", "resource-path": sub, "query": dict(parse_qsl(qs))}
         m.inc("kbs_policy_evaluations_total")
         try:
-            allowed = self.resource_policy().evaluate(claims, data).get("allow") is True
+            policy = self.resource_policy()
+            # The decision is a pure function of (policy, verified token, request data).
+            dkey = (policy.digest, token, key, qs)
+            allowed = self._decisions.get(dkey)
+            if allowed is None:
+                allowed = policy.evaluate(claims, data).get("allow") is True
+                self._decisions[dkey] = allowed
+                if len(self._decisions) > 8192:
+                    self._decisions.pop(next(iter(self._decisions)))
         except PolicyError as e:
             m.inc("kbs_policy_errors_total")
             raise KbsHttpError("PolicyEngineError", f"Policy engine error: {e}") from None

@@ -14,6 +14,9 @@ import time
 from coco.trustee.storage.base import StorageError, Store, check_key
 
 _VOLATILE = {"kbs_protocol_session"}
+# Small, read-mostly namespaces whose reads are cached until any connection commits a change.
+_CACHED = {"kbs", "attestation_service_policy", "reference_value", "trustee_keys"}
+_MISS = object()
 
 
 class SqliteStore(Store):
@@ -35,6 +38,8 @@ class SqliteStore(Store):
         except sqlite3.Error as e:
             raise StorageError(f"sqlite storage {path}: cannot open: {e}") from None
         self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str | None], object] = {}
+        self._version = -1
 
     def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         try:
@@ -42,7 +47,26 @@ class SqliteStore(Store):
         except sqlite3.Error as e:
             raise StorageError(f"sqlite storage {self.url}: {e}") from None
 
+    def _fresh(self) -> None:
+        """Drop the read cache when another connection (another process) committed."""
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._version = version
+            self._cache.clear()
+
     def get(self, ns: str, key: str) -> bytes | None:
+        if ns in _CACHED:
+            with self._lock:
+                self._fresh()
+                hit = self._cache.get((ns, key), _MISS)
+                if hit is not _MISS:
+                    return hit  # type: ignore[return-value]
+                row = self._run(
+                    "SELECT value FROM kv WHERE ns=? AND key=? AND expires IS NULL", (ns, key)
+                ).fetchone()
+                value = bytes(row[0]) if row else None
+                self._cache[(ns, key)] = value
+                return value
         with self._lock:
             row = self._run(
                 "SELECT value FROM kv WHERE ns=? AND key=? AND (expires IS NULL OR expires>?)",
@@ -54,6 +78,8 @@ class SqliteStore(Store):
         check_key(key)
         durable = ns not in _VOLATILE
         with self._lock:
+            if ns in _CACHED:
+                self._cache.clear()
             if durable:
                 self._run("PRAGMA synchronous=FULL")
             try:
@@ -84,6 +110,8 @@ class SqliteStore(Store):
 
     def delete(self, ns: str, key: str) -> bool:
         with self._lock:
+            if ns in _CACHED:
+                self._cache.clear()
             return self._run("DELETE FROM kv WHERE ns=? AND key=?", (ns, key)).rowcount > 0
 
     def keys(self, ns: str) -> list[str]:
@@ -95,6 +123,18 @@ class SqliteStore(Store):
         return [r[0] for r in rows]
 
     def items(self, ns: str) -> dict[str, bytes]:
+        if ns in _CACHED:
+            with self._lock:
+                self._fresh()
+                hit = self._cache.get((ns, None), _MISS)
+                if hit is not _MISS:
+                    return dict(hit)  # type: ignore[call-overload]
+                rows = self._run(
+                    "SELECT key, value FROM kv WHERE ns=? AND expires IS NULL", (ns,)
+                ).fetchall()
+                value = {r[0]: bytes(r[1]) for r in rows}
+                self._cache[(ns, None)] = value
+                return dict(value)
         with self._lock:
             rows = self._run(
                 "SELECT key, value FROM kv WHERE ns=? AND (expires IS NULL OR expires>?)",
