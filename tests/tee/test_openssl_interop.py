@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from coco.tee._common import load_der_cert, load_pem_certs
@@ -116,8 +117,6 @@ def test_openssl_agrees_on_the_pck_chain_and_qe_report_signature(tmp_path: Path,
 
 @pytest.mark.parametrize("n", [4, 5])
 def test_openssl_agrees_on_the_signed_region_of_the_quote(tmp_path: Path, n: int) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     quote = Quote.from_bytes(vector(f"tdx/tdx_quote_{n}.dat").read_bytes())
     ak = ec.EllipticCurvePublicKey.from_encoded_point(
         ec.SECP256R1(), b"\x04" + quote.attestation_key
