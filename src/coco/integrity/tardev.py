@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gzip
+import mmap
 import os
 import shutil
 import stat
 import struct
 import tempfile
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -284,9 +286,8 @@ def inspect(path: str | os.PathLike[str], *, workers: int | None = None) -> Insp
                 f"{where}: tarfs superblock at offset {data_size - 512} says {count} inodes at "
                 f"offset {table}, which does not fit the {data_size} data bytes"
             )
-        f.seek(0)
-        blob = f.read(data_size)
-    entries = _walk(blob, table, count, where)
+        with mmap.mmap(f.fileno(), data_size, access=mmap.ACCESS_READ) as blob:
+            entries = _walk(blob, table, count, where)
     params = verity.VerityParams(
         salt=ZERO_SALT, superblock=False, hash_offset=data_size, data_blocks=data_size // BLOCK
     )
@@ -299,7 +300,7 @@ def inspect(path: str | os.PathLike[str], *, workers: int | None = None) -> Insp
     return Inspection(layer_file, data_size, table, count, tree.root_hash, tree_ok, entries)
 
 
-def _walk(blob: bytes, table: int, count: int, where: str) -> tuple[IndexEntry, ...]:
+def _walk(blob: mmap.mmap, table: int, count: int, where: str) -> tuple[IndexEntry, ...]:
     def inode(ino: int) -> tuple[int, ...]:
         if not 1 <= ino <= count:
             raise IntegrityError(f"{where}: inode number {ino} outside 1..{count}")
@@ -326,10 +327,10 @@ def _walk(blob: bytes, table: int, count: int, where: str) -> tuple[IndexEntry, 
         )
 
     out = [entry("/", 1)]
-    queue = [(out[0], "")]
+    queue = deque([(out[0], "")])
     seen_dirs = {1}
     while queue:
-        d, prefix = queue.pop(0)
+        d, prefix = queue.popleft()
         if d.mode & 0o170000 != stat.S_IFDIR:
             continue
         if d.offset + d.size > len(blob):
