@@ -42,7 +42,18 @@ def _free_port_pair() -> int:
 
 
 def _start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start swtpm on a free port pair; retried, since another process may grab the ports."""
     state.mkdir()
+    for attempt in range(3):
+        try:
+            return _try_start(state)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _try_start(state: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port_pair()
     proc = subprocess.Popen(
         [
