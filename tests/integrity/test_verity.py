@@ -379,3 +379,34 @@ def test_verify_tree_inside_data_without_superblock(tmp_path):
     _flip(data, 64 * 4096 + 7)  # a byte of the (single) hash block
     code, err = run_main(ok)
     assert code == 1 and "(level 0, the top) does not match the root hash" in err
+
+
+def test_tree_with_superblock_inside_the_data_file(tmp_path):
+    data = _data(tmp_path, 33 * 4096 + 10, 21)  # the partial block is not data
+    ref = tmp_path / "ref"
+    ref.write_bytes(data.read_bytes())
+    r = veritysetup(
+        "format",
+        ref,
+        ref,
+        f"--hash-offset={33 * 4096}",
+        "--data-blocks=33",
+        "-s",
+        "77",
+        f"--uuid={UUID}",
+    )
+    assert r.returncode == 0, r.stderr
+    res = CliRunner().invoke(cli, ["verity", "format", str(data), "-s", "77", f"--uuid={UUID}"])
+    assert res.exit_code == 0, res.output
+    assert res.output == r.stdout.replace(str(ref), str(data))
+    assert data.read_bytes() == ref.read_bytes()
+    ok = ["verity", "verify", str(data), root_of(r.stdout), f"--hash-offset={33 * 4096}"]
+    assert CliRunner().invoke(cli, ok).exit_code == 0
+
+
+def test_verify_short_hash_file(tmp_path):
+    data, h, root = _formatted(tmp_path, 300)
+    with open(h, "r+b") as f:
+        f.truncate(4096 + 100)
+    code, err = run_main(["verity", "verify", str(data), str(h), root])
+    assert code == 1 and "expected 16384 bytes of hash tree at offset 4096, found 100" in err, err
