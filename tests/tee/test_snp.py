@@ -89,6 +89,23 @@ def test_kbs_style_48_byte_digest_is_zero_padded(tmp_path: Path) -> None:
         check_bindings(report, bytes(48), None, "w")
 
 
+def test_turin_tcb_layout_and_fmc() -> None:
+    rep = e2e()["attestation_report"]
+    rep["cpuid_fam_id"], rep["cpuid_mod_id"] = 0x1A, 0x02
+    with pytest.raises(
+        AttestationError, match=r"current_tcb\.fmc: expected an integer for a Turin report"
+    ):
+        AttestationReport.from_json(rep)
+    for name in ("current_tcb", "reported_tcb", "committed_tcb", "launch_tcb"):
+        rep[name]["fmc"] = 9
+    report = AttestationReport.from_json(rep)
+    assert report.generation == "Turin"
+    # Turin TCB_VERSION: fmc, bootloader, tee, snp, 0, 0, 0, microcode
+    assert report.raw[0x180:0x188] == bytes([9, 10, 0, 23, 0, 0, 0, 25])
+    assert report.tcbs["reported_tcb"].fmc == 9
+    assert report.to_json() == rep
+
+
 def test_golden_serialization_of_the_json_report() -> None:
     report = AttestationReport.from_json(e2e()["attestation_report"])
     assert report.raw == vector("snp/snp-evidence-e2e.reconstructed-report.bin").read_bytes()

@@ -173,6 +173,10 @@ def test_bad_header_fields_are_named(offset: int, value: int, message: str) -> N
         ({"quote": "not base64!"}, r"tdx evidence\.quote: expected base64"),
         ({"quote": "", "extra": 1}, "unknown field.*extra"),
         ({"cc_eventlog": None}, "missing field.*quote"),
+        (
+            {"quote": "", "aa_eventlog": "x"},
+            "aa_eventlog: a separate AA event log is not supported",
+        ),
     ],
 )
 def test_malformed_evidence_is_refused(ev: dict[str, Any], message: str) -> None:

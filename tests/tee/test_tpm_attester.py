@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import shutil
 import socket
@@ -17,6 +18,7 @@ from coco.tee import get_attester
 from coco.tee.tpm.attester import TpmAttester
 from coco.tee.tpm.quote import init_data_pcr
 from coco.tee.tpm.verifier import TpmVerifier
+from tests.tee.vectors import flip
 
 pytestmark = pytest.mark.skipif(
     shutil.which("swtpm") is None or shutil.which("tpm2_quote") is None,
@@ -110,6 +112,19 @@ def test_round_trip_through_the_verifier(swtpm: str, tmp_path: Path) -> None:
     assert claims["report_data"] == REPORT_DATA[:32].hex()  # truncated to 32 bytes
     assert claims["init_data"] == init_data_pcr(INIT_DATA).hex()
     assert claims["pcr00"] == "00" * 32
+
+
+def test_ecdsa_ak_round_trip(swtpm: str, tmp_path: Path) -> None:
+    attester = TpmAttester(swtpm, ak_alg="ecc")
+    evidence = attester.get_evidence(REPORT_DATA)
+    assert base64.b64decode(evidence["tpm_quote"]["signature"])[:2] == b"\x00\x18"  # TPM_ALG_ECDSA
+    verifier = TpmVerifier(_trust(tmp_path, attester))
+    assert verifier.verify(evidence, REPORT_DATA).claims["report_data"] == REPORT_DATA[:32].hex()
+    evidence["tpm_quote"]["message"] = base64.b64encode(
+        flip(base64.b64decode(evidence["tpm_quote"]["message"]), 60)
+    ).decode()
+    with pytest.raises(AttestationError, match="TPM quote signature does not verify"):
+        verifier.verify(evidence, REPORT_DATA)
 
 
 def test_ak_is_stable_across_calls(swtpm: str) -> None:

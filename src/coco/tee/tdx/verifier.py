@@ -150,6 +150,11 @@ class TdxVerifier(Verifier):
         where = "tdx evidence"
         obj = load_object(evidence, where)
         check_keys(obj, ["quote"], ["cc_eventlog", "aa_eventlog"], where)
+        if obj.get("aa_eventlog") is not None:
+            raise AttestationError(
+                f"{where}.aa_eventlog: a separate AA event log is not supported (expected null); "
+                "AA events are read from the CCEL"
+            )
         quote = Quote.from_bytes(b64(obj["quote"], f"{where}.quote"), f"{where}: quote")
         chain = verify_quote(quote, f"{where}: quote")
         check_bindings(quote, expected_report_data, expected_init_data, where)

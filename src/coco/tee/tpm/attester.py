@@ -1,6 +1,7 @@
 """TPM attester: quotes all 24 SHA-256 PCRs with an attestation key, driving tpm2-tools.
 
-The AK is a restricted RSA-2048 RSASSA-SHA256 signing primary key in the endorsement hierarchy:
+The AK is a restricted signing primary key in the endorsement hierarchy (RSA-2048 RSASSA-SHA256
+by default, or ECC P-256 ECDSA-SHA256 with ``ak_alg="ecc"``):
 the same template on the same TPM always gives the same key, so the verifier can pin it
 (:meth:`TpmAttester.ak_public_pem` gives the ``*.pub`` file its trusted-AK directory wants).
 The report data is truncated to 32 bytes as qualifying data. Init-data is bound by extending
@@ -28,6 +29,7 @@ from coco.tee._common import fit
 from coco.tee.base import Attester
 
 AK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
+AK_TEMPLATES = {"rsa": "rsa2048:rsassa-sha256:null", "ecc": "ecc256:ecdsa-sha256:null"}
 ALL_PCRS = "sha256:" + ",".join(str(i) for i in range(24))
 DEFAULT_TCTI = "device:/dev/tpmrm0"
 NONCE_SIZE = 32
@@ -37,9 +39,14 @@ INITDATA_PCR = 8
 class TpmAttester(Attester):
     tee = "tpm"
 
-    def __init__(self, tcti: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, tcti: str | None = None, timeout: float = 30.0, ak_alg: str = "rsa") -> None:
+        if ak_alg not in AK_TEMPLATES:
+            raise AttestationError(
+                f"tpm attester: AK algorithm: expected one of {', '.join(AK_TEMPLATES)}, got {ak_alg!r}"
+            )
         self.tcti = tcti or os.environ.get("TPM2TOOLS_TCTI") or DEFAULT_TCTI
         self.timeout = timeout
+        self.ak_alg = ak_alg
 
     # -- tpm2-tools --------------------------------------------------------------------------
     def _run(self, *args: str, cwd: Path) -> None:
@@ -85,7 +92,7 @@ class TpmAttester(Attester):
         self._run(
             "tpm2_createprimary",
             "-C", "e",
-            "-G", "rsa2048:rsassa-sha256:null",
+            "-G", AK_TEMPLATES[self.ak_alg],
             "-g", "sha256",
             "-a", AK_ATTRIBUTES,
             "-c", "ak.ctx",
