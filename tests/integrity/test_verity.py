@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import uuid
 from pathlib import Path
@@ -138,13 +137,13 @@ def test_tree_inside_the_data_file(tmp_path):
     assert root_of(res.output) == root_of(r.stdout)
 
 
-def test_cli_prints_what_veritysetup_prints(tmp_path):
+def test_cli_prints_what_veritysetup_prints(tmp_path, monkeypatch):
     data = _data(tmp_path, 77 * 4096 + 100, 4)
     ref, mine = tmp_path / "h", tmp_path / "m" / "h"
     mine.parent.mkdir()
     args = ["--salt=0102", f"--uuid={UUID}", "--hash-block-size=1024"]
     r = veritysetup("format", data, ref, *args)
-    os.chdir(mine.parent)
+    monkeypatch.chdir(mine.parent)
     res = CliRunner().invoke(cli, ["verity", "format", str(data), "h", *args])
     assert res.exit_code == 0, res.output
     assert res.output == r.stdout.replace(str(ref), "h")
@@ -410,3 +409,11 @@ def test_verify_short_hash_file(tmp_path):
         f.truncate(4096 + 100)
     code, err = run_main(["verity", "verify", str(data), str(h), root])
     assert code == 1 and "expected 16384 bytes of hash tree at offset 4096, found 100" in err, err
+
+
+def test_header_line_names_the_hash_file_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _data(tmp_path, 3 * 4096, 3).rename(tmp_path / "d")
+    r = veritysetup("format", "./d", "./h1", "-s", "-", f"--uuid={UUID}")
+    res = CliRunner().invoke(cli, ["verity", "format", "./d", "./h1", "-s", "-", f"--uuid={UUID}"])
+    assert res.output == r.stdout and r.stdout.startswith("VERITY header information for ./h1\n")

@@ -109,8 +109,8 @@ def verity_group() -> None:
 
 
 @verity_group.command("format")
-@click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("hash_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.argument("hash_file", required=False, type=click.Path(dir_okay=False))
 @_params_options
 @click.option(
     "-s", "--salt", default=None, help="Salt as hex, '-' for none [default: 32 random bytes]."
@@ -129,8 +129,8 @@ def verity_group() -> None:
     help="Processes hashing a large file [default: one per core].",
 )
 def format_cmd(
-    data: Path,
-    hash_file: Path | None,
+    data: str,
+    hash_file: str | None,
     hash_name: str,
     data_block_size: int,
     hash_block_size: int,
@@ -148,7 +148,7 @@ def format_cmd(
     The tree bytes and the printed lines are those of `veritysetup format` with the same options.
     """
     if hash_file is None and hash_offset is None:
-        hash_offset = _single_file_offset(data, data_block_size, data_blocks)
+        hash_offset = _single_file_offset(Path(data), data_block_size, data_blocks)
     if hash_file is None and data_blocks is None:
         assert hash_offset is not None
         data_blocks = hash_offset // data_block_size or None
@@ -167,7 +167,7 @@ def format_cmd(
     tree = verity.format_file(data, target, params, workers=jobs)
     if root_hash_file is not None:
         _write_root(root_hash_file, tree.root_hash.hex())
-    click.echo(verity.report(tree, os.fspath(target)), nl=False)
+    click.echo(verity.report(tree, target), nl=False)  # the path as given, like veritysetup
 
 
 def _write_root(path: Path, text: str) -> None:
