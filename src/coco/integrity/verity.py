@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import multiprocessing
 import os
 import struct
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -304,6 +302,9 @@ def _digest_file(path: str, bs: int, count: int, p: VerityParams, workers: int |
         return _digest_file_range(path, 0, bs, count, p.salt, p.hash_type, p.hash_name)
     # contiguous ranges; the calling process takes the first, the pool the others
     cuts = [count * i // n for i in range(n + 1)]
+    import multiprocessing  # only here: importing them costs start-up time for small inputs
+    from concurrent.futures import ProcessPoolExecutor
+
     # fork is cheapest, but forking a process that runs other threads can inherit a held lock
     method = "fork" if threading.active_count() == 1 else "forkserver"
     ctx = multiprocessing.get_context(method)
