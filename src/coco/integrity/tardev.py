@@ -134,7 +134,12 @@ def convert(
     if not src.is_file():
         raise TarIndexError(f"layer {src}: expected a file, found none")
     parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise IntegrityError(
+            f"output {out}: cannot create a file in {parent}: {e.strerror}"
+        ) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w+b") as f:
