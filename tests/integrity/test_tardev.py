@@ -352,3 +352,28 @@ def test_pax_global_header_is_skipped(tmp_path):
     tardev.convert(src, tmp_path / "out")
     paths = [e.path for e in tardev.inspect(tmp_path / "out").entries]
     assert paths == ["/", "/only"]
+
+
+def test_gnu_sparse_member_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"end")
+    tar = tmp_path / "s.tar"
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(tar), "-C", str(src), "holes"], check=True
+    )
+    with pytest.raises(TarIndexError, match=r"'holes' at offset 0: type b'S' is an entry type"):
+        tardev.convert(tar, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar", "src"]
+
+
+def test_pax_size_that_disagrees_with_the_header_is_refused(tmp_path):
+    info, data = _file("f", b"x" * 10)
+    info.pax_headers = {"size": "20"}
+    raw = _tar([(info, data)], fmt=tarfile.PAX_FORMAT)
+    src = tmp_path / "p.tar"
+    src.write_bytes(raw)
+    with pytest.raises(TarIndexError, match="PAX size 20 disagrees with the header size 10"):
+        tardev.convert(src, tmp_path / "out")

@@ -182,25 +182,11 @@ def read_tar(f: BinaryIO, total: int, name: str = "tar") -> Iterator[TarEntry]:
         is_ustar = header[257:263] == b"ustar\0" and header[263:265] == b"00"
         is_gnu = header[257:265] == b"ustar  \0"
         data_off = pos + 512
-        # GNU sparse members carry extra header blocks before their data
-        if typ == b"S" and is_gnu and header[482]:
-            ext = data_off
-            while True:
-                blk = f.read(512) if f.seek(ext) == ext else b""
-                if len(blk) != 512:
-                    raise TarIndexError(f"{where}: truncated GNU sparse extension header")
-                ext += 512
-                if not blk[504]:
-                    break
-            data_off = ext
         size = hsize
         if pax is not None and b"size" in pax:
-            try:
-                pax_size = int(pax[b"size"])
-            except ValueError:
-                raise TarIndexError(
-                    f"{where}: PAX size is not a number: {pax[b'size']!r}"
-                ) from None
+            if not pax[b"size"].isdigit():
+                raise TarIndexError(f"{where}: PAX size is not a number: {pax[b'size']!r}")
+            pax_size = int(pax[b"size"])
             if hsize == 0:
                 size = pax_size
             elif pax_size != hsize:
