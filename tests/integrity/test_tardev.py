@@ -377,3 +377,13 @@ def test_pax_size_that_disagrees_with_the_header_is_refused(tmp_path):
     src.write_bytes(raw)
     with pytest.raises(TarIndexError, match="PAX size 20 disagrees with the header size 10"):
         tardev.convert(src, tmp_path / "out")
+
+
+def test_layer_root_hash(tmp_path):
+    layer = tmp_path / "l.tar.gz"
+    layer.write_bytes(gzip.compress((VECTORS / "t_many.tar").read_bytes()))
+    assert tardev.layer_root_hash(layer).hex() == README[("t_many", 2)]["verity_root"]
+    assert (
+        tardev.layer_root_hash(VECTORS / "t_pax.tar", version=1).hex()
+        == (README[("t_pax", 1)]["verity_root"])
+    )

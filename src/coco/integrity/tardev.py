@@ -45,6 +45,7 @@ __all__ = [
     "Inspection",
     "convert",
     "inspect",
+    "layer_root_hash",
 ]
 
 BLOCK = tarindex.BLOCK
@@ -172,6 +173,18 @@ def convert(
             tmp.unlink()
         raise
     return ConvertResult(tree.root_hash, kind, tar_size, data_size, size, stats.inodes)
+
+
+def layer_root_hash(
+    src: str | os.PathLike[str], *, version: int = 2, workers: int | None = None
+) -> bytes:
+    """The root hash genpolicy computes for layer ``src`` (tar, tar+gzip or tar+zstd).
+
+    The indexed tar is built in a temporary directory and removed afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix="coco-tardev-") as tmp:
+        res = convert(src, Path(tmp) / "layer", index_only=True, version=version, workers=workers)
+    return res.root_hash
 
 
 # ---------------------------------------------------------------------------------------------
