@@ -104,7 +104,7 @@ def open_kbs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KbsProcess]:
     port = free_port()
     p = KbsProcess(
         ["kbs", "serve", "--listen", f"127.0.0.1:{port}", "--insecure-http",
-         "--storage", f"sqlite://{d}/kbs.db", "--max-body-mb", "1", "--max-header-kb", "64"],
+         "--storage", f"sqlite://{d}/kbs.db", "--session-storage", f"sqlite://{d}/kbs.db", "--max-body-mb", "1", "--max-header-kb", "64"],
         f"http://127.0.0.1:{port}",
         d / "kbs.log",
     )  # fmt: skip

@@ -31,6 +31,10 @@ def kbs() -> None:
     "--storage", help="sqlite:///path/kbs.db, postgresql://user@host:port/db or memory://."
 )
 @click.option(
+    "--session-storage",
+    help="Where sessions live (default: memory with SQLite storage, else the storage).",
+)
+@click.option(
     "--admin-public-key",
     type=click.Path(exists=True, dir_okay=False),
     help="PEM key of the admin token issuer (AuthenticatedAuthorization, role 'admin').",
@@ -55,6 +59,7 @@ def serve(
     private_key: str | None,
     certificate: str | None,
     storage: str | None,
+    session_storage: str | None,
     admin_public_key: str | None,
     deny_admin: bool,
     insecure_header_jwk: bool,
@@ -73,7 +78,7 @@ def serve(
     from coco.trustee.kbs.server import serve as run
 
     if config_file:
-        if listen or storage or insecure_http or admin_public_key or deny_admin:
+        if listen or storage or session_storage or insecure_http or admin_public_key or deny_admin:
             raise UsageError("--config cannot be combined with the quick-form options")
         cfg = KbsConfig.load(config_file)
     else:
@@ -89,6 +94,7 @@ def serve(
         cfg.http_server.payload_request_size = max_body_mb
         cfg.http_server.request_header_size = max_header_kb
         cfg.storage_url = storage or "sqlite://" + _default_db()
+        cfg.session_storage_url = session_storage
         cfg.insecure_header_jwk = insecure_header_jwk
         cfg.session_timeout_min = session_timeout
         if deny_admin and admin_public_key:

@@ -8,19 +8,10 @@ as raw UTF-8) and numbers in ECMAScript's shortest round-trip form.
 from __future__ import annotations
 
 import math
+from json.encoder import encode_basestring as _encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 __all__ = ["canonicalize"]
-
-_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-}
 
 
 def canonicalize(value: Any) -> bytes:
@@ -74,17 +65,9 @@ def _utf16_key(key: str) -> bytes:
 
 
 def _string(s: str) -> str:
-    parts = ['"']
-    for ch in s:
-        esc = _ESCAPES.get(ch)
-        if esc is not None:
-            parts.append(esc)
-        elif ch < " ":
-            parts.append(f"\\u{ord(ch):04x}")
-        else:
-            parts.append(ch)
-    parts.append('"')
-    return "".join(parts)
+    # Python's C string encoder (ensure_ascii=False flavour) escapes exactly what RFC 8785 does:
+    # '"', '\\', \b \f \n \r \t and other control characters as lowercase \u00xx.
+    return _encode_basestring(s)
 
 
 def _number(x: float) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import datetime as dt
 import functools
 import json
 import logging
@@ -84,12 +83,25 @@ def _b64url_text(value: Any, where: str) -> str:
         raise ValueError(f"{where}: not base64url UTF-8 text: {e}") from None
 
 
+_DATE_CACHE: dict[tuple[str, int], str] = {}
+
+
+def _fmt_time(ts: float, fmt: str) -> str:
+    key = (fmt, int(ts))
+    text = _DATE_CACHE.get(key)
+    if text is None:
+        if len(_DATE_CACHE) > 64:
+            _DATE_CACHE.clear()
+        text = _DATE_CACHE[key] = time.strftime(fmt, time.gmtime(int(ts)))
+    return text
+
+
 def _http_date(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    return _fmt_time(ts, "%a, %d %b %Y %H:%M:%S GMT")
 
 
 def _rfc3339(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _fmt_time(ts, "%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -105,9 +117,14 @@ class KbsApp:
     def __init__(self, config: KbsConfig, store: Store | None = None):
         self.config = config
         self.store = store or open_store(config.storage_url)
-        self.session_store = (
-            open_store(config.session_storage_url) if config.session_storage_url else self.store
-        )
+        if config.session_storage_url:
+            self.session_store = open_store(config.session_storage_url)
+        elif self.store.url.startswith("sqlite:"):
+            # One process owns a SQLite file: sessions (short-lived, write-heavy) stay in memory
+            # unless session_storage_type says otherwise. PostgreSQL shares them between replicas.
+            self.session_store = open_store("memory://")
+        else:
+            self.session_store = self.store
         self.session_ttl = 60 * config.session_timeout_min
         self.body_limit = config.http_server.payload_request_size * 1024 * 1024
         self.header_limit = config.http_server.request_header_size * 1024

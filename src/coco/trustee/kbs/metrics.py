@@ -55,20 +55,20 @@ class Metrics:
         self.hist: dict[str, dict[Labels, list[float]]] = {n: {} for n in HISTOGRAMS}
         self.active_connections = 0
 
+    # Updated from the event-loop thread only, so no lock on the hot path; render() locks
+    # against nothing but itself.
     def inc(self, name: str, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self.counters[name][key] += 1
+        key = tuple(sorted(labels.items())) if labels else ()
+        self.counters[name][key] += 1
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         buckets = HISTOGRAMS[name][1]
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            h = self.hist[name].get(key)
-            if h is None:
-                h = self.hist[name][key] = [0.0] * (len(buckets) + 2)  # buckets.., +Inf, sum
-            h[bisect.bisect_left(buckets, value)] += 1
-            h[-1] += value
+        key = tuple(sorted(labels.items())) if labels else ()
+        h = self.hist[name].get(key)
+        if h is None:
+            h = self.hist[name][key] = [0.0] * (len(buckets) + 2)  # buckets.., +Inf, sum
+        h[bisect.bisect_left(buckets, value)] += 1
+        h[-1] += value
 
     def render(self) -> bytes:
         out = [
