@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from coco.cli.verity import busy
 from coco.integrity import tardev
 
 
@@ -39,7 +40,10 @@ def convert_cmd(
 
     The root hash covers the tar and its index; it is the value genpolicy puts in policies.
     """
-    res = tardev.convert(layer, out, index_only=index_only, version=tarindex_version, workers=jobs)
+    with busy(f"converting {layer}"):
+        res = tardev.convert(
+            layer, out, index_only=index_only, version=tarindex_version, workers=jobs
+        )
     click.echo(res.root_hash.hex())
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -93,6 +96,18 @@ def _params_options(f):
     return f
 
 
+@contextlib.contextmanager
+def busy(message: str) -> Iterator[None]:
+    """A spinner on stderr while long work runs, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
+
+
 def _single_file_offset(data: Path, dbs: int, data_blocks: int | None) -> int:
     if data_blocks is not None:
         return data_blocks * dbs
@@ -164,7 +179,8 @@ def format_cmd(
         uuid=_uuid(uuid_text),
     )
     target = hash_file if hash_file is not None else data
-    tree = verity.format_file(data, target, params, workers=jobs)
+    with busy(f"hashing {data}"):
+        tree = verity.format_file(data, target, params, workers=jobs)
     if root_hash_file is not None:
         _write_root(root_hash_file, tree.root_hash.hex())
     click.echo(verity.report(tree, target), nl=False)  # the path as given, like veritysetup
@@ -255,7 +271,8 @@ def verify_cmd(
         data_blocks=data_blocks,
         superblock=not no_superblock,
     )
-    used = verity.verify(data, hash_file, bytes.fromhex(root_text), params, workers=jobs)
+    with busy(f"verifying {data}"):
+        used = verity.verify(data, hash_file, bytes.fromhex(root_text), params, workers=jobs)
     click.echo(
         f"Verification succeeded: {data}: {used.data_blocks} data blocks match root hash "
         f"{root_text.lower()}"
