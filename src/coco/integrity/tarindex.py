@@ -366,13 +366,13 @@ class _Tree:
             raise TarIndexError(f"{where}: type {t!r} is {_UNSUPPORTED}")
         if e.mode is None:
             raise TarIndexError(f"{where}: mode: expected an octal number")
+        if t == b"1":
+            self._hardlink(e, where)
+            return
         parts = _clean(e.path)
         if parts is None:
             log.warning("%s: path escapes the root; skipped", where)
             self.skipped += 1
-            return
-        if t == b"1":
-            self._hardlink(e, parts, where)
             return
         if parts and parts[-1] == _OPAQUE:
             self._walk(parts[:-1], where).flags |= FLAG_OPAQUE
@@ -406,7 +406,11 @@ class _Tree:
             node.mode = (S_IFCHR if t == b"3" else S_IFBLK) | perms
             node.offset = e.devminor | (e.devmajor << 32)
         else:  # symlink
-            target = e.link or b""
+            if not e.link:
+                log.warning("%s: symlink without a target; skipped", where)
+                self.skipped += 1
+                return
+            target = e.link
             node.mode = S_IFLNK | perms
             node.size = len(target)
             if target == e.header_link:
@@ -425,9 +429,15 @@ class _Tree:
             return
         self._place(parts, node, where)
 
-    def _hardlink(self, e: TarEntry, parts: list[bytes], where: str) -> None:
-        tparts = _clean(e.link or b"")
-        if tparts is None or not parts:
+    def _hardlink(self, e: TarEntry, where: str) -> None:
+        # the reference order: resolve the target (creating what is missing), check it is a
+        # file, and only then look at the new name
+        if not e.link:
+            log.warning("%s: hardlink without a target; skipped", where)
+            self.skipped += 1
+            return
+        tparts = _clean(e.link)
+        if tparts is None:
             log.warning("%s: hardlink target escapes the root; skipped", where)
             self.skipped += 1
             return
@@ -436,7 +446,12 @@ class _Tree:
             log.warning("%s: hardlink target is not a regular file; skipped", where)
             self.skipped += 1
             return
-        if target.children:
+        parts = _clean(e.path)
+        if parts is None:
+            log.warning("%s: path escapes the root; skipped", where)
+            self.skipped += 1
+            return
+        if target.children:  # pragma: no cover - _walk never puts entries below a file
             raise TarIndexError(f"{where}: hardlink target has entries below it")
         self._place(parts, target, where)
 
