@@ -287,7 +287,6 @@ class _Node:
         "mtime",
         "offset",
         "size",
-        "target",
         "uid",
     )
 
@@ -299,7 +298,6 @@ class _Node:
         self.mtime = 0
         self.size = 0
         self.offset = 0
-        self.target: bytes | None = None  # a long symlink target, laid out in the string area
         self.children: dict[bytes, _Node] = {}
         self.ino = 0
 
@@ -324,7 +322,7 @@ class _Tree:
     name: str
     version: int
     root: _Node = field(default_factory=lambda: _Node(S_IFDIR | 0o555))
-    specials: list[_Node] = field(default_factory=list)  # long symlinks, in tar order
+    specials: list[bytes] = field(default_factory=list)  # long symlink targets, in tar order
     skipped: int = 0
 
     def _walk(self, parts: list[bytes], where: str) -> _Node:
@@ -369,65 +367,57 @@ class _Tree:
         if t == b"1":
             self._hardlink(e, where)
             return
+        # first what the entry is (some are skipped), then where it goes, as the reference does
+        perms = e.mode & 0o777
+        size = offset = 0
+        special: bytes | None = None
+        if t in (b"0", b"\0"):
+            mode, size, offset = S_IFREG | perms, e.size, e.data_offset
+        elif t == b"5":
+            mode = S_IFDIR | perms
+        elif t == b"6":
+            mode = S_IFIFO | perms
+        elif t in (b"3", b"4"):
+            if e.devmajor is None or e.devminor is None:
+                return self._skip(where, "device without major/minor numbers")
+            mode = (S_IFCHR if t == b"3" else S_IFBLK) | perms
+            offset = e.devminor | (e.devmajor << 32)
+        else:  # symlink
+            if not e.link:
+                return self._skip(where, "symlink without a target")
+            mode, size = S_IFLNK | perms, len(e.link)
+            if e.link == e.header_link:
+                offset = e.header_offset + 157
+            elif self.version == 1:
+                return self._skip(where, "symlink target longer than the tar header (v1)")
+            else:
+                special = e.link  # laid out in the string area; offset given when writing
         parts = _clean(e.path)
         if parts is None:
-            log.warning("%s: path escapes the root; skipped", where)
-            self.skipped += 1
-            return
+            return self._skip(where, "path escapes the root")
         if parts and parts[-1] == _OPAQUE:
             self._walk(parts[:-1], where).flags |= FLAG_OPAQUE
-            return
+            return None
         if parts and parts[-1].startswith(_WHITEOUT):
             victim = self._walk([*parts[:-1], parts[-1][len(_WHITEOUT) :]], where)
             victim.children = {}
             victim.mode = (victim.mode & ~S_IFMT) | S_IFCHR
             victim.size = 0
             victim.offset = 0
-            victim.target = None
-            return
-        node = _Node()
-        perms = e.mode & 0o777
-        node.uid = e.uid & 0xFFFFFFFF
-        node.gid = e.gid & 0xFFFFFFFF
-        node.mtime = e.mtime
-        if t in (b"0", b"\0"):
-            node.mode = S_IFREG | perms
-            node.size = e.size
-            node.offset = e.data_offset
-        elif t == b"5":
-            node.mode = S_IFDIR | perms
-        elif t == b"6":
-            node.mode = S_IFIFO | perms
-        elif t in (b"3", b"4"):
-            if e.devmajor is None or e.devminor is None:
-                log.warning("%s: device without major/minor numbers; skipped", where)
-                self.skipped += 1
-                return
-            node.mode = (S_IFCHR if t == b"3" else S_IFBLK) | perms
-            node.offset = e.devminor | (e.devmajor << 32)
-        else:  # symlink
-            if not e.link:
-                log.warning("%s: symlink without a target; skipped", where)
-                self.skipped += 1
-                return
-            target = e.link
-            node.mode = S_IFLNK | perms
-            node.size = len(target)
-            if target == e.header_link:
-                node.offset = e.header_offset + 157
-            elif self.version == 1:
-                log.warning("%s: symlink target longer than the tar header; skipped (v1)", where)
-                self.skipped += 1
-                return
-            else:
-                node.target = target
-                self.specials.append(node)
-        if not parts:  # "./": new metadata for the root
-            self.root.mode, self.root.uid, self.root.gid = node.mode, node.uid, node.gid
-            self.root.mtime, self.root.size, self.root.offset = node.mtime, node.size, node.offset
-            self.root.target, self.root.children, self.root.flags = node.target, {}, 0
-            return
-        self._place(parts, node, where)
+            return None
+        # overwrite in place: a hardlink sharing this node sees the new content too
+        node = self._walk(parts, where)
+        node.mode, node.size, node.offset = mode, size, offset
+        node.uid, node.gid, node.mtime = e.uid & 0xFFFFFFFF, e.gid & 0xFFFFFFFF, e.mtime
+        node.flags = 0
+        node.children = {}
+        if special is not None:
+            self.specials.append(special)
+        return None
+
+    def _skip(self, where: str, why: str) -> None:
+        log.warning("%s: %s; skipped", where, why)
+        self.skipped += 1
 
     def _hardlink(self, e: TarEntry, where: str) -> None:
         # the reference order: resolve the target (creating what is missing), check it is a
@@ -524,7 +514,7 @@ def build_index(tree: _Tree, tar_size: int) -> tuple[bytes, IndexStats]:
             )
             name_cursor += len(key)
             names += key
-    targets = b"".join(node.target or b"" for node in tree.specials)
+    targets = b"".join(tree.specials)
     body = bytes(inodes) + bytes(dirents) + targets + bytes(names)
     # the reference adds the string lengths to an end that already includes them
     end = name_cursor + len(targets) + len(names)
