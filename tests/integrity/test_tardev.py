@@ -389,3 +389,15 @@ def test_layer_root_hash(tmp_path):
         tardev.layer_root_hash(VECTORS / "t_pax.tar", version=1).hex()
         == (README[("t_pax", 1)]["verity_root"])
     )
+
+
+def test_hardlink_below_itself_is_refused(tmp_path):
+    """The reference would loop forever on this tree; we stop with an error."""
+    link = tarfile.TarInfo("a/b")
+    link.type = tarfile.LNKTYPE
+    link.linkname = "a"
+    src = tmp_path / "cycle.tar"
+    src.write_bytes(_tar([_file("a"), (link, None)]))
+    with pytest.raises(TarIndexError, match="the parent of b'b' is a regular file"):
+        tardev.convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

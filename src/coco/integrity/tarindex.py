@@ -326,21 +326,23 @@ class _Tree:
     skipped: int = 0
 
     def _walk(self, parts: list[bytes], where: str) -> _Node:
-        """The node at ``parts``, creating mode-0 nodes for whatever is missing."""
+        """The node at ``parts``, creating mode-0 nodes for whatever is missing.
+
+        Entries below a regular file are refused: a regular file can be hardlinked, and a
+        hardlink placed below itself would make the tree a cycle (the reference loops forever).
+        Entries below other non-directories are kept, invisible, as the reference keeps them.
+        """
         node = self.root
         for i, part in enumerate(parts):
-            fmt = node.mode & S_IFMT
-            if i and fmt not in (S_IFDIR, 0):
+            if (node.mode & S_IFMT) == S_IFREG:
                 raise TarIndexError(
-                    f"{where}: path goes through {b'/'.join(parts[:i]).decode(errors='replace')!r}, "
-                    f"which is not a directory"
+                    f"{where}: path goes through "
+                    f"{b'/'.join(parts[:i]).decode(errors='replace') or '/'!r}, a regular file"
                 )
             child = node.children.get(part)
             if child is None:
                 child = node.children[part] = _Node()
             node = child
-        if parts and (self.root.mode & S_IFMT) not in (S_IFDIR, 0):  # pragma: no cover
-            raise TarIndexError(f"{where}: the root is not a directory")
         return node
 
     def _place(self, parts: list[bytes], node: _Node, where: str) -> None:
@@ -348,8 +350,8 @@ class _Tree:
             self.root = node
             return
         parent = self._walk(parts[:-1], where)
-        if parts[:-1] and (parent.mode & S_IFMT) not in (S_IFDIR, 0):
-            raise TarIndexError(f"{where}: parent of {parts[-1]!r} is not a directory")
+        if (parent.mode & S_IFMT) == S_IFREG:
+            raise TarIndexError(f"{where}: the parent of {parts[-1]!r} is a regular file")
         parent.children[parts[-1]] = node
 
     def add(self, e: TarEntry) -> None:
