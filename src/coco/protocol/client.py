@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,16 @@ class KbsRequestError(KbsError):
 
 class ResourceNotFoundError(KbsRequestError):
     """404 for a resource."""
+
+
+def tls_verify(verify: str | bool) -> ssl.SSLContext | bool:
+    """httpx ``verify`` from a CA file path (or True/False)."""
+    if isinstance(verify, str):
+        try:
+            return ssl.create_default_context(cafile=verify)
+        except (OSError, ssl.SSLError) as e:
+            raise KbsError(f"CA certificate {verify}: {e}") from None
+    return verify
 
 
 def parse_resource_path(path: str) -> tuple[str, str, str]:
@@ -123,7 +134,7 @@ class KbsClient:
         self.attester = attester
         self.key = TeeKey.generate(key_algorithm)
         self.init_data_toml = init_data_toml
-        self._http = http or httpx.Client(verify=verify, timeout=timeout)
+        self._http = http or httpx.Client(verify=tls_verify(verify), timeout=timeout)
         self._own_http = http is None
         self.token: str | None = None
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from coco.errors import KbsError
-from coco.protocol.client import KbsRequestError, _error_from, parse_resource_path
+from coco.protocol.client import KbsRequestError, _error_from, parse_resource_path, tls_verify
 from coco.trustee.rvps import sample_message
 
 __all__ = ["AdminClient"]
@@ -29,7 +29,7 @@ class AdminClient:
     ):
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(verify=verify, timeout=timeout, headers=headers)
+        self._http = httpx.Client(verify=tls_verify(verify), timeout=timeout, headers=headers)
 
     def __enter__(self) -> AdminClient:
         return self

@@ -104,6 +104,17 @@ def _rfc3339(ts: float) -> str:
     return _fmt_time(ts, "%Y-%m-%dT%H:%M:%SZ")
 
 
+def _apply_verifier_config(vc: dict[str, Any]) -> None:
+    """Hand ``[attestation_service.verifier_config]`` to the TEE verifiers (they read the env)."""
+    for name, table in vc.items():
+        if name == "tpm_verifier" and isinstance(table, dict):
+            folder = table.get("trusted_ak_keys_dir")
+            if isinstance(folder, str):
+                os.environ["COCO_TPM_TRUSTED_AK_KEYS_DIR"] = os.path.abspath(folder)
+            continue
+        log.warning("attestation_service.verifier_config.%s: not used by this KBS", name)
+
+
 @dataclass
 class Reply:
     status: int = 200
@@ -129,6 +140,7 @@ class KbsApp:
         self.body_limit = config.http_server.payload_request_size * 1024 * 1024
         self.header_limit = config.http_server.request_header_size * 1024
         self.rvps = Rvps(self.store)
+        _apply_verifier_config(config.verifier_config)
         if config.signer_key_path:
             signer = TokenSigner.from_files(
                 config.signer_key_path, config.signer_cert_path, config.signer_cert_url
