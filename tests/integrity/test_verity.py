@@ -417,3 +417,13 @@ def test_header_line_names_the_hash_file_as_given(tmp_path, monkeypatch):
     r = veritysetup("format", "./d", "./h1", "-s", "-", f"--uuid={UUID}")
     res = CliRunner().invoke(cli, ["verity", "format", "./d", "./h1", "-s", "-", f"--uuid={UUID}"])
     assert res.output == r.stdout and r.stdout.startswith("VERITY header information for ./h1\n")
+
+
+def test_data_must_be_a_file_or_block_device(tmp_path):
+    with pytest.raises(VerityError, match="expected a regular file or a block device"):
+        verity.format_file(tmp_path, tmp_path / "h", VerityParams())
+    code, _ = run_main(["verity", "format", str(tmp_path), str(tmp_path / "h")])
+    assert code == 2  # click refuses a directory before we see it
+    code, err = run_main(["verity", "format", str(tmp_path / "missing"), str(tmp_path / "h")])
+    assert code == 1 and "cannot read it: No such file or directory" in err
+    assert not (tmp_path / "h").exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 import struct
 import threading
 import uuid as uuidlib
@@ -352,11 +353,22 @@ def _unpack_entry(level: bytes, index: int, g: _Geometry, hbs: int) -> bytes:
 # public operations
 
 
-def _resolve(data_path: Path, p: VerityParams) -> VerityParams:
+def _size(path: Path, what: str) -> int:
+    """Size of a regular file or block device; anything else is refused."""
     try:
-        size = os.stat(data_path).st_size
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            with open(path, "rb") as f:
+                return f.seek(0, os.SEEK_END)
     except OSError as e:
-        raise VerityError(f"data file {data_path}: cannot read it: {e.strerror}") from None
+        raise VerityError(f"{what} {path}: cannot read it: {e.strerror}") from None
+    raise VerityError(f"{what} {path}: expected a regular file or a block device")
+
+
+def _resolve(data_path: Path, p: VerityParams) -> VerityParams:
+    size = _size(data_path, "data file")
     have = size // p.data_block_size
     if p.data_blocks is None:
         if have < 1:
