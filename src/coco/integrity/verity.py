@@ -282,7 +282,8 @@ def _digest_buffer(
 def _digest_file_range(
     path: str, start: int, bs: int, count: int, salt: bytes, htype: int, name: str
 ) -> bytes:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    length = start + count * bs  # explicit: a block device has no st_size for mmap to use
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ) as mm:
         if hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_SEQUENTIAL)
         return _digest_buffer(mm, start, bs, count, salt, htype, name)
