@@ -184,43 +184,67 @@ class KbsApp:
             return
         if scope["type"] != "http":
             return
-        start = time.perf_counter()
-        self.metrics.active_connections += 1
-        method = scope["method"]
-        path = scope["path"]
-        reply: Reply
-        body_len = 0
+        early: KbsHttpError | None = None
+        body = b""
         try:
-            hdr_size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
-            if hdr_size > self.header_limit:
-                raise KbsHttpError(
-                    "RequestHeaderFieldsTooLarge",
-                    f"request headers of {hdr_size} bytes exceed the limit of {self.header_limit} bytes",
-                )
+            self.check_headers(scope["headers"])
             body = await self._read_body(scope, receive)
-            body_len = len(body)
-            reply = await self._route(scope, method, path, body)
         except KbsHttpError as e:
-            client = scope.get("client") or ("?", 0)
-            log.warning(
-                "refused %s %s from %s: %s: %s", method, path, client[0], e.variant, e.detail
+            early = e
+        client = scope.get("client") or ("?", 0)
+        reply = await self.handle(
+            scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"],
+            body, client[0], early,
+        )  # fmt: skip
+        await send(
+            {"type": "http.response.start", "status": reply.status, "headers": reply.headers}
+        )
+        await send({"type": "http.response.body", "body": reply.body})
+
+    def check_headers(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        hdr_size = sum(len(k) + len(v) + 4 for k, v in raw_headers)
+        if hdr_size > self.header_limit:
+            raise KbsHttpError(
+                "RequestHeaderFieldsTooLarge",
+                f"request headers of {hdr_size} bytes exceed the limit of {self.header_limit} bytes",
             )
-            reply = Reply(e.status, e.body(), list(_JSON))
+
+    def refuse(self, e: KbsHttpError, method: str, path: str, client: str) -> Reply:
+        log.warning("refused %s %s from %s: %s: %s", method, path, client, e.variant, e.detail)
+        return Reply(e.status, e.body(), list(_JSON))
+
+    async def handle(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        client: str,
+        early: KbsHttpError | None = None,
+    ) -> Reply:
+        """One request in, one reply out (``content-length`` set); never raises."""
+        start = time.perf_counter()
+        reply: Reply
+        try:
+            if early is not None:
+                raise early
+            reply = await self._route(method, path, query_string, raw_headers, body)
+        except KbsHttpError as e:
+            reply = self.refuse(e, method, path, client)
         except Exception as e:  # a bug: still answer ErrorInformation, never a bare 500 page
             log.exception("internal error on %s %s", method, path)
             err = KbsHttpError("HTTPFailed", f"internal error: {type(e).__name__}: {e}")
             reply = Reply(500, err.body(), list(_JSON))
-        finally:
-            self.metrics.active_connections -= 1
-        headers = reply.headers or []
-        headers.append((b"content-length", str(len(reply.body)).encode()))
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        await send({"type": "http.response.body", "body": reply.body})
+        if reply.headers is None:
+            reply.headers = []
+        reply.headers.append((b"content-length", str(len(reply.body)).encode()))
         m = self.metrics
         m.inc("kbs_http_requests_total", method=method, status=str(reply.status))
         m.observe("kbs_http_request_duration_seconds", time.perf_counter() - start, method=method)
-        m.observe("kbs_http_request_size_bytes", float(body_len))
+        m.observe("kbs_http_request_size_bytes", float(len(body)))
         m.observe("kbs_http_response_size_bytes", float(len(reply.body)))
+        return reply
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -275,7 +299,14 @@ class KbsApp:
 
     # ------------------------------------------------------------------------------ routing
 
-    async def _route(self, scope: Scope, method: str, path: str, body: bytes) -> Reply:
+    async def _route(
+        self,
+        method: str,
+        path: str,
+        query_bytes: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> Reply:
         if path == "/healthz":
             if method != "GET":
                 raise KbsHttpError("MethodNotAllowed", f"{method} /healthz: only GET")
@@ -294,11 +325,11 @@ class KbsApp:
             raise KbsHttpError(
                 "MethodNotAllowed", f"{method} {path}: expected GET, POST, PUT or DELETE"
             )
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         rest = path[len("/kbs/v0/") :]
         parts = rest.split("/")
         plugin, sub = parts[0], parts[1:]
-        query_string = scope.get("query_string", b"").decode("latin-1")
+        query_string = query_bytes.decode("latin-1")
         uri = path + ("?" + query_string if query_string else "")
         if method == "POST" and plugin == "auth" and not sub:
             return self._auth(body)

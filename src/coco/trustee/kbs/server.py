@@ -1,7 +1,8 @@
-"""Run the KBS application with uvicorn (uvloop + httptools when available) on the configured sockets."""
+"""Run the KBS on the configured sockets with our HTTP/1.1 server (uvloop when installed)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import socket
@@ -28,15 +29,16 @@ def _bind(address: str) -> socket.socket:
         sock.close()
         raise KbsError(f"http_server.sockets: cannot listen on {address}: {e}") from None
     sock.listen(1024)
-    sock.set_inheritable(True)
+    sock.setblocking(False)
     return sock
 
 
 def serve(config: KbsConfig) -> None:
-    """Serve until interrupted."""
-    import uvicorn
+    """Serve until SIGINT or SIGTERM."""
+    from coco.trustee.kbs.http import serve_forever
 
     hs = config.http_server
+    ctx: ssl.SSLContext | None = None
     if hs.insecure_http:
         log.warning(
             "KBS serves plain HTTP (insecure_http): traffic and admin tokens are not protected"
@@ -44,6 +46,7 @@ def serve(config: KbsConfig) -> None:
     else:
         try:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(hs.certificate or "", hs.private_key or "")
         except (OSError, ssl.SSLError) as e:
             raise KbsError(
@@ -51,46 +54,20 @@ def serve(config: KbsConfig) -> None:
             ) from None
     app = KbsApp(config)
     sockets = [_bind(a) for a in hs.sockets]
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
-    try:
-        import httptools  # noqa: F401
-
-        http = "httptools"
-    except ImportError:
-        http = "h11"
-    ucfg = uvicorn.Config(
-        app,
-        loop=loop,
-        http=http,
-        lifespan="on",
-        interface="asgi3",
-        ws="none",
-        proxy_headers=False,
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-        date_header=False,
-        ssl_certfile=None if hs.insecure_http else hs.certificate,
-        ssl_keyfile=None if hs.insecure_http else hs.private_key,
-        h11_max_incomplete_event_size=hs.request_header_size * 1024 + 65536,
-        timeout_keep_alive=30,
-    )
-    server = uvicorn.Server(ucfg)
-    # Everything loaded so far lives as long as the server: keep it out of the collector's scans,
-    # and collect young objects less often (a request allocates a few thousand short-lived ones).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20000, 50, 100)
     scheme = "http" if hs.insecure_http else "https"
     for a in hs.sockets:
         log.warning("KBS listening on %s://%s (storage %s)", scheme, a, app.store.url)
+    # Everything loaded so far lives as long as the server: keep it out of the collector's scans.
+    gc.collect()
+    gc.freeze()
     try:
-        server.run(sockets=sockets)
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(serve_forever(app, sockets, ctx))
     finally:
         for s in sockets:
             s.close()
