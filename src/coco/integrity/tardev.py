@@ -28,7 +28,7 @@ import struct
 import tempfile
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +50,7 @@ __all__ = [
 
 BLOCK = tarindex.BLOCK
 ZERO_SALT = bytes(32)
+#: the dm-verity parameters of every tardev layer (hash offset and data blocks vary)
 LAYER_VERITY = verity.VerityParams(salt=ZERO_SALT, hash_type=1, superblock=False)
 _VERITY_TRAILER = struct.Struct("<IIQ")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -154,9 +155,7 @@ def convert(
             f.flush()
             data_size = tar_size + len(index)
             n = data_size // BLOCK
-            params = verity.VerityParams(
-                salt=ZERO_SALT, superblock=False, hash_offset=data_size, data_blocks=n
-            )
+            params = replace(LAYER_VERITY, hash_offset=data_size, data_blocks=n)
             tree = verity.build_tree(tmp, params, workers=workers)
             if not index_only:
                 f.seek(data_size)
@@ -290,9 +289,7 @@ def inspect(path: str | os.PathLike[str], *, workers: int | None = None) -> Insp
         layer_file = False
         data_size = size
         if dbs == BLOCK and hbs == BLOCK and n > 0 and n * BLOCK < size:
-            params = verity.VerityParams(
-                salt=ZERO_SALT, superblock=False, hash_offset=n * BLOCK, data_blocks=n
-            )
+            params = replace(LAYER_VERITY, hash_offset=n * BLOCK, data_blocks=n)
             tree_len = verity.tree_blocks(params, n) * BLOCK
             if n * BLOCK + tree_len + BLOCK == size:
                 layer_file = True
@@ -306,9 +303,7 @@ def inspect(path: str | os.PathLike[str], *, workers: int | None = None) -> Insp
             )
         with mmap.mmap(f.fileno(), data_size, access=mmap.ACCESS_READ) as blob:
             entries = _walk(blob, table, count, where)
-    params = verity.VerityParams(
-        salt=ZERO_SALT, superblock=False, hash_offset=data_size, data_blocks=data_size // BLOCK
-    )
+    params = replace(LAYER_VERITY, hash_offset=data_size, data_blocks=data_size // BLOCK)
     tree = verity.build_tree(path, params, workers=workers)
     tree_ok = None
     if layer_file:

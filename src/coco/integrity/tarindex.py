@@ -39,7 +39,7 @@ __all__ = [
     "IndexStats",
     "TarEntry",
     "append_index",
-    "build_index",
+    "index_tar",
     "read_tar",
 ]
 
