@@ -343,3 +343,38 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 1
     assert "unknown key 'bogus_key'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_http_layer_pipelining_garbage_and_continue(open_kbs: KbsProcess) -> None:
+    out = _raw(open_kbs.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"GET /kbs/v0/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    second = out[out.index(b"HTTP/1.1 404") :]
+    assert (
+        b"connection: close" in second
+        and b'"type":"' + PREFIX.encode() + b'PluginNotFound"' in second
+    )
+    bad = _raw(open_kbs.url, b"NOT HTTP AT ALL\r\n\r\n")
+    assert bad.startswith(b"HTTP/1.1 400") and b"HTTPFailed" in bad
+    with AdminClient(open_kbs.url) as a:
+        a.set_resource_policy(ALLOW_ALL)
+    body = b"z" * 3000
+    r = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Expect: 100-continue",
+         "--data-binary", "@-", open_kbs.url + "/kbs/v0/resource/big/body/ok"],
+        input=body, capture_output=True, check=True,
+    )  # fmt: skip
+    assert r.stdout == b"200"
+    g = RawGuest(open_kbs.url)
+    g.flow()
+    assert g.decrypt(g.http.get(open_kbs.url + "/kbs/v0/resource/big/body/ok").content) == body

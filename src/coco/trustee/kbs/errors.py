@@ -42,6 +42,5 @@ class KbsHttpError(KbsError):
         return _STATUS.get(self.variant, 401)
 
     def body(self) -> bytes:
-        return json.dumps(
-            {"type": ERROR_TYPE_PREFIX + self.variant, "detail": self.detail}
-        ).encode()
+        body = {"type": ERROR_TYPE_PREFIX + self.variant, "detail": self.detail}
+        return json.dumps(body, separators=(",", ":")).encode()
