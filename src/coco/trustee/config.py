@@ -11,6 +11,7 @@ password, or env ``POSTGRES_URL``), ``Memory``, and ``LocalFs`` (kept as one SQL
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 from urllib.parse import quote
 
 from coco.errors import KbsError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(KbsError):
@@ -134,6 +137,13 @@ class KbsConfig:
             request_header_size=_get(hs, "request_header_size", "http_server", int, 256),
             worker_count=_get(hs, "worker_count", "http_server", int, None),
         )
+        if (c.http_server.worker_count or 1) > 1:
+            log.warning(
+                "http_server.worker_count: this KBS serves from one process; for more, run "
+                "several replicas on one PostgreSQL database"
+            )
+        if "tls_profile" in hs:
+            log.warning("http_server.tls_profile: ignored (Python's TLS defaults, TLS >= 1.2)")
         if not c.http_server.insecure_http and not (
             c.http_server.private_key and c.http_server.certificate
         ):

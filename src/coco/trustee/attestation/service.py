@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
-import json
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coco.crypto.jcs import canonicalize
-from coco.errors import AttestationError, CocoError
+from coco.errors import AttestationError
 from coco.protocol.kbs import InitData, hash_bytes
 from coco.tee import get_verifier
 from coco.trustee.attestation.ear import TokenSigner, check_trust_vector, ear_status
@@ -162,6 +161,12 @@ class AttestationService:
         self, requests: list[VerificationRequest], policy_ids: list[str] | None = None
     ) -> str:
         """Verify every request and return the signed EAR token (raises AttestationError)."""
+        return self.issue(requests, policy_ids)[0]
+
+    def issue(
+        self, requests: list[VerificationRequest], policy_ids: list[str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Like :meth:`evaluate`, also returning the token's claims."""
         if not requests:
             raise AttestationError("attestation: no evidence to verify")
         policy_id = (policy_ids or ["default"])[0]
@@ -207,19 +212,7 @@ class AttestationService:
             "exp": now + 60 * self.duration_min,
             "iss": self.issuer,
         }
-        return self.signer.sign(payload)
-
-
-def verify_only(
-    tee: str, evidence: bytes, report_data: bytes | None, init_data: bytes | None
-) -> dict:
-    """What ``coco attestation verify`` prints: the verifier's claims as JSON."""
-    try:
-        claims = get_verifier(tee).verify(evidence, report_data, init_data)
-    except CocoError:
-        raise
-    return {"tee": claims.tee, "tee_class": claims.tee_class, "claims": claims.claims}
+        return self.signer.sign(payload), payload
 
 
 __all__ = ["AttestationService", "VerificationRequest", "default_policy_text", "parse_init_data"]
-_ = json

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from coco.crypto.jose import JoseError, jwe_encrypt, public_key_from_jwk
-from coco.errors import AttestationError, CocoError
+from coco.errors import CocoError
 from coco.protocol.kbs import (
     PROTOCOL_VERSION,
     SESSION_COOKIE,
@@ -497,16 +497,16 @@ class KbsApp:
             raise fail(str(e)) from None
         try:
             if tee == "sample" and len(requests) == 1:
-                token = self.attestation.evaluate(requests)
+                token, payload = self.attestation.issue(requests)
             else:
-                token = await asyncio.to_thread(self.attestation.evaluate, requests)
+                token, payload = await asyncio.to_thread(self.attestation.issue, requests)
         except CocoError as e:
             m.inc("kbs_attestation_failures_total", tee_type=tee)
             log.warning("attestation of session %s (%s) failed: %s", sid, tee, e)
             raise KbsHttpError(
                 "AttestationError", f"Attestation error: RCAR handshake Attest failed: {e}"
             ) from None
-        self.tokens.remember(token)
+        self.tokens.remember(token, payload)
         expires = time.time() + self.session_ttl
         attested = {"Attested": {"token": token, "id": sid, "timeout": _rfc3339(expires)}}
         self.session_store.put(NS_SESSION, sid, json.dumps(attested).encode(), expires=expires)
@@ -648,4 +648,3 @@ class KbsApp:
 
 
 __all__ = ["KbsApp", "default_resource_policy"]
-_ = AttestationError

@@ -184,12 +184,8 @@ class TokenVerifier:
             return self.jwks[kid]
         raise TokenVerifierError("token header has neither a jwk nor a kid of a trusted JWK set")
 
-    def remember(self, token: str) -> None:
+    def remember(self, token: str, claims: dict[str, Any]) -> None:
         """Trust a token this process has just signed itself (no need to check our own signature)."""
-        try:
-            _, claims, _, _ = decode_jwt_unverified(token)
-        except JoseError:
-            return
         self._cache[token] = claims
         while len(self._cache) > 4096:
             self._cache.popitem(last=False)
