@@ -1,0 +1,177 @@
+"""Our Rego policies against upstream's, evaluated on the same inputs (upstream's policy texts are
+the independent peer), and the upstream policy-engine test matrix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from coco.trustee.attestation.service import default_policy_text
+from coco.trustee.kbs.app import default_resource_policy
+from coco.trustee.rego import PolicyError, RegoPolicy
+from tests.trustee.conftest import VECTORS
+
+POL = VECTORS / "policies"
+
+SAMPLE = {
+    "svn": "1",
+    "launch_digest": "abcde",
+    "platform_version": {"major": 1, "minor": 4},
+    "debug": False,
+}
+SNP = {
+    "measurement": "aa" * 48, "reported_tcb_bootloader": 10, "reported_tcb_tee": 0,
+    "reported_tcb_snp": 23, "reported_tcb_microcode": 25, "policy_debug_allowed": False,
+    "policy_migrate_ma": False, "platform_smt_enabled": True, "platform_tsme_enabled": False,
+    "policy_abi_major": 0, "policy_abi_minor": 0, "policy_single_socket": False, "policy_smt_allowed": True,
+}  # fmt: skip
+TDX = {
+    "quote": {"header": {"tee_type": "81000000", "vendor_id": "939a7233f79c4ca9940a0db3957f0607"},
+              "body": {"mr_td": "11" * 48, "rtmr_1": "22" * 48, "rtmr_2": "33" * 48, "xfam": "e742060000000000"}},
+    "td_attributes": {"debug": False}, "tcb_status": "UpToDate", "collateral_expiration_status": "0",
+    "uefi_event_logs": [
+        {"type_name": "EV_EFI_BOOT_SERVICES_APPLICATION", "details": {"device_paths": ["File(kernel)"]},
+         "digests": [{"alg": "SHA-384", "digest": "44" * 48}]},
+        {"type_name": "EV_EVENT_TAG", "details": {"string": "LOADED_IMAGE::LoadOptions"},
+         "digests": [{"alg": "SHA-384", "digest": "55" * 48}]},
+    ],
+}  # fmt: skip
+TPM = {"pcr11": "66" * 32, "ak_public": "AKPUB"}
+AZSNP = {**SNP, "tpm": {"pcr11": "77" * 32}}
+AZTDX = {**TDX, "tpm": {"pcr11": "88" * 32}}
+RVS = {
+    "svn": ["1"], "launch_digest": ["abcde"], "major_version": 1, "minimum_minor_version": 1,
+    "snp_launch_measurement": ["aa" * 48], "snp_bootloader": [10], "snp_tee_svn": [0],
+    "snp_snp_svn": [23], "snp_microcode": [25], "snp_smt_enabled": True, "snp_tsme_enabled": False,
+    "snp_guest_abi_major": 0, "snp_guest_abi_minor": 0, "snp_single_socket": False, "snp_smt_allowed": True,
+    "rtmr_1": ["22" * 48], "rtmr_2": ["33" * 48], "tdvfkernel": "44" * 48, "tdvfkernelparams": "55" * 48,
+    "mr_td": ["11" * 48], "xfam": ["e742060000000000"], "tpm_pcr11": ["66" * 32], "trusted_aks": ["AKPUB"],
+    "measurement": ["aa" * 48], "snp_pcr11": ["77" * 32], "tcb_bootloader": [10], "tcb_tee": [0],
+    "tcb_snp": [23], "tcb_microcode": [25], "smt_enabled": [True], "tsme_enabled": [False],
+    "abi_major": [0], "abi_minor": [0], "single_socket": [False], "smt_allowed": [True],
+    "tdx_pcr11": ["88" * 32],
+}  # fmt: skip
+
+
+def _variants() -> list[tuple[str, dict, dict]]:
+    cases = []
+    for tee, claims in (("sample", SAMPLE), ("snp", SNP), ("tdx", TDX), ("tpm", TPM),
+                        ("az-snp-vtpm", AZSNP), ("az-tdx-vtpm", AZTDX), ("se", {"cuid": "x"})):  # fmt: skip
+        cases.append((f"{tee}-no-rv", {tee: claims}, {}))
+        cases.append((f"{tee}-rv", {tee: claims}, RVS))
+    bad_snp = copy.deepcopy(SNP)
+    bad_snp["policy_debug_allowed"] = True
+    cases.append(("snp-debug", {"snp": bad_snp}, RVS))
+    snp_other = copy.deepcopy(SNP)
+    snp_other["platform_smt_enabled"] = False
+    cases.append(("snp-platform-differs", {"snp": snp_other}, RVS))
+    tdx_grub = copy.deepcopy(TDX)
+    tdx_grub["uefi_event_logs"] = []
+    cases.append(("tdx-no-kernel-event", {"tdx": tdx_grub}, RVS))
+    tdx_old = copy.deepcopy(TDX)
+    tdx_old["tcb_status"] = "OutOfDate"
+    cases.append(("tdx-outofdate", {"tdx": tdx_old}, RVS))
+    sample_old = copy.deepcopy(SAMPLE)
+    sample_old["platform_version"]["minor"] = 0
+    cases.append(("sample-old-minor", {"sample": sample_old}, RVS))
+    containers = {"agent_policy_claims": {"containers": [
+        {"OCI": {"Annotations": {"io.kubernetes.cri.image-name": "bitnami/nginx:latest"},
+                 "Process": {"User": {"UID": 65535}}}},
+        {"OCI": {"Annotations": {"io.kubernetes.cri.image-name": "busybox"}, "Process": {"User": {"UID": 1001}}}},
+    ]}}  # fmt: skip
+    cases.append(("identifiers", {"sample": SAMPLE, "init_data_claims": containers}, RVS))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def cpu_policies() -> tuple[RegoPolicy, RegoPolicy]:
+    ours = RegoPolicy(default_policy_text("default_cpu") or "", "ours", ("trust_claims", "extensions"),
+                      reference_values=True)  # fmt: skip
+    theirs = RegoPolicy((POL / "as-default" / "ear_default_policy_cpu.rego").read_text(), "upstream",
+                        ("trust_claims", "extensions"), reference_values=True)  # fmt: skip
+    return ours, theirs
+
+
+@pytest.mark.parametrize(("name", "inp", "rvs"), _variants(), ids=[c[0] for c in _variants()])
+def test_default_cpu_policy_matches_upstream(cpu_policies, name: str, inp: dict, rvs: dict) -> None:
+    ours, theirs = cpu_policies
+    a = ours.evaluate(inp, {"reference_values": rvs})
+    b = theirs.evaluate(inp, {"reference_values": rvs})
+    assert a["trust_claims"] == b["trust_claims"]
+    assert a["extensions"] == b["extensions"]
+    if name.endswith("-no-rv") and name != "se-no-rv" and name != "tpm-no-rv":
+        assert a["trust_claims"]["executables"] == 33
+
+
+def test_identifiers_extension(cpu_policies) -> None:
+    ours, _ = cpu_policies
+    inp = dict(_variants()[-1][1])
+    ext = ours.evaluate(inp, {"reference_values": RVS})["extensions"]
+    assert ext == [{"name": "ear.trustee.identifiers", "key": -18, "value": {"validated": {
+        "container_images": ["bitnami/nginx:latest", "busybox"], "container_uids": [65535, 1001]}}}]  # fmt: skip
+
+
+def _ear(evidence: dict) -> dict:
+    return {
+        "submods": {"cpu0": {"ear.status": "warning", "ear.veraison.annotated-evidence": evidence}}
+    }
+
+
+@pytest.mark.parametrize(
+    ("inp", "data"),
+    [
+        (
+            _ear({"sample": SAMPLE}),
+            {"plugin": "resource", "resource-path": ["a", "b", "c"], "query": {}},
+        ),
+        (_ear({"snp": SNP}), {"plugin": "resource", "resource-path": ["a", "b", "c"], "query": {}}),
+        (_ear({"tdx": TDX}), {"plugin": "nebula-ca", "resource-path": ["x"], "query": {}}),
+        ({}, {"plugin": "resource", "resource-path": ["a", "b", "c"], "query": {}}),
+        (
+            _ear({"tpm": TPM}),
+            {"plugin": "resource", "resource-path": ["a", "b", "c"], "query": {"v": "1"}},
+        ),
+    ],
+)
+def test_default_resource_policy_matches_upstream(inp: dict, data: dict) -> None:
+    ours = RegoPolicy(default_resource_policy(), "ours", ("allow",))
+    theirs = RegoPolicy(
+        (POL / "kbs-resource" / "kbs_default.rego").read_text(), "upstream", ("allow",)
+    )
+    assert ours.evaluate(inp, data).get("allow") == theirs.evaluate(inp, data).get("allow")
+
+
+def _pe_input(product: str, svn: object) -> dict:
+    return _ear({"sample": {"productId": product, "svn": svn}})
+
+
+@pytest.mark.parametrize(
+    ("policy", "plugin", "path", "product", "svn", "expected"),
+    [
+        ("policy_1.rego", "resource", ["my_repo", "Alice", "key"], "Alice", "1", True),
+        ("policy_1.rego", "another-plugin", ["my_repo", "Alice", "key"], "Alice", "1", False),
+        ("policy_1.rego", "resource", ["my_repo", "Alice", "key"], "Bob", "1", False),
+        ("policy_4.rego", "resource", ["my_repo", "Alice", "key"], "Alice", "1", True),
+        ("policy_3.rego", "resource", ["my_repo", "Alice", "key"], "Alice", "1", False),
+        ("policy_5.rego", "resource", ["myrepo", "secret", "secret"], "x", "2", False),
+        ("policy_5.rego", "resource", ["myrepo", "secret", "secret1"], "x", "1", False),
+        ("policy_5.rego", "resource", ["myrepo", "secret", "secret2"], "x", "2", False),
+        ("policy_5.rego", "resource", ["myrepo", "secret", "secret3"], "x", "3", False),
+        ("policy_5.rego", "resource", ["a", "b", "secret1"], "x", "3", False),
+        ("policy_5.rego", "abc", ["myrepo", "secret", "secret1"], "x", "3", False),
+    ],
+)
+def test_upstream_policy_engine_matrix(policy, plugin, path, product, svn, expected) -> None:
+    p = RegoPolicy((POL / "policy-engine" / policy).read_text(), policy, ("allow",))
+    got = p.evaluate(
+        _pe_input(product, svn), {"plugin": plugin, "resource-path": path, "query": {}}
+    )
+    assert (got.get("allow") is True) == expected
+
+
+def test_policy_refusals() -> None:
+    with pytest.raises(PolicyError, match="does not compile"):
+        RegoPolicy("package policy\nallow if {", "bad", ("allow",))
+    with pytest.raises(PolicyError, match="expected 'package policy'"):
+        RegoPolicy("package other\nallow := true\n", "bad", ("allow",))
