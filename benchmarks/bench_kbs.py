@@ -125,13 +125,16 @@ def main() -> None:
     ap.add_argument("--flows", type=int, default=300, help="flows of the sequential client")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--flows-per-client", type=int, default=20)
-    ap.add_argument("--storage", choices=["sqlite", "memory"], default="sqlite")
+    ap.add_argument("--storage", default="sqlite",
+                    help="sqlite, memory, or a storage URL such as postgresql://user@host:port/db")  # fmt: skip
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-kbs-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    storage = f"sqlite://{tmp}/kbs.db" if args.storage == "sqlite" else "memory://"
+    storage = {"sqlite": f"sqlite://{tmp}/kbs.db", "memory": "memory://"}.get(
+        args.storage, args.storage
+    )
     log = open(os.path.join(tmp, "kbs.log"), "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "coco.cli.main", "kbs", "serve", "--listen", f"127.0.0.1:{port}",
@@ -173,7 +176,7 @@ def main() -> None:
         server.wait(10)
         log.close()
 
-    print(f"storage: {args.storage}")
+    print(f"storage: {storage.split('@')[-1]}")
     print(f"sequential: {len(lat)} flows in {wall1:.2f}s, errors {err1}; latency p50 {p50:.2f} ms, "
           f"p99 {p99:.2f} ms; server CPU {seq_cpu_ms:.2f} ms/flow")  # fmt: skip
     print(f"{args.clients} concurrent clients: {len(lat_c)} flows in {wall2:.2f}s "
