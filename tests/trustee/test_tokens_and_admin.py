@@ -187,3 +187,52 @@ def test_postgres_config_url() -> None:
             "host": "127.0.0.1", "port": 5433, "db": "kbs", "username": "u", "password": "p@ss"}}},
     })  # fmt: skip
     assert c.storage_url == "postgresql://u:p%40ss@127.0.0.1:5433/kbs"
+
+
+def test_admin_jwks_identity_provider(tmp_path: Path) -> None:
+    k1 = jw_jwk.JWK.generate(kty="EC", crv="P-256", kid="k1")
+    k2 = jw_jwk.JWK.generate(kty="RSA", size=2048, kid="k2")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(
+        json.dumps({"keys": [json.loads(k1.export_public()), json.loads(k2.export_public())]})
+    )
+    auth = AdminAuth("AuthenticatedAuthorization",
+                     [IdentityProvider(issuer="idp", jwk_set_uri=f"file://{jwks}")],
+                     [Acl("admin", "^/kbs/.+$")])  # fmt: skip
+    for key, alg in ((k1, "ES256"), (k2, "RS256")):
+        t = jw_jwt.JWT(header={"alg": alg, "kid": key.get("kid")},
+                       claims={"iss": "idp", "role": "admin", "exp": int(time.time()) + 60})  # fmt: skip
+        t.make_signed_token(key)
+        assert auth.check("Bearer " + t.serialize(), "/kbs/v0/resource/a/b/c") == "admin"
+    stranger = jw_jwk.JWK.generate(kty="EC", crv="P-256", kid="k1")
+    t = jw_jwt.JWT(header={"alg": "ES256", "kid": "k1"},
+                   claims={"iss": "idp", "role": "admin", "exp": int(time.time()) + 60})  # fmt: skip
+    t.make_signed_token(stranger)
+    with pytest.raises(AdminAuthError, match="not signed by any configured identity provider"):
+        auth.check("Bearer " + t.serialize(), "/kbs/v0/resource/a/b/c")
+
+
+def test_attestation_token_from_trusted_jwk_set(tmp_path: Path) -> None:
+    from coco.trustee.kbs.token import TokenVerifier
+
+    key = jw_jwk.JWK.generate(kty="RSA", size=2048, kid="ita-1")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [json.loads(key.export_public())]}))
+    verifier = TokenVerifier(trusted_jwk_sets=[str(jwks)])
+    claims = {
+        "tdx": {"attester_runtime_data": {"tee-pubkey": {"kty": "EC"}}},
+        "exp": int(time.time()) + 60,
+    }
+    t = jw_jwt.JWT(header={"alg": "RS256", "kid": "ita-1"}, claims=claims)
+    t.make_signed_token(key)
+    assert verifier.verify(t.serialize())["tdx"]["attester_runtime_data"]["tee-pubkey"] == {
+        "kty": "EC"
+    }
+    t2 = jw_jwt.JWT(header={"alg": "RS256", "kid": "other"}, claims=claims)
+    t2.make_signed_token(key)
+    with pytest.raises(TokenVerifierError, match="neither a jwk nor a kid"):
+        verifier.verify(t2.serialize())
+    expired = jw_jwt.JWT(header={"alg": "RS256", "kid": "ita-1"}, claims={**claims, "exp": 1000})
+    expired.make_signed_token(key)
+    with pytest.raises(TokenVerifierError, match="expired"):
+        verifier.verify(expired.serialize())
