@@ -378,3 +378,15 @@ def test_http_layer_pipelining_garbage_and_continue(open_kbs: KbsProcess) -> Non
     g = RawGuest(open_kbs.url)
     g.flow()
     assert g.decrypt(g.http.get(open_kbs.url + "/kbs/v0/resource/big/body/ok").content) == body
+
+
+def test_half_closed_client_still_gets_its_answer(open_kbs: KbsProcess) -> None:
+    host, port = open_kbs.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 34\r\n\r\n"
+                  b'{"version":"0.4.0","tee":"sample"}')  # fmt: skip
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200 OK") and b'"nonce"' in out

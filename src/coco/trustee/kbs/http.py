@@ -68,6 +68,7 @@ class KbsHttpProtocol(asyncio.Protocol):
         self.closing = False
         self.task: asyncio.Task | None = None
         self.idle: asyncio.TimerHandle | None = None
+        self.eof = False
 
     # -------------------------------------------------------------------- transport events
 
@@ -85,6 +86,14 @@ class KbsHttpProtocol(asyncio.Protocol):
             self.idle.cancel()
         if self.task and not self.task.done():
             self.task.cancel()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: answer what it already sent, then close."""
+        self.eof = True
+        if self.busy or self.queue:
+            is_tls = self.transport is not None and self.transport.get_extra_info("sslcontext")
+            return None if is_tls else True
+        return None
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -221,6 +230,8 @@ class KbsHttpProtocol(asyncio.Protocol):
                     return
         finally:
             self.busy = False
+            if self.eof and not self.queue:
+                self._close()
 
 
 async def serve_forever(
