@@ -300,6 +300,24 @@ def test_admin_requires_a_valid_token(secured_kbs: KbsProcess) -> None:
         a.register_reference_values({"svn": ["1"]})
     with AdminClient(secured_kbs.url, _admin_token(key, role="reader")) as a:
         assert a.get_reference_value("svn") == ["1"]
+    # The CLI: --admin-token-file before or after 'config'.
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".jwt") as tf:
+        tf.write(_admin_token(key))
+        tf.flush()
+        base = [sys.executable, "-m", "coco.cli.main", "kbs-client", "--url", secured_kbs.url]
+        for args in (
+            ["--admin-token-file", tf.name, "config"],
+            ["config", "--admin-token-file", tf.name],
+        ):
+            r = subprocess.run([*base, *args, "set-sample-reference-value", "svn", '["2"]'],
+                               capture_output=True, text=True)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        r = subprocess.run([*base, "config", "set-sample-reference-value", "svn", '["3"]'],
+                           capture_output=True, text=True, env={"HOME": tf.name + ".d"})  # fmt: skip
+        assert r.returncode == 1 and "AdminAuthAccess" in r.stderr
     assert "AdminAuthAccess" in secured_kbs.logs()
 
 

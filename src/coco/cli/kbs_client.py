@@ -18,10 +18,17 @@ from coco.errors import UsageError
     type=click.Path(exists=True, dir_okay=False),
     help="CA certificate (PEM) of an HTTPS KBS.",
 )
+@click.option(
+    "--admin-token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File holding the admin bearer JWT (also accepted after 'config').",
+)
 @click.pass_context
-def kbs_client(ctx: click.Context, url: str, cert_file: str | None) -> None:
+def kbs_client(
+    ctx: click.Context, url: str, cert_file: str | None, admin_token_file: str | None
+) -> None:
     """Talk to a KBS: configure it, or attest and fetch a resource."""
-    ctx.obj = {"url": url, "verify": cert_file or True}
+    ctx.obj = {"url": url, "verify": cert_file or True, "token_file": admin_token_file}
 
 
 @kbs_client.group("config")
@@ -34,6 +41,7 @@ def kbs_client(ctx: click.Context, url: str, cert_file: str | None) -> None:
 def config(ctx: click.Context, admin_token_file: str | None) -> None:
     """Admin calls (need an admin token unless the KBS is InsecureAllowAll)."""
     token = None
+    admin_token_file = admin_token_file or ctx.obj.get("token_file")
     path = admin_token_file or os.path.expanduser("~/.trustee/admin-token")
     if admin_token_file or os.path.exists(path):
         with open(path, encoding="utf-8") as f:
