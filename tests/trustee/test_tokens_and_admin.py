@@ -236,3 +236,25 @@ def test_attestation_token_from_trusted_jwk_set(tmp_path: Path) -> None:
     expired.make_signed_token(key)
     with pytest.raises(TokenVerifierError, match="expired"):
         verifier.verify(expired.serialize())
+
+
+def test_admin_refuses_alg_none_and_hmac_confusion(tmp_path: Path) -> None:
+    import base64 as b64
+    import hashlib
+    import hmac
+
+    _, pub = _key_files(tmp_path, "EC", crv="P-256")
+    auth = AdminAuth("AuthenticatedAuthorization", [IdentityProvider(public_key_uri=str(pub))],
+                     [Acl("admin", "^/kbs/.+$")])  # fmt: skip
+
+    def enc(obj: dict) -> str:
+        return b64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    claims = enc({"role": "admin", "exp": int(time.time()) + 60})
+    with pytest.raises(AdminAuthError, match="not signed by any configured"):
+        auth.check(f"Bearer {enc({'alg': 'none'})}.{claims}.", "/kbs/v0/x")
+    signing_input = f"{enc({'alg': 'HS256'})}.{claims}"
+    mac = hmac.new(pub.read_bytes(), signing_input.encode(), hashlib.sha256).digest()
+    forged = signing_input + "." + b64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    with pytest.raises(AdminAuthError, match="unsupported alg 'HS256'"):
+        auth.check(f"Bearer {forged}", "/kbs/v0/x")
