@@ -292,3 +292,31 @@ def test_attestation_verify_cli(tmp_path) -> None:
     unk = subprocess.run([sys.executable, "-m", "coco.cli.main", "attestation", "verify", "--tee",
                           "nope", str(ev)], capture_output=True, text=True)  # fmt: skip
     assert unk.returncode == 1 and "unknown TEE 'nope'" in unk.stderr
+
+
+def test_prefork_workers_share_sqlite(start_kbs) -> None:
+    import os
+    from pathlib import Path
+
+    kbs = start_kbs("--workers", "2")
+    children = Path(f"/proc/{kbs.proc.pid}/task/{kbs.proc.pid}/children").read_text().split()
+    assert len(children) == 2
+    with AdminClient(kbs.url) as a:
+        a.set_resource_policy(ALLOW_ALL)
+        a.set_resource("pre/fork/key", b"shared")
+    for _ in range(12):  # fresh connections land on either worker; sessions live in the file
+        g = RawGuest(kbs.url)
+        nonce = g.auth().json()["nonce"]
+        g.http.close()
+        g.http = httpx.Client(timeout=10, cookies=g.http.cookies)
+        assert g.attest(nonce).status_code == 200
+        g.http.close()
+        g.http = httpx.Client(timeout=10, cookies=g.http.cookies)
+        r = g.http.get(kbs.url + "/kbs/v0/resource/pre/fork/key")
+        assert r.status_code == 200 and g.decrypt(r.content) == b"shared"
+    kbs.stop()
+    for pid in children:
+        assert (
+            not os.path.exists(f"/proc/{pid}")
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        )

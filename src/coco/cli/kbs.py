@@ -31,6 +31,9 @@ def kbs() -> None:
     "--storage", help="sqlite:///path/kbs.db, postgresql://user@host:port/db or memory://."
 )
 @click.option(
+    "--workers", type=int, default=1, show_default=True, help="Worker processes (pre-forked)."
+)
+@click.option(
     "--session-storage",
     help="Where sessions live (default: memory with SQLite storage, else the storage).",
 )
@@ -60,6 +63,7 @@ def serve(
     certificate: str | None,
     storage: str | None,
     session_storage: str | None,
+    workers: int,
     admin_public_key: str | None,
     deny_admin: bool,
     insecure_header_jwk: bool,
@@ -95,6 +99,7 @@ def serve(
         cfg.http_server.request_header_size = max_header_kb
         cfg.storage_url = storage or "sqlite://" + _default_db()
         cfg.session_storage_url = session_storage
+        cfg.http_server.worker_count = workers
         cfg.insecure_header_jwk = insecure_header_jwk
         cfg.session_timeout_min = session_timeout
         if deny_admin and admin_public_key:

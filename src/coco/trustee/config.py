@@ -137,11 +137,6 @@ class KbsConfig:
             request_header_size=_get(hs, "request_header_size", "http_server", int, 256),
             worker_count=_get(hs, "worker_count", "http_server", int, None),
         )
-        if (c.http_server.worker_count or 1) > 1:
-            log.warning(
-                "http_server.worker_count: this KBS serves from one process; for more, run "
-                "several replicas on one PostgreSQL database"
-            )
         if "tls_profile" in hs:
             log.warning("http_server.tls_profile: ignored (Python's TLS defaults, TLS >= 1.2)")
         if not c.http_server.insecure_http and not (

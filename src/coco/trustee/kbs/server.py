@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
+import signal
 import socket
 import ssl
 
@@ -35,8 +38,6 @@ def _bind(address: str) -> socket.socket:
 
 def serve(config: KbsConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
-    from coco.trustee.kbs.http import serve_forever
-
     hs = config.http_server
     ctx: ssl.SSLContext | None = None
     if hs.insecure_http:
@@ -52,11 +53,34 @@ def serve(config: KbsConfig) -> None:
             raise KbsError(
                 f"http_server: cannot load certificate {hs.certificate} / key {hs.private_key}: {e}"
             ) from None
-    app = KbsApp(config)
+    workers = max(1, config.http_server.worker_count or 1)
+    if workers > 1 and config.storage_url.startswith("memory:"):
+        raise KbsError("http_server.worker_count > 1 needs shared storage (SQLite or PostgreSQL)")
+    if workers > 1 and not config.session_storage_url and config.storage_url.startswith("sqlite:"):
+        config.session_storage_url = config.storage_url  # workers share sessions through the file
+    app = KbsApp(config)  # also validates everything before any worker starts
     sockets = [_bind(a) for a in hs.sockets]
     scheme = "http" if hs.insecure_http else "https"
     for a in hs.sockets:
-        log.warning("KBS listening on %s://%s (storage %s)", scheme, a, app.store.url)
+        log.warning(
+            "KBS listening on %s://%s (storage %s, %d worker%s)",
+            scheme, a, app.store.url, workers, "s" if workers > 1 else "",
+        )  # fmt: skip
+    try:
+        if workers == 1:
+            _run(app, sockets, ctx)
+        else:
+            app.store.close()
+            app.session_store.close()
+            _prefork(config, sockets, ctx, workers)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _run(app: KbsApp, sockets: list[socket.socket], ctx: ssl.SSLContext | None) -> None:
+    from coco.trustee.kbs.http import serve_forever
+
     # Everything loaded so far lives as long as the server: keep it out of the collector's scans.
     gc.collect()
     gc.freeze()
@@ -69,6 +93,40 @@ def serve(config: KbsConfig) -> None:
     try:
         runner(serve_forever(app, sockets, ctx))
     finally:
-        for s in sockets:
-            s.close()
         app.store.close()
+
+
+def _prefork(
+    config: KbsConfig, sockets: list[socket.socket], ctx: ssl.SSLContext | None, workers: int
+) -> None:
+    """Fork ``workers`` processes sharing the listening sockets; forward SIGINT/SIGTERM to them."""
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # worker: its own storage connections, its own event loop
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _run(KbsApp(config), sockets, ctx)
+            except BaseException:
+                log.exception("KBS worker failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for pid in children:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
