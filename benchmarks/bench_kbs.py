@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--flows-per-client", type=int, default=20)
     ap.add_argument("--storage", default="sqlite",
                     help="sqlite, memory, or a storage URL such as postgresql://user@host:port/db")  # fmt: skip
+    ap.add_argument("--workers", type=int, default=1, help="KBS worker processes")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-kbs-")
@@ -138,7 +139,7 @@ def main() -> None:
     log = open(os.path.join(tmp, "kbs.log"), "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "coco.cli.main", "kbs", "serve", "--listen", f"127.0.0.1:{port}",
-         "--insecure-http", "--storage", storage],
+         "--insecure-http", "--storage", storage, "--workers", str(args.workers)],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -176,7 +177,7 @@ def main() -> None:
         server.wait(10)
         log.close()
 
-    print(f"storage: {storage.split('@')[-1]}")
+    print(f"storage: {storage.split('@')[-1]}, workers: {args.workers}")
     print(f"sequential: {len(lat)} flows in {wall1:.2f}s, errors {err1}; latency p50 {p50:.2f} ms, "
           f"p99 {p99:.2f} ms; server CPU {seq_cpu_ms:.2f} ms/flow")  # fmt: skip
     print(f"{args.clients} concurrent clients: {len(lat_c)} flows in {wall2:.2f}s "
