@@ -175,3 +175,53 @@ def test_policy_refusals() -> None:
         RegoPolicy("package policy\nallow if {", "bad", ("allow",))
     with pytest.raises(PolicyError, match="expected 'package policy'"):
         RegoPolicy("package other\nallow := true\n", "bad", ("allow",))
+
+
+@pytest.mark.parametrize(
+    ("text", "blind"),
+    [
+        ("x := input.sample.svn", True),
+        ('x := input["az-snp-vtpm"].tpm', True),
+        ("x := input", False),
+        ("some k in input", False),
+        ("x := input[k]", False),
+        ("import input", False),
+        ('x := object.get(input, "a", 1)', False),
+        ("x := input.report_data", False),
+        ("import input.sample as s\nx := s.runtime_data_claims", False),
+    ],
+)
+def test_memoization_only_for_policies_blind_to_runtime_data(text: str, blind: bool) -> None:
+    from coco.trustee.attestation.service import _blind_to_runtime_data
+
+    assert _blind_to_runtime_data("package policy\n" + text) is blind
+
+
+def test_memoized_and_unmemoized_evaluations_give_per_request_answers() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from coco.trustee.attestation.ear import TokenSigner
+    from coco.trustee.attestation.service import AttestationService
+    from coco.trustee.rvps import Rvps
+    from coco.trustee.storage import open_store
+
+    store = open_store("memory://")
+    svc = AttestationService(
+        store, Rvps(store), TokenSigner(ec.generate_private_key(ec.SECP256R1()))
+    )
+    # Sees the nonce: must never be answered from a cache.
+    svc.set_policy("default_cpu", 'package policy\nimport rego.v1\ndefault h := 97\n'
+                   'h := 2 if input.runtime_data_claims.nonce == "good"\n'
+                   'trust_claims := {"hardware": h}\n')  # fmt: skip
+    # Blind to it: memoized, and the answer still follows the reference values.
+    svc.set_policy("default_gpu", 'package policy\nimport rego.v1\ndefault h := 97\n'
+                   'h := 2 if input.sample.svn in query_reference_value("svn")\n'
+                   'trust_claims := {"hardware": h}\n')  # fmt: skip
+    pol_cpu, pol_gpu = svc.policy("default_cpu"), svc.policy("default_gpu")
+    claims = {"sample": {"svn": "1"}, "report_data": "x"}
+    for nonce, want in (("good", 2), ("bad", 97), ("good", 2)):
+        out = svc._evaluate(pol_cpu, {**claims, "runtime_data_claims": {"nonce": nonce}}, {})
+        assert out["trust_claims"]["hardware"] == want
+    for rvs, want in (({}, 97), ({"svn": ["1"]}, 2), ({}, 97)):
+        out = svc._evaluate(pol_gpu, {**claims, "runtime_data_claims": {"nonce": "n"}}, rvs)
+        assert out["trust_claims"]["hardware"] == want

@@ -9,10 +9,13 @@ runtime_data_claims, init_data, init_data_claims}``. Policy ``<id>_<tee class>``
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.resources
+import json
 import logging
+import re
 import threading
 import time
 import tomllib
@@ -43,6 +46,19 @@ class VerificationRequest:
     runtime_data: dict[str, Any]
     hash_algorithm: str = "sha384"
     init_data: InitData | None = None
+
+
+_PER_REQUEST = ("runtime_data_claims", "report_data")
+# `input` used other than as input.<name> or input["<name>"] (whole-document access, iteration,
+# `with input as`, imports): the policy might observe the per-request fields.
+_OPAQUE_INPUT = re.compile(r'\binput\b(?!\.[A-Za-z_]|\[\s*"[^"\\]*"\s*\])')
+
+
+@functools.lru_cache(maxsize=64)
+def _blind_to_runtime_data(text: str) -> bool:
+    if any(name in text for name in _PER_REQUEST):
+        return False
+    return _OPAQUE_INPUT.search(text) is None
 
 
 @functools.cache
@@ -103,6 +119,7 @@ class AttestationService:
         self.build = build
         self.verbose_token = verbose_token
         self._policies: dict[str, RegoPolicy] = {}
+        self._results: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ policies
@@ -128,6 +145,32 @@ class AttestationService:
         with self._lock:
             self._policies[policy_id] = policy
         return policy
+
+    def _evaluate(
+        self, policy: RegoPolicy, annotated: dict[str, Any], reference_values: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Evaluate, memoized when the policy provably cannot see the per-request fields.
+
+        A policy that names neither ``runtime_data_claims`` nor ``report_data`` and reads
+        ``input`` only as ``input.<name>`` / ``input["<name>"]`` gets the same answer whatever
+        those fields hold; its result is then cached on the rest of the input and the reference
+        values (both part of the key).
+        """
+        data = {"reference_values": reference_values}
+        if not _blind_to_runtime_data(policy.text):
+            return policy.evaluate(annotated, data)
+        stable = {k: v for k, v in annotated.items() if k not in _PER_REQUEST}
+        key = (policy.digest, json.dumps([stable, reference_values], sort_keys=True))
+        with self._lock:
+            hit = self._results.get(key)
+        if hit is not None:
+            return copy.deepcopy(hit)
+        result = policy.evaluate(stable, data)
+        with self._lock:
+            self._results[key] = copy.deepcopy(result)
+            while len(self._results) > 2048:
+                self._results.pop(next(iter(self._results)))
+        return result
 
     def list_policies(self) -> list[str]:
         ids = {k.removesuffix(".rego") for k in self.store.keys(NS_AS_POLICY)}
@@ -179,9 +222,7 @@ class AttestationService:
                 reference_values = self.rvps.all_values()
             full_id = f"{policy_id}_{tee_class}"
             try:
-                result = self.policy(full_id).evaluate(
-                    annotated, {"reference_values": reference_values}
-                )
+                result = self._evaluate(self.policy(full_id), annotated, reference_values)
             except PolicyError as e:
                 raise AttestationError(f"attestation policy {full_id}: {e}") from None
             vector = check_trust_vector(result.get("trust_claims"), f"attestation policy {full_id}")

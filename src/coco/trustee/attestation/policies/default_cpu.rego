@@ -176,7 +176,9 @@ configuration := 2 if input.se
 
 # --- workload identifiers from the init-data agent policy -------------------------------------
 
-policy_containers := object.get(input, ["init_data_claims", "agent_policy_claims", "containers"], [])
+default policy_containers := []
+
+policy_containers := input.init_data_claims.agent_policy_claims.containers
 
 image_names := [name |
 	some c in policy_containers
