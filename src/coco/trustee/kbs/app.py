@@ -1,4 +1,4 @@
-"""The KBS HTTP application (ASGI): protocol 0.4.0, admin API, health and metrics.
+"""The KBS application: protocol 0.4.0, admin API, health and metrics, request in, reply out.
 
 Routes, as upstream: ``POST /kbs/v0/auth``, ``POST /kbs/v0/attest``, ``GET|POST|DELETE
 /kbs/v0/resource/<repo>/<type>/<tag>``, ``POST /kbs/v0/attestation-policy``, ``POST|GET
@@ -23,7 +23,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -52,10 +51,6 @@ from coco.trustee.rvps import Rvps, RvpsError
 from coco.trustee.storage import NS_KBS, NS_REPOSITORY, NS_SESSION, Store, open_store
 
 log = logging.getLogger("coco.kbs")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 RESOURCE_POLICY_KEY = "resource-policy.rego"
 _SEGMENT = re.compile(r"^[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*$")
@@ -123,7 +118,7 @@ class Reply:
 
 
 class KbsApp:
-    """The whole KBS as one ASGI callable."""
+    """The whole KBS: :meth:`handle` turns one parsed HTTP request into a :class:`Reply`."""
 
     def __init__(self, config: KbsConfig, store: Store | None = None):
         self.config = config
@@ -174,40 +169,8 @@ class KbsApp:
         self._resource_policy: RegoPolicy | None = None
         self._decisions: dict[tuple[str, str, str, str], bool] = {}
         self.metrics = Metrics()
-        self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------- ASGI
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        early: KbsHttpError | None = None
-        body = b""
-        try:
-            self.check_headers(scope["headers"])
-            body = await self._read_body(scope, receive)
-        except KbsHttpError as e:
-            early = e
-        client = scope.get("client") or ("?", 0)
-        reply = await self.handle(
-            scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"],
-            body, client[0], early,
-        )  # fmt: skip
-        await send(
-            {"type": "http.response.start", "status": reply.status, "headers": reply.headers}
-        )
-        await send({"type": "http.response.body", "body": reply.body})
-
-    def check_headers(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        hdr_size = sum(len(k) + len(v) + 4 for k, v in raw_headers)
-        if hdr_size > self.header_limit:
-            raise KbsHttpError(
-                "RequestHeaderFieldsTooLarge",
-                f"request headers of {hdr_size} bytes exceed the limit of {self.header_limit} bytes",
-            )
 
     def refuse(self, e: KbsHttpError, method: str, path: str, client: str) -> Reply:
         log.warning("refused %s %s from %s: %s: %s", method, path, client, e.variant, e.detail)
@@ -246,18 +209,6 @@ class KbsApp:
         m.observe("kbs_http_response_size_bytes", float(len(reply.body)))
         return reply
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            msg = await receive()
-            if msg["type"] == "lifespan.startup":
-                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
-                await send({"type": "lifespan.startup.complete"})
-            elif msg["type"] == "lifespan.shutdown":
-                if self._sweeper:
-                    self._sweeper.cancel()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(60)
@@ -267,35 +218,6 @@ class KbsApp:
                     log.debug("swept %d expired sessions", n)
             except CocoError as e:
                 log.warning("session sweep failed: %s", e)
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        for k, v in scope["headers"]:
-            if k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    raise KbsHttpError("HTTPFailed", "Content-Length is not a number") from None
-                if declared > self.body_limit:
-                    raise KbsHttpError(
-                        "PayloadTooLarge",
-                        f"request body of {declared} bytes exceeds the limit of {self.body_limit} bytes",
-                    )
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                break
-            chunk = msg.get("body", b"")
-            total += len(chunk)
-            if total > self.body_limit:
-                raise KbsHttpError(
-                    "PayloadTooLarge", f"request body exceeds the limit of {self.body_limit} bytes"
-                )
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                break
-        return b"".join(chunks)
 
     # ------------------------------------------------------------------------------ routing
 
