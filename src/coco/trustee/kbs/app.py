@@ -3,9 +3,10 @@
 Routes, as upstream: ``POST /kbs/v0/auth``, ``POST /kbs/v0/attest``, ``GET|POST|DELETE
 /kbs/v0/resource/<repo>/<type>/<tag>``, ``POST /kbs/v0/attestation-policy``, ``POST|GET
 /kbs/v0/resource-policy``, ``POST /kbs/v0/reference-value``, ``GET
-/kbs/v0/reference-value/<id>``, ``GET /healthz``, ``GET /metrics``. All state (sessions,
-resources, policies, reference values, the token-signing key) lives in the store, so replicas on
-one PostgreSQL database serve any step of any client.
+/kbs/v0/reference-value/<id>``, ``GET /healthz``, ``GET /metrics``. All state (resources,
+policies, reference values, the token-signing key, and sessions unless a single process owns a
+SQLite file) lives in the store, so replicas on one PostgreSQL database serve any step of any
+client.
 
 Deviation from upstream, on purpose: a session's nonce is good for one ``/attest`` only; a second
 attempt (replay) is refused instead of answering the stored token again.
