@@ -4,11 +4,6 @@ Floors (arrows point down): ``cli`` over ``trustee`` / ``guest`` over ``image`` 
 the ground floor ``protocol``, ``tee``, ``oci``, ``ocicrypt``, ``rpc`` and ``crypto``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("coco")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

@@ -211,3 +211,8 @@ def inspect_cmd(
         "Config": json.loads(info.config.raw),
     }
     click.echo(json.dumps(out, indent=2))
+
+
+# The encryption options plug into `copy` through add_copy_transform; importing the module
+# registers them (kept in its own module so that ocicrypt stays out of this file).
+from coco.cli import image_crypt  # noqa: E402, F401

@@ -6,6 +6,7 @@ with ``--debug``), 2 a usage error, 130 interrupted.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -19,7 +20,34 @@ from coco.errors import CocoError
 _state = {"debug": False}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# `coco <name>` -> "module:attribute"; a group's module is imported only when it is used, so
+# `coco verity ...` does not pay for the OCI client or the KBS server at start-up.
+_GROUPS: dict[str, str] = {
+    "image": "coco.cli.image:image",
+    "verity": "coco.cli.verity:verity_group",
+    "tardev": "coco.cli.tardev:tardev_group",
+    "initdata": "coco.cli.initdata:initdata_group",
+    "kbs": "coco.cli.kbs:kbs",
+    "kbs-client": "coco.cli.kbs_client:kbs_client",
+    "attestation": "coco.cli.attestation:attestation",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_GROUPS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _GROUPS and name not in self.commands:
+            module, _, attr = _GROUPS[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, "--version", prog_name="coco")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
@@ -28,36 +56,6 @@ def cli(debug: bool, verbose: bool) -> None:
     _state["debug"] = debug or _state["debug"]
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="coco: %(levelname)s: %(message)s")
-
-
-def _register() -> None:
-    from coco.cli import image
-    from coco.cli import image_crypt  # noqa: F401  (adds the encryption options to image copy)
-
-    cli.add_command(image.image)
-
-    from coco.cli import verity as verity_cli
-
-    cli.add_command(verity_cli.verity_group)
-
-    from coco.cli import tardev as tardev_cli
-
-    cli.add_command(tardev_cli.tardev_group)
-
-    from coco.cli import initdata as initdata_cli
-
-    cli.add_command(initdata_cli.initdata_group)
-
-    from coco.cli import attestation as attestation_cli
-    from coco.cli import kbs as kbs_cli
-    from coco.cli import kbs_client as kbs_client_cli
-
-    cli.add_command(kbs_cli.kbs)
-    cli.add_command(kbs_client_cli.kbs_client)
-    cli.add_command(attestation_cli.attestation)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,66 @@
+"""The `coco` entry point: version, help, exit codes, one-line errors, lazy command groups."""
+
+import subprocess
+import sys
+
+import pytest
+
+from coco import __version__
+from coco.cli import main as cli_main
+
+
+def coco(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coco.cli.main", *args], capture_output=True, text=True
+    )
+
+
+def test_version_matches_package() -> None:
+    out = coco("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"coco, version {__version__}"
+
+
+def test_help_lists_every_group() -> None:
+    out = coco("--help")
+    assert out.returncode == 0
+    for name in cli_main._GROUPS:
+        assert f"  {name} " in out.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli_main._GROUPS))
+def test_every_group_loads_and_has_help(name: str) -> None:
+    out = coco(name, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage: coco " + name in out.stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    out = coco("no-such-group")
+    assert out.returncode == 2
+    assert "No such command" in out.stderr
+
+
+def test_error_is_one_line_without_traceback(tmp_path) -> None:
+    out = coco("image", "inspect", f"oci:{tmp_path}/nothing:tag")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"coco: error: oci:{tmp_path}/nothing: not an OCI layout (no oci-layout file)"
+    ]
+
+
+def test_debug_shows_the_traceback(tmp_path) -> None:
+    out = coco("--debug", "image", "inspect", f"oci:{tmp_path}/nothing:tag")
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr
+
+
+def test_a_group_is_imported_only_when_used() -> None:
+    code = (
+        "import sys; from coco.cli.main import cli; "
+        "assert 'coco.oci.registry' not in sys.modules; "
+        "assert 'coco.trustee' not in sys.modules; print('lazy')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "lazy"
