@@ -3,7 +3,7 @@
 Copies oci->oci, oci->registry and registry->oci (a docker-registry on loopback) with both tools
 and prints wall time, peak RSS and the ratio coco/skopeo. Usage:
 
-    .venv/bin/python benchmarks/oci_copy.py [--size-mb 200] [--rounds 3]
+    .venv/bin/python benchmarks/bench_copy.py [--size-mb 200] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def make_image(path: Path, size_mb: int) -> str:
     root = str(Path(__file__).resolve().parents[1])
     code = (
         f"import sys; sys.path.insert(0, {root!r})\n"
-        "from benchmarks.oci_copy import big_tar\n"
+        "from benchmarks.bench_copy import big_tar\n"
         "from tests.imagekit import write_image\n"
         f"print(write_image({str(path)!r}, [big_tar({size_mb} << 20)], tag='v1',"
         " compression='none').ref)\n"
