@@ -91,5 +91,5 @@ def test_truncated_event_is_refused() -> None:
     raw = vector("eventlog/CCEL_data_ovmf").read_bytes()
     log = EventLog.parse(raw)
     end = raw.index(log.events[3].data) + 3
-    with pytest.raises(AttestationError, match="truncated event data"):
+    with pytest.raises(AttestationError, match="truncated at event data"):
         EventLog.parse(raw[:end])

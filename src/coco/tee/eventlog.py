@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coco.errors import AttestationError
+from coco.tee.binary import ByteReader
 
 ALGORITHMS: dict[int, tuple[str, int]] = {
     0x0004: ("SHA-1", 20),
@@ -110,27 +111,6 @@ class Event:
         return h.digest() == digest
 
 
-class _Cursor:
-    def __init__(self, data: bytes, where: str) -> None:
-        self.data, self.pos, self.where = data, 0, where
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise AttestationError(
-                f"{self.where}: truncated {what} at offset {self.pos}: need {n} bytes, "
-                f"{len(self.data) - self.pos} left"
-            )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u32(self, what: str) -> int:
-        return int(struct.unpack("<I", self.take(4, what))[0])
-
-    def u16(self, what: str) -> int:
-        return int(struct.unpack("<H", self.take(2, what))[0])
-
-
 @dataclass(frozen=True)
 class EventLog:
     events: list[Event]
@@ -138,7 +118,7 @@ class EventLog:
 
     @classmethod
     def parse(cls, data: bytes, where: str = "event log") -> EventLog:
-        cur = _Cursor(data, where)
+        cur = ByteReader(data, where)
         # header: TCG_PCR_EVENT (SHA-1 layout) carrying TCG_EfiSpecIDEvent
         cur.u32("header pcr index")
         header_type = cur.u32("header event type")
@@ -149,7 +129,7 @@ class EventLog:
                 f"{where}: expected a 'Spec ID Event03' EV_NO_ACTION header, "
                 f"got event type 0x{header_type:x}"
             )
-        sc = _Cursor(spec, f"{where}: Spec ID event")
+        sc = ByteReader(spec, f"{where}: Spec ID event")
         sc.take(16 + 4 + 4, "signature, platform class, versions and uintn size")
         algorithms: dict[int, int] = {}
         for _ in range(sc.u32("number of algorithms")):

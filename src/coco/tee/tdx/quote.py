@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass, field
 
 from coco.errors import AttestationError
+from coco.tee.binary import ByteReader
 
 HEADER_SIZE = 48
 BODY_10_SIZE = 584  # TDX 1.0 TD report body
@@ -48,27 +49,6 @@ BODY_FIELDS = [
     ("report_data", 520, 64),
 ]
 BODY_15_FIELDS = [("tee_tcb_svn2", 584, 16), ("mr_servicetd", 600, 48)]
-
-
-class _Reader:
-    def __init__(self, data: bytes, where: str) -> None:
-        self.data, self.pos, self.where = data, 0, where
-
-    def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.data):
-            raise AttestationError(
-                f"{self.where}: truncated at {what} (offset {self.pos}): expected {n} bytes, "
-                f"got {len(self.data) - self.pos}"
-            )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u16(self, what: str) -> int:
-        return int(struct.unpack("<H", self.take(2, what))[0])
-
-    def u32(self, what: str) -> int:
-        return int(struct.unpack("<I", self.take(4, what))[0])
 
 
 @dataclass(frozen=True)
@@ -132,7 +112,7 @@ class Quote:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "tdx quote") -> Quote:
-        r = _Reader(data, where)
+        r = ByteReader(data, where)
         header_raw = r.take(HEADER_SIZE, "header")
         header = {n: header_raw[o : o + s] for n, o, s in HEADER_FIELDS}
         version, key_type, tee_type = struct.unpack_from("<HHI", header_raw, 0)
@@ -171,7 +151,7 @@ class Quote:
         body = {n: body_raw[o : o + s] for n, o, s in fields}
         signed = data[: r.pos]
         sig_len = r.u32("signature data length")
-        sig = _Reader(r.take(sig_len, "signature data"), f"{where}: signature data")
+        sig = ByteReader(r.take(sig_len, "signature data"), f"{where}: signature data")
         if r.pos != len(data) and any(data[r.pos :]):
             raise AttestationError(
                 f"{where}: {len(data) - r.pos} unexpected non-zero bytes after the signature data"
@@ -184,7 +164,7 @@ class Quote:
                 f"{where}: certification data type: expected 6 (QE report), got {cert_type}"
             )
         cert_len = sig.u32("certification data size")
-        qe = _Reader(sig.take(cert_len, "QE report certification data"), f"{where}: QE data")
+        qe = ByteReader(sig.take(cert_len, "QE report certification data"), f"{where}: QE data")
         qe_report = QeReport(qe.take(QE_REPORT_SIZE, "QE report"))
         qe_sig = qe.take(64, "QE report signature")
         auth = qe.take(qe.u16("QE authentication data size"), "QE authentication data")

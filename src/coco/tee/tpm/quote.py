@@ -9,7 +9,6 @@ Shared by the generic ``tpm`` verifier and the Azure vTPM verifiers.
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from coco.errors import AttestationError
+from coco.tee.binary import ByteReader
 
 TPM_GENERATED = 0xFF544347
 TPM_ST_ATTEST_QUOTE = 0x8018
@@ -31,40 +31,14 @@ HASH_ALGS: dict[int, tuple[str, hashes.HashAlgorithm]] = {
 INITDATA_PCR = 8
 
 
-class _Reader:
+class _Reader(ByteReader):
+    """TPM structures are big endian and carry TPM2B (u16 size + bytes) fields."""
+
     def __init__(self, data: bytes, where: str) -> None:
-        self.data, self.pos, self.where = data, 0, where
-
-    def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.data):
-            raise AttestationError(
-                f"{self.where}: truncated at {what} (offset {self.pos}): need {n} bytes, "
-                f"{len(self.data) - self.pos} left"
-            )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        return int(struct.unpack(">H", self.take(2, what))[0])
-
-    def u32(self, what: str) -> int:
-        return int(struct.unpack(">I", self.take(4, what))[0])
-
-    def u64(self, what: str) -> int:
-        return int(struct.unpack(">Q", self.take(8, what))[0])
+        super().__init__(data, where, ">")
 
     def tpm2b(self, what: str) -> bytes:
         return self.take(self.u16(f"{what} size"), what)
-
-    def done(self) -> None:
-        if self.pos != len(self.data):
-            raise AttestationError(
-                f"{self.where}: {len(self.data) - self.pos} unexpected trailing bytes"
-            )
 
 
 @dataclass(frozen=True)
