@@ -67,3 +67,19 @@ class AttestationError(CocoError):
 
 class KbsError(CocoError):
     """Key Broker Service protocol errors (client and server side)."""
+
+
+class ImageError(CocoError):
+    """Image pull, layer store, unpack and bundles."""
+
+
+class UnpackError(ImageError):
+    """A layer tar that was refused (hostile or malformed entry, limit exceeded)."""
+
+
+class LayerStoreError(ImageError):
+    """The layer store: bad diff_id, missing layer, index problems."""
+
+
+class BundleError(ImageError):
+    """A bundle (rootfs + config.json) that could not be assembled or removed."""

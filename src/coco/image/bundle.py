@@ -1,0 +1,536 @@
+"""Bundles: a rootfs assembled from the layer store, and the OCI runtime ``config.json``.
+
+``create_bundle`` mounts an overlay of the store's layer directories (top layer first) when the
+kernel allows it, with the writable upper and work dirs inside the bundle; with ``flatten=True``
+(or when the mount is refused) it copies the layers bottom to top into ``rootfs/``, applying the
+whiteouts recorded in each layer directory exactly as umoci applies ``.wh.`` entries: a whiteout
+removes the lower path, an opaque directory loses its lower contents, a directory that only
+exists implicitly in a layer (no tar entry) keeps the lower directory's owner and mode. Every
+write into the rootfs goes through directory fds with ``O_NOFOLLOW``, so symlinks of a lower
+layer never redirect an upper layer's files.
+
+Known difference of overlay mode (the kernel's, shared with Docker's overlay2): an implicit
+parent directory shows root:0755, and a whiteout in a directory no lower layer has shows an
+empty directory. Flattened mode has neither.
+
+A failure removes the bundle directory (unmounting first) and its registration; nothing partial
+is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coco.errors import BundleError
+from coco.image.store import LayerInfo, LayerStore
+from coco.image.unpack import OPAQUE_XATTR
+
+__all__ = ["Bundle", "create_bundle", "remove_bundle", "runtime_config"]
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_XATTR_NAMESPACES = ("user.", "security.")
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """An assembled bundle: ``path/config.json`` and ``path/rootfs``."""
+
+    path: Path
+    mode: str  # "overlay" or "flatten"
+    diff_ids: tuple[str, ...]
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs"
+
+
+# -- mounting ----------------------------------------------------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
+    for p in [*lowers, upper, work]:
+        if any(c in str(p) for c in ",:\\"):
+            raise OSError(errno.EINVAL, f"overlay cannot name the path {p}")
+    opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+    if len(opts) >= 4000:
+        raise OSError(errno.E2BIG, "too many layers for one overlay option string")
+    rc = _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, opts.encode())
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _umount(target: Path) -> None:
+    if _libc.umount2(os.fsencode(target), 2) != 0:  # MNT_DETACH
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(e, f"umount {target}: {os.strerror(e)}")
+
+
+def _is_mount(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.ismount(path)
+    return False
+
+
+# -- flattening --------------------------------------------------------------------------------
+def _remove_at(dfd: int, name: str) -> None:
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+
+
+def _copy_xattrs(src: int, dst: int) -> None:
+    try:
+        names = os.listxattr(src)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(_XATTR_NAMESPACES):
+            with contextlib.suppress(OSError):
+                os.setxattr(dst, n, os.getxattr(src, n))
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+class _Flattener:
+    def __init__(self, root_fd: int, layer: LayerInfo) -> None:
+        self.root_fd = root_fd
+        self.layer = layer
+        self.links: dict[int, str] = {}  # layer inode -> rootfs path of its first copy
+        self.dir_times: list[tuple[str, int]] = []
+        self.is_root = os.geteuid() == 0
+
+    def run(self) -> None:
+        lfd = os.open(self.layer.path, _DIR_FLAGS)
+        try:
+            if "" not in self.layer.implicit_dirs:
+                self._meta_dir(lfd, self.root_fd, "")
+            self._dir(lfd, self.root_fd, "")
+        finally:
+            os.close(lfd)
+        for rel, mtime in reversed(self.dir_times):
+            with contextlib.suppress(OSError):
+                os.utime(rel or ".", (mtime, mtime), dir_fd=self.root_fd, follow_symlinks=False)
+
+    def _meta_dir(self, lfd: int, rfd: int, rel: str) -> None:
+        st = os.fstat(lfd)
+        if self.is_root:
+            os.fchown(rfd, st.st_uid, st.st_gid)
+        os.fchmod(rfd, stat.S_IMODE(st.st_mode))
+        _copy_xattrs(lfd, rfd)
+        self.dir_times.append((rel, int(st.st_mtime)))
+
+    def _dir(self, lfd: int, rfd: int, rel: str) -> None:
+        with contextlib.suppress(OSError):
+            if os.getxattr(lfd, OPAQUE_XATTR) == b"y":
+                for name in os.listdir(rfd):
+                    _remove_at(rfd, name)
+        with os.scandir(lfd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            self._entry(lfd, rfd, e.name, f"{rel}/{e.name}" if rel else e.name)
+
+    def _entry(self, lfd: int, rfd: int, name: str, rel: str) -> None:
+        st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
+        if _is_whiteout(st):
+            _remove_at(rfd, name)
+            return
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            self._subdir(lfd, rfd, name, rel)
+            return
+        _remove_at(rfd, name)
+        if stat.S_ISREG(mode):
+            if st.st_nlink > 1 and st.st_ino in self.links:
+                os.link(
+                    self.links[st.st_ino],
+                    name,
+                    src_dir_fd=self.root_fd,
+                    dst_dir_fd=rfd,
+                    follow_symlinks=False,
+                )
+                return
+            self._copy_file(lfd, rfd, name, st)
+            if st.st_nlink > 1:
+                self.links[st.st_ino] = rel
+            return
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(name, dir_fd=lfd), name, dir_fd=rfd)
+        else:
+            os.mknod(name, (mode & ~0o7777) | 0o600, st.st_rdev, dir_fd=rfd)
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=rfd, follow_symlinks=False)
+        if self.is_root:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=rfd, follow_symlinks=False)
+        os.utime(name, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=rfd, follow_symlinks=False)
+
+    def _copy_file(self, lfd: int, rfd: int, name: str, st: os.stat_result) -> None:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
+        try:
+            dst = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=rfd,
+            )
+            try:
+                left = st.st_size
+                while left > 0:
+                    n = os.copy_file_range(src, dst, min(left, 1 << 30))
+                    if n == 0:
+                        break
+                    left -= n
+                if self.is_root:
+                    os.fchown(dst, st.st_uid, st.st_gid)
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                _copy_xattrs(src, dst)
+                os.utime(dst, ns=(st.st_mtime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _subdir(self, lfd: int, rfd: int, name: str, rel: str) -> None:
+        implicit = rel in self.layer.implicit_dirs
+        clfd = os.open(name, _DIR_FLAGS, dir_fd=lfd)
+        try:
+            try:
+                rst = os.stat(name, dir_fd=rfd, follow_symlinks=False)
+            except FileNotFoundError:
+                rst = None
+            if rst is None or not stat.S_ISDIR(rst.st_mode):
+                if implicit and _only_whiteouts(clfd):
+                    return  # nothing to hide below, nothing to create (as umoci)
+                if rst is not None:
+                    _remove_at(rfd, name)
+                os.mkdir(name, 0o700, dir_fd=rfd)
+                if implicit:
+                    os.chmod(name, 0o755, dir_fd=rfd)
+            crfd = os.open(name, _DIR_FLAGS, dir_fd=rfd)
+            try:
+                if not implicit:
+                    self._meta_dir(clfd, crfd, rel)
+                self._dir(clfd, crfd, rel)
+            finally:
+                os.close(crfd)
+        finally:
+            os.close(clfd)
+
+
+def _only_whiteouts(fd: int) -> bool:
+    with os.scandir(fd) as it:
+        for e in it:
+            st = e.stat(follow_symlinks=False)
+            if _is_whiteout(st):
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+            cfd = os.open(e.name, _DIR_FLAGS, dir_fd=fd)
+            try:
+                if not _only_whiteouts(cfd):
+                    return False
+            finally:
+                os.close(cfd)
+    return True
+
+
+def flatten_layers(layers: Sequence[LayerInfo], rootfs: Path) -> None:
+    """Copy ``layers`` (bottom first) onto the directory ``rootfs``, applying whiteouts."""
+    root_fd = os.open(rootfs, _DIR_FLAGS)
+    try:
+        for layer in layers:
+            _Flattener(root_fd, layer).run()
+    finally:
+        os.close(root_fd)
+
+
+# -- bundles -----------------------------------------------------------------------------------
+def create_bundle(
+    store: LayerStore,
+    diff_ids: Sequence[str],
+    bundle_dir: str | os.PathLike[str],
+    *,
+    image_config: Mapping[str, Any] | None = None,
+    flatten: bool = False,
+    args: Sequence[str] | None = None,
+) -> Bundle:
+    """Assemble ``bundle_dir`` (which must not exist) from layers already in ``store``."""
+    path = Path(bundle_dir).absolute()
+    where = f"bundle {path}"
+    if not diff_ids:
+        raise BundleError(f"{where}: expected at least one layer, found none")
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        raise BundleError(f"{where}: expected a new directory, found one already there") from None
+    except OSError as e:
+        raise BundleError(f"{where}: cannot create: {e.strerror}") from None
+    mode = "flatten"
+    try:
+        with store.session():
+            layers = [store.get(d) for d in diff_ids]
+            store.register_bundle(path, diff_ids)
+            rootfs = path / "rootfs"
+            rootfs.mkdir(mode=0o755)
+            os.chmod(rootfs, 0o755)
+            if not flatten:
+                upper, work = path / "overlay" / "upper", path / "overlay" / "work"
+                upper.mkdir(parents=True)
+                work.mkdir()
+                _root_meta(layers, upper)
+                try:
+                    _mount_overlay([ly.path for ly in reversed(layers)], upper, work, rootfs)
+                    mode = "overlay"
+                except OSError as e:
+                    log.info("%s: overlay mount refused (%s); flattening instead", where, e)
+                    shutil.rmtree(path / "overlay")
+            if mode == "flatten":
+                flatten_layers(layers, rootfs)
+            config = runtime_config(image_config or {}, rootfs=rootfs, args=args)
+            (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    except BaseException as e:
+        _teardown(store, path)
+        if isinstance(e, OSError):
+            raise BundleError(f"{where}: {e.strerror or e}") from None
+        raise
+    return Bundle(path, mode, tuple(diff_ids))
+
+
+def _root_meta(layers: Sequence[LayerInfo], upper: Path) -> None:
+    """The overlay root shows the upper dir: give it the last explicit root entry's metadata."""
+    os.chmod(upper, 0o755)
+    for layer in reversed(layers):
+        if "" not in layer.implicit_dirs:
+            st = os.stat(layer.path)
+            os.chown(upper, st.st_uid, st.st_gid)
+            os.chmod(upper, stat.S_IMODE(st.st_mode))
+            os.utime(upper, ns=(st.st_mtime_ns, st.st_mtime_ns))
+            return
+
+
+def _teardown(store: LayerStore, path: Path) -> None:
+    rootfs = path / "rootfs"
+    if _is_mount(rootfs):
+        _umount(rootfs)
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(Exception):
+        store.unregister_bundle(path)
+
+
+def remove_bundle(store: LayerStore, bundle_dir: str | os.PathLike[str]) -> None:
+    """Unmount and delete a bundle and forget it in the store (its layers become prunable)."""
+    path = Path(bundle_dir).absolute()
+    try:
+        if _is_mount(path / "rootfs"):
+            _umount(path / "rootfs")
+    except OSError as e:
+        raise BundleError(f"bundle {path}: {e}") from None
+    shutil.rmtree(path, ignore_errors=True)
+    store.unregister_bundle(path)
+
+
+# -- runtime config ----------------------------------------------------------------------------
+def _read_in_rootfs(rootfs: Path, rel: str, limit: int = 1 << 20) -> str | None:
+    """A small file of the rootfs, never following a symlink (images are untrusted)."""
+    fd = os.open(rootfs, _DIR_FLAGS)
+    try:
+        parts = rel.split("/")
+        for name in parts[:-1]:
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        with os.fdopen(ffd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _table(text: str | None) -> list[list[str]]:
+    return [ln.split(":") for ln in (text or "").splitlines() if ln and not ln.startswith("#")]
+
+
+def _resolve_user(user: str, rootfs: Path | None) -> dict[str, Any]:
+    """``uid``, ``uid:gid``, ``name``, ``name:group`` (names from the rootfs's /etc files)."""
+    if not user:
+        return {"uid": 0, "gid": 0}
+    name, _, group = user.partition(":")
+    passwd = _table(_read_in_rootfs(rootfs, "etc/passwd")) if rootfs else []
+    groups = _table(_read_in_rootfs(rootfs, "etc/group")) if rootfs else []
+    uid: int | None = None
+    gid: int | None = None
+    username = None
+    if name.isdigit():
+        uid = int(name)
+        for row in passwd:
+            if len(row) >= 4 and row[2] == name:
+                username, gid = row[0], int(row[3]) if row[3].isdigit() else None
+                break
+    else:
+        for row in passwd:
+            if len(row) >= 4 and row[0] == name and row[2].isdigit():
+                username, uid = name, int(row[2])
+                gid = int(row[3]) if row[3].isdigit() else None
+                break
+        if uid is None:
+            raise BundleError(
+                f"image config User {user!r}: expected user {name!r} in the rootfs /etc/passwd, "
+                "found none"
+            )
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            for row in groups:
+                if len(row) >= 3 and row[0] == group and row[2].isdigit():
+                    gid = int(row[2])
+                    break
+            else:
+                raise BundleError(
+                    f"image config User {user!r}: expected group {group!r} in the rootfs "
+                    "/etc/group, found none"
+                )
+    out: dict[str, Any] = {"uid": uid, "gid": gid if gid is not None else 0}
+    if username and not group:
+        extra = sorted(
+            {
+                int(row[2])
+                for row in groups
+                if len(row) >= 4 and row[2].isdigit() and username in row[3].split(",")
+            }
+            - {out["gid"]}
+        )
+        if extra:
+            out["additionalGids"] = extra
+    return out
+
+
+def runtime_config(
+    image_config: Mapping[str, Any],
+    *,
+    rootfs: Path | None = None,
+    args: Sequence[str] | None = None,
+    hostname: str = "coco",
+) -> dict[str, Any]:
+    """An OCI runtime spec (as ``runc spec`` makes, no terminal) filled from an image config
+    (the whole config blob or just its ``config`` object)."""
+    cfg = image_config.get("config", image_config) if "rootfs" in image_config else image_config
+    cfg = cfg or {}
+    if not isinstance(cfg, Mapping):
+        raise BundleError(f"image config: expected an object for 'config', found {cfg!r}")
+    argv = list(args) if args else [*(cfg.get("Entrypoint") or []), *(cfg.get("Cmd") or [])]
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise BundleError(
+            "image config: expected Entrypoint and/or Cmd (a list of strings), found "
+            f"{cfg.get('Entrypoint')!r} and {cfg.get('Cmd')!r}"
+        )
+    env = list(cfg.get("Env") or [])
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, DEFAULT_PATH)
+    cwd = cfg.get("WorkingDir") or "/"
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise BundleError(f"image config WorkingDir: expected an absolute path, found {cwd!r}")
+    user = _resolve_user(str(cfg.get("User") or ""), rootfs)
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    labels = cfg.get("Labels") or {}
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": user,
+            "args": argv,
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
+            {
+                "destination": "/dev/mqueue",
+                "type": "mqueue",
+                "source": "mqueue",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            },
+        ],
+        "annotations": {str(k): str(v) for k, v in dict(labels).items()},
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [
+                {"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")
+            ],
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ],
+        },
+    }

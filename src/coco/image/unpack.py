@@ -1,0 +1,568 @@
+"""Secure streaming untar of one decompressed OCI layer into a layer directory.
+
+The layer directory is in the form overlayfs reads as a lower layer, so a bundle can mount the
+store's layers directly, and :mod:`coco.image.bundle` can flatten them onto a copy:
+
+- ``.wh.NAME`` becomes a character device 0:0 at ``NAME`` (an overlay whiteout); a whiteout of a
+  path this same layer already created is ignored (the spec's whiteouts only hide lower layers;
+  umoci does the same).
+- ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its directory; a directory that replaces a
+  whiteout of the same layer is made opaque too, so lower contents stay hidden.
+
+Hostile entries, and what happens to them (the guest is the attack surface):
+
+- ``..`` components are clamped at the layer root and absolute names are taken relative to it,
+  as umoci does (contained, not refused).
+- Every write resolves its path component by component from directory file descriptors with
+  ``O_NOFOLLOW``: a symlink planted by an earlier entry is never followed; an entry whose parent
+  is a symlink or a non-directory is refused.
+- Hardlinks must name an earlier non-directory entry of the same layer; a target that climbs
+  above the root with ``..`` is refused.
+- Character and block devices are refused unless ``UnpackLimits.allow_devices`` (the guest has no
+  business receiving device nodes from an image); a character device 0:0 is always refused since
+  it means "whiteout" in the layer directory. FIFOs are created.
+- setuid/setgid bits are stripped when not running as root (ownership cannot be kept anyway).
+- Duplicate entries: the last one wins, as with tar and umoci (the earlier one is removed).
+- Extended attributes from PAX ``SCHILY.xattr.*`` are applied only in the ``user.`` and
+  ``security.`` namespaces; ``trusted.*`` (notably ``trusted.overlay.*``) is never taken from a tar.
+- ``max_layer_size`` bounds the bytes read from the decompressed stream and ``max_files`` the number
+  of entries, both enforced while streaming, before anything larger is written.
+
+On any error the caller (:class:`coco.image.store.LayerStore`) removes the whole directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from coco.errors import UnpackError
+
+__all__ = ["OPAQUE_XATTR", "UnpackLimits", "UnpackStats", "unpack_layer"]
+
+log = logging.getLogger(__name__)
+
+OPAQUE_XATTR = "trusted.overlay.opaque"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_NAME = ".wh..wh..opq"
+
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_XATTR_NAMESPACES = ("user.", "security.")
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Bounds on what one layer may do; the defaults suit real images."""
+
+    max_layer_size: int = 32 << 30  # bytes of decompressed tar stream
+    max_files: int = 1_000_000  # tar entries, whiteouts and directories included
+    max_depth: int = 256  # path components of one entry
+    allow_devices: bool = False  # create char/block device nodes (as root only)
+
+    def __post_init__(self) -> None:
+        for name in ("max_layer_size", "max_files", "max_depth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"UnpackLimits.{name} must be positive")
+
+
+@dataclass
+class UnpackStats:
+    """What one layer held; ``implicit_dirs`` are parents no entry described ('' is the root)."""
+
+    entries: int = 0
+    bytes_read: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    whiteouts: int = 0
+    opaque_dirs: int = 0
+    others: int = 0
+    diff_id: str = ""
+    implicit_dirs: list[str] = field(default_factory=list)
+
+
+class _Reader:
+    """Counts (and optionally hashes) the decompressed stream; refuses past the size limit."""
+
+    def __init__(self, raw: BinaryIO, limit: int, hasher: hashlib._Hash | None) -> None:
+        self._raw = raw
+        self._limit = limit
+        self._hasher = hasher
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n if n is not None and n >= 0 else _CHUNK)
+        self.count += len(data)
+        if self.count > self._limit:
+            raise UnpackError(
+                f"layer: decompressed size exceeds --max-layer-size: limit {self._limit} bytes, "
+                f"read {self.count} so far"
+            )
+        if self._hasher is not None and data:
+            self._hasher.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+
+def _components(name: str, where: str, *, strict: bool = False) -> list[str]:
+    """Clean path components; '..' is clamped at the root (refused when ``strict``)."""
+    out: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                if strict:
+                    raise UnpackError(f"{where}: expected a path inside the layer, found {name!r}")
+                continue
+            out.pop()
+            continue
+        out.append(part)
+    return out
+
+
+class _Unpacker:
+    def __init__(self, dest: str, limits: UnpackLimits) -> None:
+        self.limits = limits
+        self.root_fd = os.open(dest, _DIR_FLAGS)
+        self.is_root = os.geteuid() == 0
+        self.stats = UnpackStats()
+        self.created: set[str] = set()  # paths this layer wrote (whiteouts of them are ignored)
+        self.whiteouts: set[str] = set()
+        self.implicit: set[str] = {""}
+        self.dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), applied at the end
+        self._cache_key: tuple[str, ...] | None = None
+        self._cache_fd = -1
+
+    # -- directory walking -------------------------------------------------------------------
+    def close(self) -> None:
+        self._drop_cache()
+        os.close(self.root_fd)
+
+    def _drop_cache(self) -> None:
+        if self._cache_fd >= 0:
+            os.close(self._cache_fd)
+        self._cache_fd, self._cache_key = -1, None
+
+    def _invalidate(self, path: str) -> None:
+        if self._cache_key is not None:
+            key = "/".join(self._cache_key)
+            if key == path or key.startswith(path + "/") or not path:
+                self._drop_cache()
+
+    def parent_fd(self, parts: list[str], where: str, *, create: bool = True) -> int:
+        """A borrowed fd of the directory ``parts`` (created as needed); never follows symlinks."""
+        key = tuple(parts)
+        if not parts:
+            return self.root_fd
+        if key == self._cache_key:
+            return self._cache_fd
+        fd = self.root_fd
+        try:
+            for i, name in enumerate(parts):
+                nfd = self._open_dir(fd, name, "/".join(parts[: i + 1]), where, create)
+                if fd != self.root_fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self.root_fd:
+                os.close(fd)
+            raise
+        self._drop_cache()
+        self._cache_key, self._cache_fd = key, fd
+        return fd
+
+    def _open_dir(self, fd: int, name: str, path: str, where: str, create: bool) -> int:
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            if not create:
+                raise
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            if path not in self.whiteouts:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                raise UnpackError(
+                    f"{where}: expected parent {path!r} to be a directory, found {kind}"
+                ) from None
+            # a directory under a path this layer whited out: it replaces the whiteout, opaque
+            os.unlink(name, dir_fd=fd)
+            self.whiteouts.discard(path)
+            nfd = self._mkdir(fd, name, path)
+            self._set_opaque(nfd)
+            return nfd
+        return self._mkdir(fd, name, path)
+
+    def _mkdir(self, fd: int, name: str, path: str) -> int:
+        os.mkdir(name, 0o755, dir_fd=fd)
+        nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        os.fchmod(nfd, 0o755)
+        self.implicit.add(path)
+        self.created.add(path)
+        return nfd
+
+    def _set_opaque(self, fd: int) -> None:
+        try:
+            os.setxattr(fd, OPAQUE_XATTR, b"y")
+        except OSError as e:
+            raise UnpackError(
+                f"layer: cannot mark an opaque directory ({OPAQUE_XATTR}): {e.strerror}; the "
+                "layer store needs a filesystem with trusted xattrs and root"
+            ) from None
+
+    def _clear(self, dfd: int, name: str, path: str, *, keep_dir: bool) -> bool:
+        """Remove what is at ``name``; keep a directory when asked. True if a dir remains."""
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            self._invalidate(path)
+            shutil.rmtree(name, dir_fd=dfd)
+            prefix = path + "/"
+            self.created = {p for p in self.created if not p.startswith(prefix)}
+            self.whiteouts = {p for p in self.whiteouts if not p.startswith(prefix)}
+        else:
+            os.unlink(name, dir_fd=dfd)
+        self.whiteouts.discard(path)
+        return False
+
+    # -- entries -----------------------------------------------------------------------------
+    def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        try:
+            self._entry(tf, ti)
+        except OSError as e:
+            raise UnpackError(
+                f"layer entry {self.stats.entries} {ti.name!r}: cannot create {_kind(ti)}: "
+                f"{e.strerror or e}"
+            ) from None
+
+    def _entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        st = self.stats
+        st.entries += 1
+        where = f"layer entry {st.entries} {ti.name!r}"
+        if st.entries > self.limits.max_files:
+            raise UnpackError(
+                f"{where}: more entries than --max-files allows ({self.limits.max_files})"
+            )
+        parts = _components(ti.name, where)
+        if len(parts) > self.limits.max_depth:
+            raise UnpackError(
+                f"{where}: expected at most {self.limits.max_depth} path components, "
+                f"found {len(parts)}"
+            )
+        for what, ident in (("uid", ti.uid), ("gid", ti.gid)):
+            if not 0 <= ident < 2**32 - 1:
+                raise UnpackError(f"{where}: expected a {what} below 2^32-1, found {ident}")
+        if not parts:
+            if not ti.isdir():
+                raise UnpackError(f"{where}: the layer root must be a directory, found {_kind(ti)}")
+            self._dir_meta(self.root_fd, "", ti)
+            return
+        base = parts[-1]
+        path = "/".join(parts)
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(parts, where)
+            return
+        if ti.isreg() and ti.size > self.limits.max_layer_size - st.bytes_read:
+            raise UnpackError(
+                f"{where}: a {ti.size}-byte file would take the layer past --max-layer-size "
+                f"({self.limits.max_layer_size} bytes)"
+            )
+        dfd = self.parent_fd(parts[:-1], where)
+        self._write(tf, ti, dfd, base, path, where)
+        self.created.add(path)
+
+    def _write(
+        self, tf: tarfile.TarFile, ti: tarfile.TarInfo, dfd: int, base: str, path: str, where: str
+    ) -> None:
+        st = self.stats
+        if ti.isdir():
+            was_whiteout = path in self.whiteouts
+            if not self._clear(dfd, base, path, keep_dir=True):
+                os.mkdir(base, 0o700, dir_fd=dfd)
+            fd = os.open(base, _DIR_FLAGS, dir_fd=dfd)
+            try:
+                if was_whiteout:
+                    self._set_opaque(fd)
+                self._dir_meta(fd, path, ti)
+            finally:
+                os.close(fd)
+            st.dirs += 1
+            return
+        if ti.islnk():
+            self._hardlink(ti, dfd, base, path, where)
+            return
+        if ti.isreg():
+            self._clear(dfd, base, path, keep_dir=False)
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dfd)
+            try:
+                src = tf.extractfile(ti)
+                if src is not None:
+                    read, write = src.read, os.write
+                    while True:
+                        buf = read(_CHUNK)
+                        if not buf:
+                            break
+                        view = memoryview(buf)
+                        while view:
+                            view = view[write(fd, view) :]
+                if self.is_root:
+                    os.fchown(fd, ti.uid, ti.gid)
+                os.fchmod(fd, self._mode(ti))
+                self._xattrs(fd, ti)
+                os.utime(fd, (_mtime(ti), _mtime(ti)))
+            finally:
+                os.close(fd)
+            st.files += 1
+            return
+        if ti.issym():
+            if not ti.linkname:
+                raise UnpackError(f"{where}: expected a symlink target, found an empty one")
+            self._clear(dfd, base, path, keep_dir=False)
+            os.symlink(ti.linkname, base, dir_fd=dfd)
+            if self.is_root:
+                os.chown(base, ti.uid, ti.gid, dir_fd=dfd, follow_symlinks=False)
+            os.utime(base, (_mtime(ti), _mtime(ti)), dir_fd=dfd, follow_symlinks=False)
+            st.symlinks += 1
+            return
+        if ti.isfifo() or ti.ischr() or ti.isblk():
+            if not ti.isfifo():
+                if ti.ischr() and ti.devmajor == 0 and ti.devminor == 0:
+                    raise UnpackError(
+                        f"{where}: character device 0:0 is refused (it means a whiteout here)"
+                    )
+                if not self.limits.allow_devices:
+                    raise UnpackError(
+                        f"{where}: device nodes are refused ({_kind(ti)} "
+                        f"{ti.devmajor}:{ti.devminor}); allow them with allow_devices"
+                    )
+            self._clear(dfd, base, path, keep_dir=False)
+            kind = stat.S_IFIFO if ti.isfifo() else stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
+            os.mknod(base, kind | 0o600, os.makedev(ti.devmajor, ti.devminor), dir_fd=dfd)
+            if self.is_root:
+                os.chown(base, ti.uid, ti.gid, dir_fd=dfd, follow_symlinks=False)
+            os.chmod(base, self._mode(ti), dir_fd=dfd, follow_symlinks=False)
+            os.utime(base, (_mtime(ti), _mtime(ti)), dir_fd=dfd, follow_symlinks=False)
+            st.others += 1
+            return
+        raise UnpackError(f"{where}: unsupported tar entry type {ti.type!r}")
+
+    def _hardlink(self, ti: tarfile.TarInfo, dfd: int, base: str, path: str, where: str) -> None:
+        tparts = _components(ti.linkname, f"{where}: hardlink target", strict=True)
+        tpath = "/".join(tparts)
+        if not tparts or tpath == path:
+            raise UnpackError(
+                f"{where}: expected a hardlink to another file, found target {ti.linkname!r}"
+            )
+        if tpath in self.whiteouts or tpath not in self.created:
+            raise UnpackError(
+                f"{where}: expected a hardlink to an earlier file of this layer, found target "
+                f"{ti.linkname!r} which this layer did not create"
+            )
+        tfd = -1
+        try:
+            tfd = self._open_parent_nocreate(tparts[:-1], where)
+            tst = os.stat(tparts[-1], dir_fd=tfd, follow_symlinks=False)
+            if stat.S_ISDIR(tst.st_mode):
+                raise UnpackError(
+                    f"{where}: expected a hardlink to a file, found directory {ti.linkname!r}"
+                )
+            # the target's parent fd must survive clearing ours: re-resolve ours afterwards
+            self._clear(dfd, base, path, keep_dir=False)
+            os.link(tparts[-1], base, src_dir_fd=tfd, dst_dir_fd=dfd, follow_symlinks=False)
+        finally:
+            if tfd >= 0 and tfd != self.root_fd:
+                os.close(tfd)
+        self.stats.hardlinks += 1
+
+    def _open_parent_nocreate(self, parts: list[str], where: str) -> int:
+        fd = self.root_fd
+        for name in parts:
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                if fd != self.root_fd:
+                    os.close(fd)
+                raise UnpackError(
+                    f"{where}: expected the hardlink target's parents to be directories of this "
+                    f"layer, found {'/'.join(parts)!r} is not"
+                ) from None
+            if fd != self.root_fd:
+                os.close(fd)
+            fd = nfd
+        return fd
+
+    def _whiteout(self, parts: list[str], where: str) -> None:
+        base = parts[-1]
+        dfd = self.parent_fd(parts[:-1], where)
+        if base == OPAQUE_NAME:
+            self._set_opaque(dfd)
+            self.stats.opaque_dirs += 1
+            return
+        name = base[len(WHITEOUT_PREFIX) :]
+        if name in ("", ".", "..") or "/" in name:
+            raise UnpackError(
+                f"{where}: expected a whiteout of a name in its directory, found {base!r}"
+            )
+        path = "/".join([*parts[:-1], name])
+        self.stats.whiteouts += 1
+        if path in self.created or path in self.whiteouts:
+            return  # hides lower layers only: this layer's own entry stays (as umoci)
+        try:
+            self._clear(dfd, name, path, keep_dir=False)
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
+        except OSError as e:
+            raise UnpackError(
+                f"{where}: cannot record the whiteout as a 0:0 character device: {e.strerror}; "
+                "the layer store needs root"
+            ) from None
+        self.whiteouts.add(path)
+
+    # -- metadata ----------------------------------------------------------------------------
+    def _mode(self, ti: tarfile.TarInfo) -> int:
+        mode = ti.mode & 0o7777
+        if not self.is_root:
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        return mode
+
+    def _dir_meta(self, fd: int, path: str, ti: tarfile.TarInfo) -> None:
+        if self.is_root:
+            os.fchown(fd, ti.uid, ti.gid)
+        self._xattrs(fd, ti)
+        self.implicit.discard(path)
+        self.dir_meta[path] = (self._mode(ti), _mtime(ti))
+
+    def _xattrs(self, fd: int, ti: tarfile.TarInfo) -> None:
+        for key, value in ti.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            name = key[len("SCHILY.xattr.") :]
+            if not name.startswith(_XATTR_NAMESPACES):
+                log.debug("layer entry %r: xattr %r ignored", ti.name, name)
+                continue
+            raw = value.encode("utf-8", "surrogateescape")
+            try:
+                os.setxattr(fd, name, raw)
+            except OSError as e:
+                log.debug("layer entry %r: xattr %r not set: %s", ti.name, name, e)
+
+    def finish(self) -> None:
+        """Directory modes and mtimes last, once their contents stopped changing."""
+        self._drop_cache()
+        for path, (mode, mtime) in sorted(self.dir_meta.items(), key=lambda kv: -len(kv[0])):
+            parts = path.split("/") if path else []
+            try:
+                fd = (
+                    os.dup(self.root_fd)
+                    if not parts
+                    else self._open_parent_nocreate(parts, f"directory {path!r}")
+                )
+            except UnpackError:
+                continue  # replaced by a later non-directory entry
+            try:
+                os.fchmod(fd, mode)
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+        self.stats.implicit_dirs = sorted(self.implicit)
+
+
+def _mtime(ti: tarfile.TarInfo) -> int:
+    try:
+        return max(0, min(int(ti.mtime), 2**63 // 10**9 - 1))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _kind(ti: tarfile.TarInfo) -> str:
+    return {
+        tarfile.REGTYPE: "file",
+        tarfile.AREGTYPE: "file",
+        tarfile.CONTTYPE: "file",
+        tarfile.DIRTYPE: "directory",
+        tarfile.SYMTYPE: "symlink",
+        tarfile.LNKTYPE: "hardlink",
+        tarfile.CHRTYPE: "character device",
+        tarfile.BLKTYPE: "block device",
+        tarfile.FIFOTYPE: "fifo",
+    }.get(ti.type, f"type {ti.type!r}")
+
+
+def _hasher(diff_id: str) -> hashlib._Hash:
+    alg, _, hexpart = diff_id.partition(":")
+    sizes = {"sha256": 64, "sha512": 128}
+    if alg not in sizes or len(hexpart) != sizes[alg] or hexpart.strip("0123456789abcdef"):
+        raise UnpackError(
+            f"diff_id: expected sha256:<64 hex> or sha512:<128 hex>, found {diff_id!r}"
+        )
+    return hashlib.new(alg)
+
+
+def unpack_layer(
+    stream: BinaryIO,
+    dest_dir: str | os.PathLike[str],
+    *,
+    limits: UnpackLimits | None = None,
+    diff_id: str | None = None,
+) -> UnpackStats:
+    """Untar the decompressed layer ``stream`` into the empty directory ``dest_dir``.
+
+    With ``diff_id``, the whole stream (trailing padding included) is hashed and must match it.
+    On error an :class:`~coco.errors.UnpackError` is raised and ``dest_dir`` holds a partial tree
+    the caller must remove (the layer store does).
+    """
+    limits = limits or UnpackLimits()
+    hasher = _hasher(diff_id) if diff_id else None
+    reader = _Reader(stream, limits.max_layer_size, hasher)
+    dest = os.fspath(dest_dir)
+    if os.listdir(dest):
+        raise UnpackError(f"unpack: expected an empty directory, found files in {dest}")
+    up = _Unpacker(dest, limits)
+    try:
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r|", bufsize=_CHUNK)  # noqa: SIM115
+            while True:
+                ti = tf.next()
+                if ti is None:
+                    break
+                up.stats.bytes_read = reader.count
+                up.entry(tf, ti)
+                tf.members.clear()  # stream mode: keep memory flat
+        except tarfile.TarError as e:
+            raise UnpackError(
+                f"layer: expected a tar stream, found {e} after entry {up.stats.entries}"
+            ) from None
+        except EOFError:
+            raise UnpackError(
+                f"layer: expected a complete tar stream, found it truncated after entry "
+                f"{up.stats.entries}"
+            ) from None
+        up.finish()
+    finally:
+        up.close()
+    if hasher is not None:
+        reader.drain()
+        got = f"{diff_id.partition(':')[0]}:{hasher.hexdigest()}"  # type: ignore[union-attr]
+        if got != diff_id:
+            raise UnpackError(f"layer {diff_id}: diff_id mismatch: expected {diff_id}, got {got}")
+    up.stats.bytes_read = reader.count
+    up.stats.diff_id = diff_id or ""
+    return up.stats
