@@ -445,12 +445,15 @@ def runtime_config(
     cfg = cfg or {}
     if not isinstance(cfg, Mapping):
         raise BundleError(f"image config: expected an object for 'config', found {cfg!r}")
+    for key in ("Entrypoint", "Cmd", "Env"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(a, str) for a in v)):
+            raise BundleError(f"image config {key}: expected a list of strings, found {v!r}")
+    if not isinstance(cfg.get("Labels") or {}, Mapping):
+        raise BundleError(f"image config Labels: expected an object, found {cfg['Labels']!r}")
     argv = list(args) if args else [*(cfg.get("Entrypoint") or []), *(cfg.get("Cmd") or [])]
-    if not argv or not all(isinstance(a, str) for a in argv):
-        raise BundleError(
-            "image config: expected Entrypoint and/or Cmd (a list of strings), found "
-            f"{cfg.get('Entrypoint')!r} and {cfg.get('Cmd')!r}"
-        )
+    if not argv:
+        raise BundleError("image config: expected Entrypoint and/or Cmd, found neither")
     env = list(cfg.get("Env") or [])
     if not any(e.startswith("PATH=") for e in env):
         env.insert(0, DEFAULT_PATH)
