@@ -40,6 +40,7 @@ import os
 import shutil
 import stat
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -54,6 +55,7 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_NAME = ".wh..wh..opq"
 
 _CHUNK = 1 << 20
+_FD_CACHE = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_NAMESPACES = ("user.", "security.")
@@ -92,7 +94,12 @@ class UnpackStats:
 
 
 class _Reader:
-    """Counts (and optionally hashes) the decompressed stream; refuses past the size limit."""
+    """Counts (and optionally hashes) the decompressed stream; refuses past the size limit.
+
+    It offers ``tell`` and a forward-only ``seek`` (skipping reads and hashes), which is all
+    tarfile's ``r:`` mode needs on a sequential walk, so file data goes from the stream to disk
+    without tarfile's stream-mode buffer juggling.
+    """
 
     def __init__(self, raw: BinaryIO, limit: int, hasher: hashlib._Hash | None) -> None:
         self._raw = raw
@@ -100,17 +107,31 @@ class _Reader:
         self._hasher = hasher
         self.count = 0
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int | None = -1) -> bytes:
         data = self._raw.read(n if n is not None and n >= 0 else _CHUNK)
-        self.count += len(data)
-        if self.count > self._limit:
-            raise UnpackError(
-                f"layer: decompressed size exceeds --max-layer-size: limit {self._limit} bytes, "
-                f"read {self.count} so far"
-            )
-        if self._hasher is not None and data:
-            self._hasher.update(data)
+        if data:
+            self.count += len(data)
+            if self.count > self._limit:
+                raise UnpackError(
+                    f"layer: decompressed size exceeds --max-layer-size: limit {self._limit} "
+                    f"bytes, read {self.count} so far"
+                )
+            if self._hasher is not None:
+                self._hasher.update(data)
         return data
+
+    def tell(self) -> int:
+        return self.count
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.count:
+            raise UnpackError(
+                f"layer: the tar reader asked to go back to offset {pos} from {self.count}"
+            )
+        while self.count < pos:
+            if not self.read(min(_CHUNK, pos - self.count)):
+                break
+        return self.count
 
     def drain(self) -> None:
         while self.read(_CHUNK):
@@ -144,8 +165,7 @@ class _Unpacker:
         self.whiteouts: set[str] = set()
         self.implicit: set[str] = {""}
         self.dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), applied at the end
-        self._cache_key: tuple[str, ...] | None = None
-        self._cache_fd = -1
+        self._fds: OrderedDict[tuple[str, ...], int] = OrderedDict()  # LRU of directory fds
 
     # -- directory walking -------------------------------------------------------------------
     def close(self) -> None:
@@ -153,36 +173,42 @@ class _Unpacker:
         os.close(self.root_fd)
 
     def _drop_cache(self) -> None:
-        if self._cache_fd >= 0:
-            os.close(self._cache_fd)
-        self._cache_fd, self._cache_key = -1, None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def _invalidate(self, path: str) -> None:
-        if self._cache_key is not None:
-            key = "/".join(self._cache_key)
-            if key == path or key.startswith(path + "/") or not path:
-                self._drop_cache()
+        """Forget cached fds at or below ``path`` (about to be removed)."""
+        key = tuple(path.split("/")) if path else ()
+        n = len(key)
+        for k in [k for k in self._fds if k[:n] == key]:
+            os.close(self._fds.pop(k))
 
     def parent_fd(self, parts: list[str], where: str, *, create: bool = True) -> int:
-        """A borrowed fd of the directory ``parts`` (created as needed); never follows symlinks."""
-        key = tuple(parts)
+        """A borrowed fd of the directory ``parts`` (created as needed); never follows symlinks.
+
+        The walk starts at the deepest cached ancestor; every step is an ``openat`` with
+        ``O_NOFOLLOW | O_DIRECTORY`` from the previous directory's fd.
+        """
         if not parts:
             return self.root_fd
-        if key == self._cache_key:
-            return self._cache_fd
-        fd = self.root_fd
-        try:
-            for i, name in enumerate(parts):
-                nfd = self._open_dir(fd, name, "/".join(parts[: i + 1]), where, create)
-                if fd != self.root_fd:
-                    os.close(fd)
-                fd = nfd
-        except BaseException:
-            if fd != self.root_fd:
-                os.close(fd)
-            raise
-        self._drop_cache()
-        self._cache_key, self._cache_fd = key, fd
+        key = tuple(parts)
+        fds = self._fds
+        fd = fds.get(key)
+        if fd is not None:
+            fds.move_to_end(key)
+            return fd
+        start, fd = 0, self.root_fd
+        for i in range(len(key) - 1, 0, -1):
+            cached = fds.get(key[:i])
+            if cached is not None:
+                start, fd = i, cached
+                break
+        for i in range(start, len(key)):
+            fd = self._open_dir(fd, key[i], "/".join(key[: i + 1]), where, create)
+            fds[key[: i + 1]] = fd
+        while len(fds) > _FD_CACHE:
+            os.close(fds.popitem(last=False)[1])
         return fd
 
     def _open_dir(self, fd: int, name: str, path: str, where: str, create: bool) -> int:
@@ -444,8 +470,9 @@ class _Unpacker:
         return mode
 
     def _dir_meta(self, fd: int, path: str, ti: tarfile.TarInfo) -> None:
-        if self.is_root:
+        if self.is_root:  # root writes into any mode: set it now; others wait for finish()
             os.fchown(fd, ti.uid, ti.gid)
+            os.fchmod(fd, self._mode(ti))
         self._xattrs(fd, ti)
         self.implicit.discard(path)
         self.dir_meta[path] = (self._mode(ti), _mtime(ti))
@@ -465,23 +492,25 @@ class _Unpacker:
                 log.debug("layer entry %r: xattr %r not set: %s", ti.name, name, e)
 
     def finish(self) -> None:
-        """Directory modes and mtimes last, once their contents stopped changing."""
-        self._drop_cache()
+        """Directory mtimes (and modes, when not root) last, once their contents stopped
+        changing; deepest first. A directory a later entry replaced is skipped."""
         for path, (mode, mtime) in sorted(self.dir_meta.items(), key=lambda kv: -len(kv[0])):
-            parts = path.split("/") if path else []
             try:
-                fd = (
-                    os.dup(self.root_fd)
-                    if not parts
-                    else self._open_parent_nocreate(parts, f"directory {path!r}")
-                )
-            except UnpackError:
-                continue  # replaced by a later non-directory entry
+                if path:
+                    parent, _, name = path.rpartition("/")
+                    pfd = self.parent_fd(parent.split("/") if parent else [], path, create=False)
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                else:
+                    fd = os.dup(self.root_fd)
+            except (OSError, UnpackError):
+                continue
             try:
-                os.fchmod(fd, mode)
+                if not self.is_root:
+                    os.fchmod(fd, mode)
                 os.utime(fd, (mtime, mtime))
             finally:
                 os.close(fd)
+        self._drop_cache()
         self.stats.implicit_dirs = sorted(self.implicit)
 
 
@@ -538,7 +567,7 @@ def unpack_layer(
     up = _Unpacker(dest, limits)
     try:
         try:
-            tf = tarfile.open(fileobj=reader, mode="r|", bufsize=_CHUNK)  # noqa: SIM115
+            tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[arg-type]  # noqa: SIM115
             while True:
                 ti = tf.next()
                 if ti is None:
