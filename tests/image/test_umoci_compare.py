@@ -142,3 +142,21 @@ def test_gnu_and_ustar_formats(tmp_path: Path, store: LayerStore, umoci: str) ->
     b = create_bundle(store, ids, tmp_path / "bundle", image_config={"Cmd": ["x"]}, flatten=True)
     assert snapshot(b.rootfs) == ref
     assert (b.rootfs / long).read_bytes() == b"long"
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "overlay"])
+def test_root_opaque_and_whiteout_then_implicit_dir(
+    tmp_path: Path, store: LayerStore, umoci: str, flatten: bool
+) -> None:
+    lower = tar(BASE)
+    reset = tar([T(".wh..wh..opq"), D("etc/"), F("etc/only", b"only")])
+    redo = tar([D("etc/"), T("etc/.wh.dir"), F("etc/dir/x", b"x"), F("etc/more", b"m")])
+    pre = tar([D("etc/"), D("etc/dir/", mode=0o700, uid=9), F("etc/dir/old", b"o")])
+    layers = [lower, pre, reset, pre, redo]
+    ref = snapshot(umoci_unpack(tmp_path, layers))
+    ids = _layers(tmp_path, store, layers)
+    b = create_bundle(store, ids, tmp_path / "bundle", image_config={"Cmd": ["x"]}, flatten=flatten)
+    ours = snapshot(b.rootfs, hide_whiteouts=True)
+    assert ours == ref
+    assert "bin" not in ours and ours["etc/dir"][:3] == ("drwxr-xr-x", 0, 0)
+    assert "etc/dir/old" not in ours

@@ -302,7 +302,7 @@ def create_bundle(
                 work.mkdir()
                 _root_meta(layers, upper)
                 try:
-                    _mount_overlay([ly.path for ly in reversed(layers)], upper, work, rootfs)
+                    _mount_overlay(_visible_lowers(layers), upper, work, rootfs)
                     mode = "overlay"
                 except OSError as e:
                     log.info("%s: overlay mount refused (%s); flattening instead", where, e)
@@ -317,6 +317,18 @@ def create_bundle(
             raise BundleError(f"{where}: {e.strerror or e}") from None
         raise
     return Bundle(path, mode, tuple(diff_ids))
+
+
+def _visible_lowers(layers: Sequence[LayerInfo]) -> list[Path]:
+    """Overlay lowerdirs, top first; overlay ignores an opaque layer root, so the layers
+    below one (``.wh..wh..opq`` at the top level) are left out instead."""
+    out: list[Path] = []
+    for layer in reversed(layers):
+        out.append(layer.path)
+        with contextlib.suppress(OSError):
+            if os.getxattr(layer.path, OPAQUE_XATTR) == b"y":
+                break
+    return out
 
 
 def _root_meta(layers: Sequence[LayerInfo], upper: Path) -> None:

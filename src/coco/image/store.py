@@ -158,13 +158,14 @@ class LayerStore:
         """Unpack the decompressed tar ``stream`` as layer ``diff_id`` (checked when ``verify``);
         a layer already present is returned without reading the stream."""
         _check_diff_id(diff_id)
-        if self.has(diff_id):
-            return self.get(diff_id)
-        with self.session(), self.staging() as tmp:
-            stats = unpack_layer(
-                stream, tmp / "fs", limits=limits, diff_id=diff_id if verify else None
-            )
-            return self.commit(diff_id, tmp, stats)
+        with self.session():
+            if self.has(diff_id):
+                return self.get(diff_id)
+            with self.staging() as tmp:
+                stats = unpack_layer(
+                    stream, tmp / "fs", limits=limits, diff_id=diff_id if verify else None
+                )
+                return self.commit(diff_id, tmp, stats)
 
     # -- bundles index -----------------------------------------------------------------------
     def _read_index(self) -> dict[str, Any]:

@@ -231,6 +231,7 @@ class _Unpacker:
             self.whiteouts.discard(path)
             nfd = self._mkdir(fd, name, path)
             self._set_opaque(nfd)
+            self.implicit.discard(path)  # a fresh root:0755 directory, not the lower one's
             return nfd
         return self._mkdir(fd, name, path)
 
