@@ -77,7 +77,9 @@ def diff_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def snapshot(root: Path, *, hide_whiteouts: bool = False) -> dict[str, object]:
+def snapshot(
+    root: Path, *, hide_whiteouts: bool = False, dir_times: bool = False
+) -> dict[str, object]:
     """Everything the comparison checks, path by path, plus hardlink groups (by inode)."""
     out: dict[str, object] = {}
     inodes: dict[int, list[str]] = {}
@@ -89,6 +91,8 @@ def snapshot(root: Path, *, hide_whiteouts: bool = False) -> dict[str, object]:
             if hide_whiteouts and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 continue
             rec: tuple[object, ...] = (stat.filemode(st.st_mode), st.st_uid, st.st_gid)
+            if dir_times and stat.S_ISDIR(st.st_mode):
+                rec += (int(st.st_mtime),)
             if stat.S_ISLNK(st.st_mode):
                 rec += (os.readlink(p),)
             elif stat.S_ISREG(st.st_mode):

@@ -120,29 +120,27 @@ class _Flattener:
     def __init__(self, root_fd: int, layer: LayerInfo) -> None:
         self.root_fd = root_fd
         self.layer = layer
-        self.links: dict[int, str] = {}  # layer inode -> rootfs path of its first copy
-        self.dir_times: list[tuple[str, int]] = []
+        self.links: dict[int, tuple[str, str]] = {}  # layer inode -> (dir, name) of 1st copy
         self.is_root = os.geteuid() == 0
 
     def run(self) -> None:
         lfd = os.open(self.layer.path, _DIR_FLAGS)
         try:
-            if "" not in self.layer.implicit_dirs:
-                self._meta_dir(lfd, self.root_fd, "")
+            explicit = "" not in self.layer.implicit_dirs
+            if explicit:
+                self._meta_dir(lfd, self.root_fd)
+            before = os.fstat(self.root_fd)
             self._dir(lfd, self.root_fd, "")
+            _set_mtime(self.root_fd, os.fstat(lfd) if explicit else before)
         finally:
             os.close(lfd)
-        for rel, mtime in reversed(self.dir_times):
-            with contextlib.suppress(OSError):
-                os.utime(rel or ".", (mtime, mtime), dir_fd=self.root_fd, follow_symlinks=False)
 
-    def _meta_dir(self, lfd: int, rfd: int, rel: str) -> None:
+    def _meta_dir(self, lfd: int, rfd: int) -> None:
         st = os.fstat(lfd)
         if self.is_root:
             os.fchown(rfd, st.st_uid, st.st_gid)
         os.fchmod(rfd, stat.S_IMODE(st.st_mode))
         _copy_xattrs(lfd, rfd)
-        self.dir_times.append((rel, int(st.st_mtime)))
 
     def _dir(self, lfd: int, rfd: int, rel: str) -> None:
         with contextlib.suppress(OSError):
@@ -166,17 +164,11 @@ class _Flattener:
         _remove_at(rfd, name)
         if stat.S_ISREG(mode):
             if st.st_nlink > 1 and st.st_ino in self.links:
-                os.link(
-                    self.links[st.st_ino],
-                    name,
-                    src_dir_fd=self.root_fd,
-                    dst_dir_fd=rfd,
-                    follow_symlinks=False,
-                )
+                self._link(self.links[st.st_ino], rfd, name)
                 return
             self._copy_file(lfd, rfd, name, st)
             if st.st_nlink > 1:
-                self.links[st.st_ino] = rel
+                self.links[st.st_ino] = (rel.rpartition("/")[0], name)
             return
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(name, dir_fd=lfd), name, dir_fd=rfd)
@@ -186,6 +178,14 @@ class _Flattener:
         if self.is_root:
             os.chown(name, st.st_uid, st.st_gid, dir_fd=rfd, follow_symlinks=False)
         os.utime(name, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=rfd, follow_symlinks=False)
+
+    def _link(self, first: tuple[str, str], rfd: int, name: str) -> None:
+        """Hardlink to the first copy, reaching its directory without following symlinks."""
+        sfd = _open_under(self.root_fd, first[0])
+        try:
+            os.link(first[1], name, src_dir_fd=sfd, dst_dir_fd=rfd, follow_symlinks=False)
+        finally:
+            os.close(sfd)
 
     def _copy_file(self, lfd: int, rfd: int, name: str, st: os.stat_result) -> None:
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
@@ -221,7 +221,8 @@ class _Flattener:
                 rst = os.stat(name, dir_fd=rfd, follow_symlinks=False)
             except FileNotFoundError:
                 rst = None
-            if rst is None or not stat.S_ISDIR(rst.st_mode):
+            keep = rst if rst is not None and stat.S_ISDIR(rst.st_mode) else None
+            if keep is None:
                 if implicit and _only_whiteouts(clfd):
                     return  # nothing to hide below, nothing to create (as umoci)
                 if rst is not None:
@@ -232,12 +233,35 @@ class _Flattener:
             crfd = os.open(name, _DIR_FLAGS, dir_fd=rfd)
             try:
                 if not implicit:
-                    self._meta_dir(clfd, crfd, rel)
+                    self._meta_dir(clfd, crfd)
                 self._dir(clfd, crfd, rel)
+                # an explicit directory takes the layer's mtime; an implicit one keeps the
+                # lower directory's (as umoci), whatever changed inside it
+                if not implicit:
+                    _set_mtime(crfd, os.fstat(clfd))
+                elif keep is not None:
+                    _set_mtime(crfd, keep)
             finally:
                 os.close(crfd)
         finally:
             os.close(clfd)
+
+
+def _set_mtime(fd: int, st: os.stat_result) -> None:
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _open_under(root_fd: int, rel: str) -> int:
+    fd = os.dup(root_fd)
+    try:
+        for name in rel.split("/") if rel else []:
+            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _only_whiteouts(fd: int) -> bool:

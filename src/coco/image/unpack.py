@@ -165,6 +165,7 @@ class _Unpacker:
         self.whiteouts: set[str] = set()
         self.implicit: set[str] = {""}
         self.dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), applied at the end
+        self.written = 0  # bytes of regular files, as declared (sparse holes included)
         self._fds: OrderedDict[tuple[str, ...], int] = OrderedDict()  # LRU of directory fds
 
     # -- directory walking -------------------------------------------------------------------
@@ -308,11 +309,14 @@ class _Unpacker:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, where)
             return
-        if ti.isreg() and ti.size > self.limits.max_layer_size - st.bytes_read:
-            raise UnpackError(
-                f"{where}: a {ti.size}-byte file would take the layer past --max-layer-size "
-                f"({self.limits.max_layer_size} bytes)"
-            )
+        if ti.isreg():
+            # file sizes are summed apart from the stream: sparse files write more than they read
+            self.written += ti.size
+            if max(self.written, st.bytes_read + ti.size) > self.limits.max_layer_size:
+                raise UnpackError(
+                    f"{where}: a {ti.size}-byte file would take the layer past --max-layer-size "
+                    f"({self.limits.max_layer_size} bytes)"
+                )
         dfd = self.parent_fd(parts[:-1], where)
         self._write(tf, ti, dfd, base, path, where)
         self.created.add(path)
