@@ -325,3 +325,36 @@ def test_unpack_into_nonempty_dir_refused(tmp_path: Path) -> None:
     (tmp_path / "x").write_text("x")
     with pytest.raises(UnpackError, match="empty directory"):
         unpack_layer(io.BytesIO(tar([F("a", b"")])), tmp_path)
+
+
+def _gnu_sparse(name: str, data: bytes, realsize: int) -> bytes:
+    """An old-GNU sparse entry (type 'S'): ``data`` at offset 0, a hole up to ``realsize``."""
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime = len(data), 1_700_000_000
+    hdr = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
+    hdr[156:157] = b"S"
+    hdr[386:398] = b"%011o\0" % 0
+    hdr[398:410] = b"%011o\0" % len(data)
+    hdr[483:495] = b"%011o\0" % realsize
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    pad = b"\0" * (-len(data) % 512)
+    return bytes(hdr) + data + pad + b"\0" * 1024
+
+
+@pytest.mark.usefixtures("guard")
+def test_sparse_file_hole_counts_against_limit(store: LayerStore) -> None:
+    one = _gnu_sparse("sparse", b"s" * 512, 10_000_000)
+    _refused(store, one, "max-layer-size", max_layer_size=1_000_000)
+    # each under the limit, together over it: what they write counts, not what they read
+    three = b"".join(_gnu_sparse(f"s{i}", b"s" * 512, 600_000)[:-1024] for i in range(3))
+    three += b"\0" * 1024
+    assert len(three) < 6000
+    _refused(store, three, "max-layer-size", max_layer_size=1_000_000)
+
+
+@pytest.mark.usefixtures("guard")
+def test_sparse_file_within_limit(store: LayerStore) -> None:
+    layer = _added(store, _gnu_sparse("sparse", b"s" * 512, 8192))
+    content = (layer / "sparse").read_bytes()
+    assert content == b"s" * 512 + b"\0" * (8192 - 512)
