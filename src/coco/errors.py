@@ -83,3 +83,7 @@ class LayerStoreError(ImageError):
 
 class BundleError(ImageError):
     """A bundle (rootfs + config.json) that could not be assembled or removed."""
+
+
+class PullError(ImageError):
+    """``coco image pull``: a layer whose bytes did not check out, or a refused image."""

@@ -7,6 +7,7 @@ ocicrypt`` adds the encryption and decryption keys) through :func:`add_copy_tran
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -157,16 +158,32 @@ def add_copy_transform(params: list[click.Parameter], factory: TransformFactory)
     _FACTORIES.append(([p.name for p in params if p.name], factory))
 
 
+def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--creds, --authfile, --tls-verify: how to read one image (inspect, pull)."""
+    f = _tls_option("--tls-verify", "")(f)
+    f = _authfile_option(f)
+    return click.option("--creds", metavar="USER[:PASS]", help="Registry credentials.")(f)
+
+
+def _platform_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--override-os/-arch/-variant: which image of an index (inspect, pull)."""
+    for name, metavar, text in reversed(
+        [
+            ("--override-os", "OS", "Pick this OS from an index (default linux)."),
+            ("--override-arch", "ARCH", "Pick this arch (default: this host's)."),
+            ("--override-variant", "VARIANT", "Pick this variant from an index."),
+        ]
+    ):
+        f = click.option(name, metavar=metavar, help=text)(f)
+    return f
+
+
 @image.command("inspect")
 @click.argument("ref")
-@click.option("--creds", metavar="USER[:PASS]", help="Registry credentials.")
-@_authfile_option
-@_tls_option("--tls-verify", "")
+@_source_options
 @click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes as stored.")
 @click.option("--config", "show_config", is_flag=True, help="Print the config bytes as stored.")
-@click.option("--override-os", metavar="OS", help="Pick this OS from an index (default linux).")
-@click.option("--override-arch", metavar="ARCH", help="Pick this arch (default: this host's).")
-@click.option("--override-variant", metavar="VARIANT", help="Pick this variant from an index.")
+@_platform_options
 def inspect_cmd(
     ref: str,
     creds: str | None,
@@ -211,6 +228,133 @@ def inspect_cmd(
         "Config": json.loads(info.config.raw),
     }
     click.echo(json.dumps(out, indent=2))
+
+
+def _default_store() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/coco/store")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "coco" / "store"
+
+
+_store_option = click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Layer store directory (default /var/lib/coco/store as root, else "
+    "$XDG_DATA_HOME/coco/store).",
+)
+
+
+@image.command("pull")
+@click.argument("ref")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@_source_options
+@click.option(
+    "--decryption-key",
+    multiple=True,
+    metavar="KEY[:PASSWORD]",
+    help="Decrypt layers with this private key, certificate or provider:NAME[:VALUE] (repeatable).",
+)
+@click.option(
+    "--policy",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="containers-policy.json the image's signatures must satisfy (checked before any layer "
+    "is fetched).",
+)
+@click.option(
+    "--registries.d",
+    "registries_d",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of registries.d YAML files (signature lookaside locations).",
+)
+@_store_option
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=3,
+    show_default=True,
+    help="Layers pulled in parallel.",
+)
+@click.option(
+    "--flatten", is_flag=True, help="Copy the layers into rootfs/ instead of mounting an overlay."
+)
+@_platform_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
+def pull_cmd(
+    ref: str,
+    bundle_dir: Path,
+    creds: str | None,
+    authfile: Path | None,
+    tls_verify: bool,
+    decryption_key: tuple[str, ...],
+    policy: Path | None,
+    registries_d: Path | None,
+    store: Path | None,
+    jobs: int,
+    flatten: bool,
+    override_os: str | None,
+    override_arch: str | None,
+    override_variant: str | None,
+    quiet: bool,
+) -> None:
+    """Pull REF into the layer store and make BUNDLE_DIR (rootfs/ + config.json) for runc.
+
+    Prints the manifest digest on stdout.
+    """
+    from coco.image.pull import PullOptions, load_policy, pull_image
+
+    r = _ref(ref, "REF")
+    if registries_d is not None and policy is None:
+        raise click.UsageError("--registries.d needs --policy")
+    decryption = None
+    if decryption_key:
+        from coco.ocicrypt import decrypt_config
+
+        decryption = decrypt_config(decryption_key)
+    options = PullOptions(
+        access=Access(_creds(creds, "--creds"), authfile, tls_verify),
+        decryption=decryption,
+        policy=load_policy(policy, registries_d) if policy is not None else None,
+        jobs=jobs,
+        flatten=flatten,
+        os=override_os,
+        arch=override_arch,
+        variant=override_variant,
+    )
+    store_dir = store or _default_store()
+    if not quiet and sys.stderr.isatty():
+        from coco.oci.progress import RichProgress  # rich only on a terminal
+
+        with RichProgress() as progress:
+            result = pull_image(r, bundle_dir, store_dir, options, progress=progress)
+    else:
+        result = pull_image(r, bundle_dir, store_dir, options)
+    if not quiet:
+        pulled = sum(1 for x in result.layers if x.action == "pulled")
+        click.echo(
+            f"pulled {result.reference} -> {result.bundle.path} ({result.bundle.mode}; layers: "
+            f"{pulled} pulled, {len(result.layers) - pulled} reused)",
+            err=True,
+        )
+    click.echo(result.manifest_digest)
+
+
+@image.command("prune")
+@_store_option
+@click.option("-q", "--quiet", is_flag=True, help="Do not list the removed layers.")
+def prune_cmd(store: Path | None, quiet: bool) -> None:
+    """Remove the layers of the store that no bundle uses (bundles deleted since are forgotten)."""
+    from coco.image.store import LayerStore
+
+    store_dir = store or _default_store()
+    if not store_dir.is_dir():
+        raise UsageError(f"--store {store_dir}: expected a layer store directory, found none")
+    removed = LayerStore(store_dir).prune()
+    if not quiet:
+        for d in removed:
+            click.echo(d)
+        click.echo(f"removed {len(removed)} layer(s)", err=True)
 
 
 # The encryption options plug into `copy` through add_copy_transform; importing the module

@@ -1,0 +1,512 @@
+"""``coco image pull``: one pass per layer from the registry into the layer store, then a bundle.
+
+For every layer of the platform's manifest that the store does not hold yet (keyed by diff_id),
+the bytes flow once through a chain of threads with bounded queues between them, so both cores
+work and no layer is ever held whole in memory::
+
+    registry stream + sha256 (manifest digest)            reader thread
+      -> AES-CTR (when +encrypted)                         decrypt worker (coco.ocicrypt.cipher)
+      -> HMAC + sha256 (private-options digest) + inflate  gunzip thread (isal) / inline zstd
+      -> sha256 (diff_id) + hardened untar                 the layer's pool thread
+
+Every check sits at the end of its stream; the layer is unpacked into a temporary directory of
+the store and committed only after all of them passed (blob digest and size, HMAC, plaintext
+digest, diff_id, no trailing bytes). Layers run in a thread pool (``jobs``); the first failure
+cancels the others. A pull that fails removes its temporary layers and the bundle directory (only
+ever created by :func:`coco.image.bundle.create_bundle` once all layers are in the store).
+
+A signature policy (containers-policy.json) is evaluated on the manifest before any layer or the
+config is fetched; a refused image writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from coco.crypto.digest import HashingReader, sha256_digest
+from coco.errors import (
+    CocoError,
+    DecryptionError,
+    DigestMismatchError,
+    ManifestError,
+    PullError,
+)
+from coco.image.bundle import Bundle, create_bundle
+from coco.image.store import LayerStore
+from coco.image.unpack import UnpackLimits, unpack_layer
+from coco.oci import mediatypes as mt
+from coco.oci.models import Descriptor, ImageConfig, Index, Manifest, parse_manifest
+from coco.oci.reference import ImageReference, parse_reference
+from coco.oci.transport import Access, ImageSource, open_source
+
+__all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_image"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_DEPTH = 4  # chunks of ~1 MiB between the reader thread and the decoders
+_BLOCK = 1 << 20
+
+
+class SignaturePolicy(Protocol):
+    """What the pull needs from a signature policy: refuse (raise a CocoError) or return."""
+
+    def check(self, source: ImageSource, manifest_raw: bytes, manifest_digest: str) -> None: ...
+
+
+class _Progress(Protocol):
+    def task(self, description: str, total: int | None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    """How to reach the image, which keys and policy apply, and how the bundle is assembled."""
+
+    access: Access = field(default_factory=Access)
+    decryption: Any = None  # coco.ocicrypt.DecryptConfig, or None when no key was given
+    policy: SignaturePolicy | None = None
+    jobs: int = 3
+    flatten: bool = False
+    os: str | None = None
+    arch: str | None = None
+    variant: str | None = None
+    limits: UnpackLimits | None = None
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise PullError(f"pull: --jobs must be at least 1, found {self.jobs}")
+
+
+@dataclass(frozen=True)
+class LayerPull:
+    digest: str
+    diff_id: str
+    action: str  # "pulled" or "reused"
+
+
+@dataclass(frozen=True)
+class PullResult:
+    reference: str
+    manifest_digest: str
+    config_digest: str
+    bundle: Bundle
+    layers: tuple[LayerPull, ...]
+
+
+class _Cancelled(Exception):
+    """Another layer failed: this one stops quietly (the first error is the one reported)."""
+
+
+# -- streams -----------------------------------------------------------------------------------
+_END = object()
+
+
+def _prefetch(
+    it: Iterator[bytes], cancel: threading.Event, stop: threading.Event, task: Any
+) -> Iterator[bytes]:
+    """Iterate ``it`` in a reader thread behind a bounded queue; errors re-raise in the consumer.
+    ``cancel`` (every layer) and ``stop`` (this layer) end both sides."""
+    q: queue.Queue[object] = queue.Queue(_QUEUE_DEPTH)
+
+    def put(item: object) -> bool:
+        while not stop.is_set() and not cancel.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for chunk in it:
+                if not put(chunk):
+                    return
+            put(_END)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+
+    threading.Thread(target=reader, name="coco-pull-reader", daemon=True).start()
+
+    def consume() -> Iterator[bytes]:
+        try:
+            while True:
+                if cancel.is_set() or stop.is_set():
+                    raise _Cancelled
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, bytes)
+                if task is not None:
+                    task.advance(len(item))
+                yield item
+        finally:
+            stop.set()
+
+    return consume()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (what the decompressors read from)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._it = chunks
+        self._buf = memoryview(b"")
+        self.eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            if self.eof:
+                return 0
+            try:
+                self._buf = memoryview(next(self._it))
+            except StopIteration:
+                self.eof = True
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if not self._buf and not self.eof:
+            try:
+                chunk = next(self._it)
+            except StopIteration:
+                self.eof = True
+                return b""
+            if len(chunk) <= size:
+                return chunk
+            self._buf = memoryview(chunk)
+        out = bytes(self._buf[:size])
+        self._buf = self._buf[size:]
+        return out
+
+    def leftover(self) -> int:
+        """Read to the end (so end-of-stream checks run); return how many bytes were left."""
+        n = len(self._buf)
+        self._buf = memoryview(b"")
+        for chunk in self._it:
+            n += len(chunk)
+        self.eof = True
+        return n
+
+
+def _plaintext(
+    desc: Descriptor,
+    chunks: Iterator[bytes],
+    decryption: Any,
+    index: int,
+    total: int,
+    image: str,
+    where: str,
+) -> Iterator[bytes]:
+    """Decrypt an encrypted layer (HMAC and the private options' digest checked at the end)."""
+    if decryption is None or not decryption:
+        raise PullError(
+            f"{where}: the layer is encrypted ({desc.media_type}); expected a "
+            "--decryption-key that can open it, found none given"
+        )
+    from coco.ocicrypt import DecryptLayers  # ocicrypt only when a layer is encrypted
+
+    tl = DecryptLayers(decryption, image).apply(index, total, desc, chunks)
+    reader = HashingReader(tl.chunks, what=f"{where}: decrypted layer")
+    yield from reader
+    assert reader.digest is not None
+    tl.descriptor(reader.digest, reader.size)  # raises when the private digest differs
+
+
+def _decompressed(raw: _ChunkReader, compression: str, where: str) -> BinaryIO:
+    if compression == "gzip":
+        from isal import igzip_threaded
+
+        return igzip_threaded.open(raw, "rb", threads=1, block_size=_BLOCK)  # type: ignore[return-value]
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
+            raw, read_size=_BLOCK, read_across_frames=True
+        )
+    if compression == "none":
+        return raw  # type: ignore[return-value]
+    raise PullError(f"{where}: unsupported layer compression {compression!r}")
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+def _resolve(source: ImageSource, ref: str, o: PullOptions) -> Manifest:
+    raw, media_type = source.top_manifest()
+    top = parse_manifest(raw, media_type, f"{ref}: manifest")
+    if isinstance(top, Manifest):
+        return top
+    assert isinstance(top, Index)
+    chosen = top.select(o.os, o.arch, o.variant, where=ref)
+    what = f"{ref}: manifest {chosen.digest}"
+    m = parse_manifest(source.child_manifest(chosen, what), chosen.media_type, what)
+    if not isinstance(m, Manifest):
+        raise ManifestError(
+            f"{ref}: expected an image manifest for {chosen.platform}, found a nested index"
+        )
+    return m
+
+
+class _Puller:
+    def __init__(
+        self,
+        source: ImageSource,
+        store: LayerStore,
+        options: PullOptions,
+        ref: str,
+        progress: _Progress | None,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.o = options
+        self.ref = ref
+        self.progress = progress
+        self.cancel = threading.Event()
+        self.committed: list[str] = []  # layers this pull added to the store
+
+    def layer(self, i: int, total: int, desc: Descriptor, diff_id: str) -> LayerPull:
+        where = f"{self.ref}: layer {i + 1}/{total} {desc.digest}"
+        if self.cancel.is_set():
+            raise _Cancelled
+        if self.store.has(diff_id):
+            return LayerPull(desc.digest, diff_id, "reused")
+        base = desc.media_type.removesuffix(mt.ENCRYPTED_SUFFIX)
+        if not mt.is_layer(desc.media_type) or base.startswith("application/vnd.oci.empty"):
+            raise PullError(f"{where}: expected a layer media type, found {desc.media_type!r}")
+        task = None
+        if self.progress is not None:
+            task = self.progress.task(f"layer {i + 1}/{total} {desc.short}", desc.size)
+        stop = threading.Event()  # this layer failed: stop its reader at once
+        chunks: Iterator[bytes] = _prefetch(
+            self.source.open_blob(desc, where), self.cancel, stop, task
+        )
+        if mt.is_encrypted(desc.media_type):
+            chunks = _plaintext(desc, chunks, self.o.decryption, i, total, self.ref, where)
+        raw = _ChunkReader(chunks)
+        try:
+            with self.store.staging() as tmp:
+                stream = _decompressed(raw, mt.compression(desc.media_type), where)
+                try:
+                    stats = unpack_layer(stream, tmp / "fs", limits=self.o.limits, diff_id=diff_id)
+                finally:
+                    stream.close()
+                extra = raw.leftover()
+                if extra:
+                    raise PullError(
+                        f"{where}: expected the layer to end with its compressed stream, "
+                        f"found {extra} trailing bytes"
+                    )
+                self.store.commit(diff_id, tmp, stats)
+                self.committed.append(diff_id)
+        except _Cancelled:
+            raise
+        except Exception as e:
+            if self.cancel.is_set():
+                raise _Cancelled from None
+            cause = _root_cause(raw)
+            if cause is not None:
+                raise cause from None
+            if isinstance(e, CocoError):
+                raise
+            raise PullError(f"{where}: {_describe(e)}") from None  # gzip, zstd, tar internals
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                chunks.close()  # type: ignore[attr-defined]
+        return LayerPull(desc.digest, diff_id, "pulled")
+
+    def layers(self, m: Manifest, config: ImageConfig) -> list[LayerPull]:
+        total = len(m.layers)
+        firsts: dict[str, int] = {}
+        for i, d in enumerate(config.diff_ids):
+            firsts.setdefault(d, i)
+        results: dict[int, LayerPull] = {}
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def done(f: Future[LayerPull]) -> None:
+            e = f.exception()
+            if e is not None and not isinstance(e, _Cancelled):
+                with lock:
+                    errors.append(e)
+                self.cancel.set()
+
+        with ThreadPoolExecutor(max_workers=self.o.jobs, thread_name_prefix="coco-pull") as pool:
+            futures: dict[int, Future[LayerPull]] = {}
+            for d, i in firsts.items():
+                futures[i] = pool.submit(self.layer, i, total, m.layers[i], d)
+                futures[i].add_done_callback(done)
+            for i, f in futures.items():
+                with contextlib.suppress(BaseException):
+                    results[i] = f.result()
+        if errors:
+            raise errors[0]
+        out = []
+        for i, (desc, d) in enumerate(zip(m.layers, config.diff_ids, strict=True)):
+            first = results[firsts[d]]
+            out.append(first if firsts[d] == i else LayerPull(desc.digest, d, "reused"))
+        return out
+
+
+def pull_image(
+    ref: ImageReference | str,
+    bundle_dir: str | os.PathLike[str],
+    store: LayerStore | str | os.PathLike[str],
+    options: PullOptions | None = None,
+    *,
+    progress: _Progress | None = None,
+) -> PullResult:
+    """Pull ``ref`` into ``store`` and assemble ``bundle_dir`` (which must not exist yet).
+
+    Raises a :class:`~coco.errors.CocoError` on any failure; nothing partial is left behind.
+    """
+    o = options or PullOptions()
+    r = parse_reference(ref) if isinstance(ref, str) else ref
+    name = str(r)
+    target = Path(bundle_dir).absolute()
+    if os.path.lexists(target):
+        raise PullError(
+            f"pull {name}: bundle {target}: expected a new directory, found one already there"
+        )
+    if not target.parent.is_dir():
+        raise PullError(f"pull {name}: bundle {target}: expected an existing parent directory")
+    st = store if isinstance(store, LayerStore) else LayerStore(store)
+    source = open_source(r, o.access)
+    try:
+        m = _resolve(source, name, o)
+        if o.policy is not None:
+            o.policy.check(source, m.raw, m.digest)
+        cwhat = f"{name}: config {m.config.digest}"
+        raw_cfg = b"".join(source.open_blob(m.config, cwhat))
+        config = ImageConfig.parse(raw_cfg, cwhat)
+        if config.os != "linux":
+            raise PullError(f"{cwhat}: expected os 'linux', found {config.os!r}")
+        if len(config.diff_ids) != len(m.layers):
+            raise PullError(
+                f"{name}: expected as many rootfs.diff_ids in the config as layers in the "
+                f"manifest ({len(m.layers)}), found {len(config.diff_ids)}"
+            )
+        if not m.layers:
+            raise PullError(f"{name}: expected at least one layer, found none")
+        puller = _Puller(source, st, o, name, progress)
+        try:
+            with st.session():
+                layers = puller.layers(m, config)
+                bundle = create_bundle(
+                    st,
+                    list(config.diff_ids),
+                    target,
+                    image_config=_config_obj(raw_cfg),
+                    flatten=o.flatten,
+                )
+        except BaseException:
+            _rollback(st, puller.committed)
+            raise
+    finally:
+        source.close()
+    return PullResult(name, m.digest, sha256_digest(raw_cfg), bundle, tuple(layers))
+
+
+def _rollback(store: LayerStore, diff_ids: list[str]) -> None:
+    """A failed pull takes back the layers it committed, unless a bundle uses them meanwhile.
+
+    Needs the store's exclusive lock (as ``prune``); when another pull holds the store the layers
+    stay (they are complete and verified) and the next ``coco image prune`` removes them.
+    """
+    if not diff_ids:
+        return
+    try:
+        # LayerStore has no public "remove these layers"; its lock file is the one prune takes.
+        fd = os.open(store.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info(
+                "store %s busy: leaving %d verified layer(s) for prune", store.root, len(diff_ids)
+            )
+            return
+        used = {d for ids in store.bundles().values() for d in ids}
+        for d in diff_ids:
+            if d in used or not store.has(d):
+                continue
+            layer_dir = store.get(d).path.parent
+            doomed = store.root / "tmp" / f"rollback-{layer_dir.name}"
+            with contextlib.suppress(OSError):
+                os.rename(layer_dir, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+    except CocoError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _root_cause(raw: _ChunkReader) -> CocoError | None:
+    """After a decoding or unpacking error: read the rest of the blob, and if it fails its digest
+    or HMAC, that is the error to report (the bytes were not the image's)."""
+    if raw.eof:
+        return None
+    try:
+        raw.leftover()
+    except (DigestMismatchError, DecryptionError) as e:
+        return e
+    except Exception:  # the original error stands
+        return None
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
+
+
+def _config_obj(raw: bytes) -> dict[str, Any]:
+    obj = json.loads(raw)
+    assert isinstance(obj, dict)  # ImageConfig.parse accepted it
+    return obj
+
+
+def load_policy(policy: Path, registries_d: Path | None = None) -> SignaturePolicy:
+    """The signature policy of ``--policy`` / ``--registries.d`` (coco.image.signature)."""
+    try:
+        from coco.image import signature
+    except ImportError:
+        signature = None  # type: ignore[assignment]
+    factory = getattr(signature, "pull_policy", None)
+    if factory is None:
+        raise PullError(
+            f"--policy {policy}: signature policies are not available in this build "
+            "(coco.image.signature has no pull_policy)"
+        )
+    return factory(policy, registries_d)  # type: ignore[no-any-return]
