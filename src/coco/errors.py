@@ -87,3 +87,15 @@ class BundleError(ImageError):
 
 class PullError(ImageError):
     """``coco image pull``: a layer whose bytes did not check out, or a refused image."""
+
+
+class SignatureError(ImageError):
+    """Image signatures: policy.json, registries.d, simple signing and sigstore formats."""
+
+
+class PolicyError(SignatureError):
+    """A policy.json (or registries.d file) that is not what the format allows."""
+
+
+class PolicyRefusedError(SignatureError):
+    """An image that the signature policy refused; the message names the requirement."""
