@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coco.errors import LayerStoreError
+from coco.errors import BundleError, LayerStoreError
 from coco.image import LayerStore, UnpackLimits, create_bundle, remove_bundle, unpack_layer
 from coco.image.bundle import _is_mount
 
@@ -125,3 +125,37 @@ def test_sha512_diff_id(store: LayerStore) -> None:
 def test_limits_validated() -> None:
     with pytest.raises(ValueError, match="max_files"):
         UnpackLimits(max_files=0)
+
+
+def test_overlay_refused_falls_back_to_flatten(tmp_path: Path) -> None:
+    # overlay cannot name a lowerdir containing ':' -> the bundle is flattened instead
+    store = LayerStore(tmp_path / "st:ore")
+    store.add_layer(diff_id(BASE), io.BytesIO(BASE))
+    b = create_bundle(store, [diff_id(BASE)], tmp_path / "b", image_config={"Cmd": ["x"]})
+    assert b.mode == "flatten" and not _is_mount(b.rootfs)
+    assert (b.rootfs / "etc/os-release").read_bytes() == b"ID=test\n"
+    assert not (b.path / "overlay").exists()
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "overlay"])
+def test_failure_mid_assembly_leaves_no_bundle(
+    store: LayerStore, tmp_path: Path, flatten: bool
+) -> None:
+    import shutil
+
+    for data in (BASE, APP1):
+        store.add_layer(diff_id(data), io.BytesIO(data))
+    # a layer directory that vanished behind the store's back: flattening and mounting fail
+    shutil.rmtree(store.get(diff_id(APP1)).path)
+    with pytest.raises(BundleError, match=r"bundle .*No such file") as ei:
+        create_bundle(
+            store,
+            [diff_id(BASE), diff_id(APP1)],
+            tmp_path / "b",
+            image_config={"Cmd": ["x"]},
+            flatten=flatten,
+        )
+    assert "\n" not in str(ei.value)
+    assert not (tmp_path / "b").exists() and store.bundles() == {}
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(tmp_path) not in mounts

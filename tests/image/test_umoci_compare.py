@@ -160,3 +160,27 @@ def test_root_opaque_and_whiteout_then_implicit_dir(
     assert ours == ref
     assert "bin" not in ours and ours["etc/dir"][:3] == ("drwxr-xr-x", 0, 0)
     assert "etc/dir/old" not in ours
+
+
+def _host_tree(*dirs: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for d in dirs:
+            tf.add(d, arcname=d.lstrip("/"))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "overlay"])
+def test_real_trees_match_umoci(
+    tmp_path: Path, store: LayerStore, umoci: str, flatten: bool
+) -> None:
+    """Real directory trees of this machine (symlinks, odd modes, owners) in two layers."""
+    zone = _host_tree("/usr/share/zoneinfo")
+    etc = _host_tree("/etc")
+    layers = [zone, etc, tar([D("etc/"), T("etc/.wh.passwd"), T("usr/share/zoneinfo/.wh.UTC")])]
+    ref = snapshot(umoci_unpack(tmp_path, layers))
+    ids = _layers(tmp_path, store, layers)
+    b = create_bundle(store, ids, tmp_path / "bundle", image_config={"Cmd": ["x"]}, flatten=flatten)
+    ours = snapshot(b.rootfs, hide_whiteouts=True)
+    assert ours == ref
+    assert len(ours) > 1000 and "etc/passwd" not in ours and "etc/group" in ours
