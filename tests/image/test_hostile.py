@@ -199,12 +199,14 @@ class TestRefused:
         _refused(store, tar([T("dev/node", kind, dev=dev)]), "device nodes are refused")
 
     def test_device_nodes_allowed(self, store: LayerStore) -> None:
-        layer = _added(store, tar([T("null", tarfile.CHRTYPE, dev=(1, 3))]), allow_devices=True)
+        layer = _added(
+            store, tar([T("null", tarfile.CHRTYPE, dev=(1, 3))]), unsafe_allow_devices=True
+        )
         assert (layer / "null").lstat().st_rdev == os.makedev(1, 3)
 
     def test_char_0_0_always_refused(self, store: LayerStore) -> None:
         data = tar([T("w", tarfile.CHRTYPE, dev=(0, 0))])
-        _refused(store, data, "whiteout", allow_devices=True)
+        _refused(store, data, "whiteout", unsafe_allow_devices=True)
 
     @pytest.mark.parametrize("name", [".wh..", ".wh...", "d/.wh.", ".wh."])
     def test_bad_whiteouts(self, store: LayerStore, name: str) -> None:

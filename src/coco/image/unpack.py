@@ -18,7 +18,7 @@ Hostile entries, and what happens to them (the guest is the attack surface):
   is a symlink or a non-directory is refused.
 - Hardlinks must name an earlier non-directory entry of the same layer; a target that climbs
   above the root with ``..`` is refused.
-- Character and block devices are refused unless ``UnpackLimits.allow_devices`` (the guest has no
+- Character and block devices are refused unless ``UnpackLimits.unsafe_allow_devices`` (the guest has no
   business receiving device nodes from an image); a character device 0:0 is always refused since
   it means "whiteout" in the layer directory. FIFOs are created.
 - setuid/setgid bits are stripped when not running as root (ownership cannot be kept anyway).
@@ -68,12 +68,14 @@ class UnpackLimits:
     max_layer_size: int = 32 << 30  # bytes of decompressed tar stream
     max_files: int = 1_000_000  # tar entries, whiteouts and directories included
     max_depth: int = 256  # path components of one entry
-    allow_devices: bool = False  # create char/block device nodes (as root only)
+    unsafe_allow_devices: bool = False  # create char/block device nodes (as root only)
 
     def __post_init__(self) -> None:
         for name in ("max_layer_size", "max_files", "max_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"UnpackLimits.{name} must be positive")
+        if self.unsafe_allow_devices:
+            log.warning("unpack: unsafe_allow_devices: device nodes from images will be created")
 
 
 @dataclass
@@ -380,10 +382,10 @@ class _Unpacker:
                     raise UnpackError(
                         f"{where}: character device 0:0 is refused (it means a whiteout here)"
                     )
-                if not self.limits.allow_devices:
+                if not self.limits.unsafe_allow_devices:
                     raise UnpackError(
                         f"{where}: device nodes are refused ({_kind(ti)} "
-                        f"{ti.devmajor}:{ti.devminor}); allow them with allow_devices"
+                        f"{ti.devmajor}:{ti.devminor}); allow them with unsafe_allow_devices"
                     )
             self._clear(dfd, base, path, keep_dir=False)
             kind = stat.S_IFIFO if ti.isfifo() else stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
