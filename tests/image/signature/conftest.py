@@ -4,6 +4,7 @@ pushed to the real ``docker-registry`` and a skopeo runner with an explicit poli
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -97,12 +98,18 @@ def oci_image(tmp_path_factory: pytest.TempPathFactory):
     return write_image(path, [tar_layer({"etc/motd": b"signed\n"})], tag="v1")
 
 
-def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def skopeo(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     if shutil.which("skopeo") is None:
         pytest.skip("skopeo is not installed")
-    return subprocess.run(
-        ["skopeo", *args], capture_output=True, text=True, check=check, timeout=60
+    full_env = {**os.environ, **(env or {})}
+    r = subprocess.run(
+        ["skopeo", *args], capture_output=True, text=True, check=False, timeout=60, env=full_env
     )
+    if check and r.returncode != 0:
+        raise AssertionError(f"skopeo {' '.join(args)} failed: {r.stderr}")
+    return r
 
 
 def write_policy(path: Path, doc: dict) -> Path:
