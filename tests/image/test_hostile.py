@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from coco.errors import BundleError, LayerStoreError, UnpackError
-from coco.image import LayerStore, UnpackLimits, create_bundle, unpack_layer
+from coco.image import LayerStore, UnpackLimits, create_bundle, remove_bundle, unpack_layer
 
 from ._util import D, F, H, L, T, diff_id, tar, tree_files
 
@@ -132,10 +132,36 @@ class TestContained:
             )
             assert (b.rootfs / "evil/canary").read_bytes() == b"through!"
             assert not (b.rootfs / "evil").is_symlink()
-            from coco.image import remove_bundle
-
             remove_bundle(store, b.path)
         assert (outside / "canary").read_bytes() == b"canary"
+
+    @pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "overlay"])
+    def test_upper_whiteouts_and_opaque_over_lower_symlinks(
+        self, store: LayerStore, outside: Path, tmp_path: Path, flatten: bool
+    ) -> None:
+        low = tar([L("wh", str(outside)), L("opq", str(outside)), L("deep", str(outside))])
+        up = tar(
+            [
+                T(".wh.wh"),  # removes the symlink, not what it points to
+                D("opq/"),
+                T("opq/.wh..wh..opq"),  # an opaque dir replacing a symlink: nothing cleared outside
+                T("deep/.wh.canary"),  # a whiteout under a lower symlink: never reaches outside
+                T("deep/sub/.wh..wh..opq"),
+            ]
+        )
+        for data in (low, up):
+            store.add_layer(diff_id(data), io.BytesIO(data))
+        b = create_bundle(
+            store,
+            [diff_id(low), diff_id(up)],
+            tmp_path / "bundle",
+            image_config={"Cmd": ["x"]},
+            flatten=flatten,
+        )
+        assert not os.path.lexists(b.rootfs / "wh")
+        assert (b.rootfs / "opq").is_dir() and not (b.rootfs / "opq").is_symlink()
+        assert os.listdir(b.rootfs / "opq") == []
+        assert (outside / "canary").read_bytes() == b"canary" and (outside / "sub").is_dir()
 
     def test_last_duplicate_wins(self, store: LayerStore) -> None:
         layer = _added(
