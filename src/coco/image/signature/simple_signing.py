@@ -92,7 +92,7 @@ class Payload:
                 f"{where}: critical.image.docker-manifest-digest: expected sha256:<64 hex>, "
                 f"found {digest!r}"
             )
-        optional = top.get("optional", {})
+        optional = top.get("optional") or {}  # cosign writes "optional": null
         if not isinstance(optional, dict):
             raise SignatureError(f"{where}: optional: expected an object, found {optional!r}")
         return cls(ref, digest, expected_type, optional)
