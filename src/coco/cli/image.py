@@ -25,7 +25,17 @@ TransformFactory = Callable[[dict[str, Any]], LayerTransform | None]
 _FACTORIES: list[tuple[list[str], TransformFactory]] = []
 
 
-@click.group()
+class _ImageGroup(click.Group):
+    """Loads the plug-ins of ``copy`` (the ocicrypt options) only when ``copy`` is used, so other
+    commands (a warm ``pull`` above all) do not pay for importing the cryptography stack."""
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "copy":
+            from coco.cli import image_crypt  # noqa: F401  (registers through add_copy_transform)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_ImageGroup)
 def image() -> None:
     """Copy, inspect and pull OCI images."""
 
@@ -307,14 +317,15 @@ def pull_cmd(
     r = _ref(ref, "REF")
     if registries_d is not None and policy is None:
         raise click.UsageError("--registries.d needs --policy")
-    decryption = None
-    if decryption_key:
+
+    def decryption() -> Any:  # keys are read only when an encrypted layer is to be fetched
         from coco.ocicrypt import decrypt_config
 
-        decryption = decrypt_config(decryption_key)
+        return decrypt_config(decryption_key)
+
     options = PullOptions(
         access=Access(_creds(creds, "--creds"), authfile, tls_verify),
-        decryption=decryption,
+        decryption=decryption if decryption_key else None,
         policy=load_policy(policy, registries_d) if policy is not None else None,
         jobs=jobs,
         flatten=flatten,
@@ -355,8 +366,3 @@ def prune_cmd(store: Path | None, quiet: bool) -> None:
         for d in removed:
             click.echo(d)
         click.echo(f"removed {len(removed)} layer(s)", err=True)
-
-
-# The encryption options plug into `copy` through add_copy_transform; importing the module
-# registers them (kept in its own module so that ocicrypt stays out of this file).
-from coco.cli import image_crypt  # noqa: E402, F401

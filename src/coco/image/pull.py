@@ -57,7 +57,7 @@ __all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_im
 log = logging.getLogger(__name__)
 
 _QUEUE_DEPTH = 4  # chunks of ~1 MiB between the reader thread and the decoders
-_BLOCK = 1 << 20
+_BLOCK = 256 << 10  # decompressor block: igzip_threaded buffers 8 of them
 
 
 class SignaturePolicy(Protocol):
@@ -75,7 +75,9 @@ class PullOptions:
     """How to reach the image, which keys and policy apply, and how the bundle is assembled."""
 
     access: Access = field(default_factory=Access)
-    decryption: Any = None  # coco.ocicrypt.DecryptConfig, or None when no key was given
+    decryption: Any = None
+    """A coco.ocicrypt.DecryptConfig, or a callable making one (called only when a layer to
+    fetch is encrypted, so a warm pull never loads keys), or None when no key was given."""
     policy: SignaturePolicy | None = None
     jobs: int = 3
     flatten: bool = False
@@ -292,6 +294,15 @@ class _Puller:
         self.progress = progress
         self.cancel = threading.Event()
         self.committed: list[str] = []  # layers this pull added to the store
+        self.decryption: Any = None
+
+    def prepare(self, m: Manifest, config: ImageConfig) -> None:
+        """Load the decryption keys if a layer to fetch needs them (errors before any download)."""
+        todo = [d for d, i in zip(m.layers, config.diff_ids, strict=True) if not self.store.has(i)]
+        dec = self.o.decryption
+        if callable(dec) and any(mt.is_encrypted(d.media_type) for d in todo):
+            dec = dec()
+        self.decryption = dec
 
     def layer(self, i: int, total: int, desc: Descriptor, diff_id: str) -> LayerPull:
         where = f"{self.ref}: layer {i + 1}/{total} {desc.digest}"
@@ -310,7 +321,7 @@ class _Puller:
             self.source.open_blob(desc, where), self.cancel, stop, task
         )
         if mt.is_encrypted(desc.media_type):
-            chunks = _plaintext(desc, chunks, self.o.decryption, i, total, self.ref, where)
+            chunks = _plaintext(desc, chunks, self.decryption, i, total, self.ref, where)
         raw = _ChunkReader(chunks)
         try:
             with self.store.staging() as tmp:
@@ -420,6 +431,7 @@ def pull_image(
         puller = _Puller(source, st, o, name, progress)
         try:
             with st.session():
+                puller.prepare(m, config)
                 layers = puller.layers(m, config)
                 bundle = create_bundle(
                     st,

@@ -1,0 +1,184 @@
+"""Benchmark: ``coco image pull`` against ``skopeo copy --decryption-key`` + ``umoci unpack``.
+
+One encrypted image (~200 MB of tar, gzip-compressed, encrypted by skopeo to an RSA key) sits in
+a docker-registry on loopback. Each round runs, alternating which goes first:
+
+- coco:  ``coco image pull --decryption-key K docker://… BUNDLE --store FRESH`` (overlay bundle)
+- peer:  ``skopeo copy --decryption-key K docker://… oci:DIR:t`` then ``umoci unpack``
+
+and prints wall times, peak RSS (the largest process of each side) and the ratio coco/peer; then a
+second pull of the same image into a new bundle from the warm store, against the first pull.
+
+    .venv/bin/python benchmarks/bench_pull.py [--size-mb 200] [--rounds 3] [--flatten]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.conftest import _start_registry
+
+COCO = [sys.executable, "-m", "coco.cli.main"]
+
+_MAKE = r"""
+import io, random, sys, tarfile
+from pathlib import Path
+from tests.imagekit import write_image
+size = int(sys.argv[2]) << 20
+rnd = random.Random(1)
+words = [bytes(rnd.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+         for _ in range(5000)]
+text = b" ".join(rnd.choice(words) for _ in range(300_000))  # ~1.8 MB of compressible text
+buf = io.BytesIO()
+total = 0
+with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    i = 0
+    while total < size:
+        if i % 10 == 0:  # a 1 MiB file: half random (incompressible), half text
+            data = rnd.randbytes(512 << 10) + text[(i * 7919) % 1_000_000:][: 512 << 10]
+        else:  # small files, as /usr has many
+            n = rnd.randint(512, 16 << 10)
+            off = rnd.randint(0, len(text) - n)
+            data = text[off : off + n]
+        ti = tarfile.TarInfo(f"usr/share/d{i // 100:03d}/f{i:05d}")
+        ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
+        tf.addfile(ti, io.BytesIO(data))
+        total += len(data) + 1024
+        i += 1
+    for name, data in (("bin/hello", b"#!/bin/sh\necho hi\n"),):
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode = len(data), 0o755
+        tf.addfile(ti, io.BytesIO(data))
+layer = buf.getvalue()
+img = write_image(Path(sys.argv[1]), [layer], tag="t", compression="gzip")
+print(len(layer), len(img.layers[0]))
+"""
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (MB) of a child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} failed: {err.decode()}")
+    return dt, usage.ru_maxrss // 1024
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def umount_bundle(bundle: Path) -> None:
+    rootfs = bundle / "rootfs"
+    if os.path.ismount(rootfs):
+        subprocess.run(["umount", "-l", str(rootfs)], check=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--flatten", action="store_true", help="coco: flattened rootfs, no overlay")
+    ap.add_argument("--jobs", type=int, default=3)
+    args = ap.parse_args()
+    for tool in ("skopeo", "umoci", "docker-registry"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed")
+    root = str(Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory(prefix="bench-pull-", dir="/var/tmp") as tmps:
+        tmp = Path(tmps)
+        gen = subprocess.run(
+            [sys.executable, "-c", _MAKE, str(tmp / "plain"), str(args.size_mb)],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": root},
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        tar_size, gz_size = map(int, gen.stdout.split())
+        key, pub = tmp / "k.pem", tmp / "k.pub"
+        openssl(
+            "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)
+        )
+        openssl("pkey", "-in", str(key), "-pubout", "-out", str(pub))
+        reg_gen = _start_registry(tmp / "registry", auth=False)
+        reg = next(reg_gen)
+        try:
+            ref = f"docker://{reg.host}/bench/pull:enc"
+            subprocess.run(
+                ["skopeo", "--insecure-policy", "copy", "-q", "--dest-tls-verify=false",
+                 "--encryption-key", f"jwe:{pub}", f"oci:{tmp / 'plain'}:t", ref],
+                check=True,
+            )  # fmt: skip
+            print(
+                f"image: one layer, {tar_size / 1e6:.0f} MB tar, {gz_size / 1e6:.0f} MB gzip, "
+                f"encrypted (jwe, RSA); registry {reg.host}"
+            )
+            coco_t: list[float] = []
+            peer_t: list[float] = []
+            coco_m: list[int] = []
+            peer_m: list[int] = []
+            second: list[float] = []
+            for r in range(args.rounds):
+                work = tmp / f"r{r}"
+                work.mkdir()
+
+                def coco(w: Path = work) -> None:
+                    cmd = [*COCO, "image", "pull", "-q", "--tls-verify=false",
+                           "--decryption-key", str(key), "--store", str(w / "store"),
+                           "--jobs", str(args.jobs)]  # fmt: skip
+                    if args.flatten:
+                        cmd.append("--flatten")
+                    dt, mem = run([*cmd, ref, str(w / "bundle")])
+                    coco_t.append(dt)
+                    coco_m.append(mem)
+                    dt2, _ = run([*cmd, ref, str(w / "bundle2")])
+                    second.append(dt2)
+                    umount_bundle(w / "bundle")
+                    umount_bundle(w / "bundle2")
+
+                def peer(w: Path = work) -> None:
+                    d1, m1 = run(
+                        ["skopeo", "--insecure-policy", "copy", "-q", "--src-tls-verify=false",
+                         "--decryption-key", str(key), ref, f"oci:{w / 'oci'}:t"]
+                    )  # fmt: skip
+                    d2, m2 = run(["umoci", "unpack", "--image", f"{w / 'oci'}:t", str(w / "umoci")])
+                    peer_t.append(d1 + d2)
+                    peer_m.append(max(m1, m2))
+
+                for f in (coco, peer) if r % 2 == 0 else (peer, coco):
+                    f()
+                print(
+                    f"round {r + 1}: coco {coco_t[-1]:.2f}s ({coco_m[-1]} MB)  "
+                    f"peer {peer_t[-1]:.2f}s ({peer_m[-1]} MB)  ratio {coco_t[-1] / peer_t[-1]:.2f}"
+                    f"  second pull {second[-1]:.2f}s"
+                )
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            with __import__("contextlib").suppress(StopIteration):
+                next(reg_gen)
+    c, p = statistics.median(coco_t), statistics.median(peer_t)
+    s = statistics.median(second)
+    print(
+        f"median: coco pull {c:.2f}s, skopeo+umoci {p:.2f}s, ratio {c / p:.2f} (goal <= 0.40); "
+        f"peak RSS coco {max(coco_m)} MB, peer {max(peer_m)} MB (goal coco < 100 MB); "
+        f"second pull {s:.2f}s = {s / c:.2f} of the first (goal < 0.10)"
+    )
+
+
+if __name__ == "__main__":
+    main()
