@@ -21,6 +21,7 @@ from coco.image.signature.evaluate import (
     signature_fetcher,
 )
 from coco.image.signature.policy import Policy
+from coco.image.signature.pull_policy import PullPolicy, pull_policy
 from coco.image.signature.registries_d import RegistriesD, read_lookaside, write_lookaside
 from coco.image.signature.sigstore import (
     SignatureManifest,
@@ -37,6 +38,7 @@ __all__ = [
     "Payload",
     "Policy",
     "PolicyContext",
+    "PullPolicy",
     "RegistriesD",
     "SignatureManifest",
     "Signatures",
@@ -44,6 +46,7 @@ __all__ = [
     "Verdict",
     "attachment_tag",
     "parse_attachment",
+    "pull_policy",
     "read_lookaside",
     "sign_sigstore",
     "sign_simple",
