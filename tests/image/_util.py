@@ -110,11 +110,14 @@ def snapshot(
 def umoci_unpack(tmp: Path, layers: Sequence[bytes]) -> Path:
     """Write ``layers`` as an OCI layout and unpack it with umoci; returns umoci's rootfs."""
     write_image(tmp / "layout", list(layers), tag="t", compression="gzip")
-    subprocess.run(
+    proc = subprocess.run(
         ["umoci", "unpack", "--image", f"{tmp / 'layout'}:t", str(tmp / "umoci")],
-        check=True,
+        check=False,
         capture_output=True,
+        text=True,
     )
+    if proc.returncode != 0:
+        raise AssertionError(f"umoci unpack failed: {proc.stderr.strip()}")
     return tmp / "umoci" / "rootfs"
 
 

@@ -184,3 +184,42 @@ def test_real_trees_match_umoci(
     ours = snapshot(b.rootfs, hide_whiteouts=True)
     assert ours == ref
     assert len(ours) > 1000 and "etc/passwd" not in ours and "etc/group" in ours
+
+
+def test_implicit_parent_through_lower_symlink_flatten(
+    tmp_path: Path, store: LayerStore, umoci: str
+) -> None:
+    """usr-merged images: an upper layer writes ``bin/x`` without a ``bin/`` entry while the
+    lower ``bin`` is a symlink; umoci follows it inside the rootfs, and so does flattening."""
+    lower = tar(
+        [
+            D("usr/"),
+            D("usr/bin/"),
+            F("usr/bin/old", b"old"),
+            D("usr/lib/", mode=0o750),
+            F("usr/lib/gone", b"g"),
+            L("bin", "usr/bin"),
+            L("lib", "/usr/lib"),
+            L("up", "../../../usr"),
+            L("dangling", "nowhere"),
+            L("dangling2", "nowhere2/deeper"),
+        ]
+    )
+    upper = tar(
+        [
+            F("bin/new", b"new"),
+            T("lib/.wh.gone"),
+            F("lib/added", b"a"),
+            F("up/bin/via-dotdot", b"d"),
+            F("dangling/f", b"f"),
+            T("dangling2/.wh.x"),
+        ]
+    )
+    layers = [lower, upper]
+    ref = snapshot(umoci_unpack(tmp_path, layers))
+    ids = _layers(tmp_path, store, layers)
+    b = create_bundle(store, ids, tmp_path / "bundle", image_config={"Cmd": ["x"]}, flatten=True)
+    ours = snapshot(b.rootfs)
+    assert ours == ref
+    assert (b.rootfs / "bin").is_symlink() and (b.rootfs / "usr/bin/new").read_bytes() == b"new"
+    assert "usr/lib/gone" not in ours and ours["usr/lib"][0] == "drwxr-x---"

@@ -130,7 +130,7 @@ class _Flattener:
             if explicit:
                 self._meta_dir(lfd, self.root_fd)
             before = os.fstat(self.root_fd)
-            self._dir(lfd, self.root_fd, "")
+            self._dir(lfd, self.root_fd, "", "")
             _set_mtime(self.root_fd, os.fstat(lfd) if explicit else before)
         finally:
             os.close(lfd)
@@ -142,7 +142,8 @@ class _Flattener:
         os.fchmod(rfd, stat.S_IMODE(st.st_mode))
         _copy_xattrs(lfd, rfd)
 
-    def _dir(self, lfd: int, rfd: int, rel: str) -> None:
+    def _dir(self, lfd: int, rfd: int, rel: str, rdir: str) -> None:
+        """Apply layer dir ``rel`` (fd ``lfd``) onto the rootfs dir at ``rdir`` (fd ``rfd``)."""
         with contextlib.suppress(OSError):
             if os.getxattr(lfd, OPAQUE_XATTR) == b"y":
                 for name in os.listdir(rfd):
@@ -150,16 +151,16 @@ class _Flattener:
         with os.scandir(lfd) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
-            self._entry(lfd, rfd, e.name, f"{rel}/{e.name}" if rel else e.name)
+            self._entry(lfd, rfd, e.name, f"{rel}/{e.name}" if rel else e.name, rdir)
 
-    def _entry(self, lfd: int, rfd: int, name: str, rel: str) -> None:
+    def _entry(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
         st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
         if _is_whiteout(st):
             _remove_at(rfd, name)
             return
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            self._subdir(lfd, rfd, name, rel)
+            self._subdir(lfd, rfd, name, rel, rdir)
             return
         _remove_at(rfd, name)
         if stat.S_ISREG(mode):
@@ -168,7 +169,7 @@ class _Flattener:
                 return
             self._copy_file(lfd, rfd, name, st)
             if st.st_nlink > 1:
-                self.links[st.st_ino] = (rel.rpartition("/")[0], name)
+                self.links[st.st_ino] = (rdir, name)
             return
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(name, dir_fd=lfd), name, dir_fd=rfd)
@@ -186,6 +187,21 @@ class _Flattener:
             os.link(first[1], name, src_dir_fd=sfd, dst_dir_fd=rfd, follow_symlinks=False)
         finally:
             os.close(sfd)
+
+    def _follow(self, clfd: int, rel: str, real: str, create: bool) -> bool:
+        """Apply layer dir ``clfd`` onto the rootfs directory at ``real`` (opened without
+        following anything); False when that is not a directory."""
+        try:
+            crfd = _open_under(self.root_fd, real, create=create)
+        except OSError:
+            return False
+        try:
+            keep = os.fstat(crfd)
+            self._dir(clfd, crfd, rel, real)
+            _set_mtime(crfd, keep)
+            return True
+        finally:
+            os.close(crfd)
 
     def _copy_file(self, lfd: int, rfd: int, name: str, st: os.stat_result) -> None:
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
@@ -213,7 +229,7 @@ class _Flattener:
         finally:
             os.close(src)
 
-    def _subdir(self, lfd: int, rfd: int, name: str, rel: str) -> None:
+    def _subdir(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
         implicit = rel in self.layer.implicit_dirs
         clfd = os.open(name, _DIR_FLAGS, dir_fd=lfd)
         try:
@@ -221,7 +237,17 @@ class _Flattener:
                 rst = os.stat(name, dir_fd=rfd, follow_symlinks=False)
             except FileNotFoundError:
                 rst = None
+            if implicit and rst is not None and stat.S_ISLNK(rst.st_mode):
+                # no tar entry for this directory, a lower symlink in its place: follow it
+                # inside the rootfs, as umoci does (``usr``-merged images: bin -> usr/bin)
+                real = _join_in_root(self.root_fd, rdir, name)
+                only_whiteouts = _only_whiteouts(clfd)  # those never create directories
+                if real is not None and self._follow(clfd, rel, real, not only_whiteouts):
+                    return
+                if only_whiteouts:
+                    return
             keep = rst if rst is not None and stat.S_ISDIR(rst.st_mode) else None
+            child = f"{rdir}/{name}" if rdir else name
             if keep is None:
                 if implicit and _only_whiteouts(clfd):
                     return  # nothing to hide below, nothing to create (as umoci)
@@ -234,7 +260,7 @@ class _Flattener:
             try:
                 if not implicit:
                     self._meta_dir(clfd, crfd)
-                self._dir(clfd, crfd, rel)
+                self._dir(clfd, crfd, rel, child)
                 # an explicit directory takes the layer's mtime; an implicit one keeps the
                 # lower directory's (as umoci), whatever changed inside it
                 if not implicit:
@@ -247,15 +273,65 @@ class _Flattener:
             os.close(clfd)
 
 
+def _join_in_root(root_fd: int, parent: str, name: str) -> str | None:
+    """Where ``parent/name`` leads inside the rootfs, symlinks resolved as if the rootfs were
+    ``/`` (``..`` stops at it); what does not exist yet is taken as written; None when the
+    walk meets a non-directory or too many symlinks."""
+    done = parent.split("/") if parent else []
+    todo = [name]
+    hops = 0
+    while todo:
+        c = todo.pop()
+        if c in ("", "."):
+            continue
+        if c == "..":
+            if done:
+                done.pop()
+            continue
+        cur = "/".join([*done, c])
+        try:
+            st = os.stat(cur, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:  # the rest does not exist yet: it is created (as umoci)
+            done.append(c)
+            for c in reversed(todo):
+                if c == "..":
+                    if done:
+                        done.pop()
+                elif c not in ("", "."):
+                    done.append(c)
+            return "/".join(done)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(cur, dir_fd=root_fd)
+            if target.startswith("/"):
+                done = []
+            todo.extend(reversed(target.split("/")))
+            continue
+        done.append(c)
+    return "/".join(done)
+
+
 def _set_mtime(fd: int, st: os.stat_result) -> None:
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _open_under(root_fd: int, rel: str) -> int:
+def _open_under(root_fd: int, rel: str, *, create: bool = False) -> int:
+    """A directory of the rootfs, walked without following symlinks (missing ones made)."""
     fd = os.dup(root_fd)
     try:
         for name in rel.split("/") if rel else []:
-            nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(name, 0o755, dir_fd=fd)
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.fchmod(nfd, 0o755)
             os.close(fd)
             fd = nfd
     except BaseException:
