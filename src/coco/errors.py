@@ -61,6 +61,14 @@ class InitdataError(IntegrityError):
     """An initdata document (TOML, digest, annotation) that is not what the spec allows."""
 
 
+class AgentPolicyError(IntegrityError):
+    """An agent policy or a request to evaluate against it is unusable."""
+
+
+class GenpolicyError(IntegrityError):
+    """genpolicy input (Kubernetes YAML, settings, images) is unusable."""
+
+
 class AttestationError(CocoError):
     """Evidence that could not be produced or did not verify."""
 

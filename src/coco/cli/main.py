@@ -30,6 +30,7 @@ _GROUPS: dict[str, str] = {
     "kbs": "coco.cli.kbs:kbs",
     "kbs-client": "coco.cli.kbs_client:kbs_client",
     "attestation": "coco.cli.attestation:attestation",
+    "policy": "coco.cli.policy:policy",
 }
 
 

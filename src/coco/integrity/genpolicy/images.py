@@ -1,0 +1,302 @@
+"""Images for genpolicy: the config and the dm-verity root of every layer, pulled through coco.oci.
+
+A layer is streamed once: the registry's chunks are hashed (the blob digest, checked by the
+client), decompressed (gzip, zstd or none) and hashed again (the config's diff_id) on their way to
+a temporary file; the tarfs index is appended to that file and its verity root computed, then the
+file is removed. Downloading runs in its own thread so that network, inflate and hashing overlap.
+
+Results are kept in a layers-cache JSON file keyed by diff_id (the upstream shape:
+``[{"diff_id": ..., "verity_hash": ..., "passwd": ..., "group": ...}]``), so a second run
+downloads nothing for layers it has seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import tempfile
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from coco.errors import CocoError, GenpolicyError
+from coco.integrity import tardev, tarindex, verity
+from coco.oci import mediatypes as mt
+from coco.oci.models import Descriptor, ImageConfig, Index, parse_manifest
+from coco.oci.reference import parse_reference
+from coco.oci.transport import Access, ImageSource, open_source
+
+_GZIP = {
+    mt.OCI_LAYER_GZIP,
+    mt.OCI_LAYER_ND_GZIP,
+    mt.DOCKER_LAYER_GZIP,
+    mt.DOCKER_LAYER_FOREIGN_GZIP,
+}
+_ZSTD = {mt.OCI_LAYER_ZSTD, mt.OCI_LAYER_ND_ZSTD, mt.DOCKER_LAYER_ZSTD}
+_PLAIN = {mt.OCI_LAYER, mt.OCI_LAYER_ND, mt.DOCKER_LAYER}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer as the policy needs it."""
+
+    diff_id: str
+    verity_hash: str  # hex
+    passwd: str = ""  # /etc/passwd of this layer, if it has one
+    group: str = ""
+
+
+@dataclass
+class ImageInfo:
+    """An image's config (its ``config`` object) and its layers, bottom first."""
+
+    name: str
+    config: dict[str, Any]
+    layers: list[LayerInfo] = field(default_factory=list)
+    downloaded: int = 0  # layers fetched in this run (not served by the cache)
+
+
+class LayersCache:
+    """The layers-cache JSON file, locked while read and written (several runs may share it)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[str, LayerInfo] = {}
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.exists():
+            self._entries = self._read()
+
+    def _read(self) -> dict[str, LayerInfo]:
+        assert self.path is not None
+        try:
+            with self.path.open("rb") as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
+                raw = f.read()
+        except OSError as e:
+            raise GenpolicyError(
+                f"layers cache {self.path}: cannot read it: {e.strerror}"
+            ) from None
+        if not raw.strip():
+            return {}
+        try:
+            items = json.loads(raw)
+        except ValueError as e:
+            raise GenpolicyError(f"layers cache {self.path}: not valid JSON: {e}") from None
+        if not isinstance(items, list):
+            raise GenpolicyError(f"layers cache {self.path}: expected a JSON array")
+        out: dict[str, LayerInfo] = {}
+        for i, it in enumerate(items):
+            if (
+                not isinstance(it, dict)
+                or not isinstance(it.get("diff_id"), str)
+                or not isinstance(it.get("verity_hash"), str)
+                or len(it["verity_hash"]) != 64
+            ):
+                raise GenpolicyError(
+                    f"layers cache {self.path}: entry {i}: expected "
+                    '{"diff_id": "sha256:...", "verity_hash": "<64 hex>"}'
+                )
+            out[it["diff_id"]] = LayerInfo(
+                it["diff_id"],
+                it["verity_hash"],
+                str(it.get("passwd", "")),
+                str(it.get("group", "")),
+            )
+        return out
+
+    def get(self, diff_id: str) -> LayerInfo | None:
+        with self._lock:
+            return self._entries.get(diff_id)
+
+    def put(self, info: LayerInfo) -> None:
+        with self._lock:
+            self._entries[info.diff_id] = info
+
+    def save(self) -> None:
+        """Merge our entries into the file (other runs may have added theirs) atomically."""
+        if self.path is None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a+b") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            merged = self._read() if self.path.exists() else {}
+            merged.update(self._entries)
+            items = [
+                {
+                    "diff_id": e.diff_id,
+                    "verity_hash": e.verity_hash,
+                    "passwd": e.passwd,
+                    "group": e.group,
+                }
+                for e in sorted(merged.values(), key=lambda e: e.diff_id)
+            ]
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent or ".")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(items, f, indent=2)
+                    f.write("\n")
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+
+def _decompressor(media_type: str, where: str) -> Any:
+    base = media_type.removesuffix(mt.ENCRYPTED_SUFFIX)
+    if media_type.endswith(mt.ENCRYPTED_SUFFIX):
+        raise GenpolicyError(
+            f"{where}: encrypted layer ({media_type}): its verity root cannot be computed "
+            "without the key"
+        )
+    if base in _GZIP:
+        try:
+            from isal import isal_zlib
+
+            return isal_zlib.decompressobj(wbits=31)
+        except ImportError:  # pragma: no cover - isal is a dependency
+            return zlib.decompressobj(wbits=31)
+    if base in _ZSTD:
+        return zstandard.ZstdDecompressor().decompressobj()
+    if base in _PLAIN:
+        return None
+    raise GenpolicyError(f"{where}: unsupported layer media type {media_type!r}")
+
+
+def _prefetch(chunks: Iterator[bytes], depth: int = 8) -> Iterator[bytes]:
+    """Run ``chunks`` in a thread so downloading overlaps with inflating and hashing."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for c in chunks:
+                if stop.is_set():
+                    return
+                q.put(("data", c))
+            q.put(("end", None))
+        except BaseException as e:
+            q.put(("error", e))
+
+    t = threading.Thread(target=run, name="genpolicy-download", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, v = q.get()
+            if kind == "data":
+                yield v
+            elif kind == "end":
+                return
+            else:
+                raise v
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                q.get_nowait()
+
+
+def _read_member(f: Any, entry: tarindex.TarEntry) -> str:
+    here = f.tell()
+    f.seek(entry.data_offset)
+    data = f.read(min(entry.size, 1 << 20))
+    f.seek(here)
+    return data.decode("utf-8", "replace")
+
+
+def layer_info(
+    source: ImageSource, desc: Descriptor, diff_id: str, where: str, tmpdir: str | None = None
+) -> LayerInfo:
+    """Download layer ``desc`` and compute its tardev verity root (and its passwd/group)."""
+    dec = _decompressor(desc.media_type, where)
+    h = hashlib.sha256()
+    with tempfile.TemporaryFile(prefix="coco-genpolicy-", dir=tmpdir) as f:
+        for chunk in _prefetch(source.open_blob(desc, where)):
+            out = dec.decompress(chunk) if dec is not None else chunk
+            if out:
+                h.update(out)
+                f.write(out)
+        if dec is not None:
+            tail = dec.flush() if hasattr(dec, "flush") else b""
+            if tail:
+                h.update(tail)
+                f.write(tail)
+            if getattr(dec, "eof", True) is False:
+                raise GenpolicyError(f"{where}: compressed stream ends early (truncated layer)")
+        got = "sha256:" + h.hexdigest()
+        if got != diff_id:
+            raise GenpolicyError(f"{where}: diff_id mismatch: expected {diff_id}, got {got}")
+        tar_size = f.tell()
+        f.flush()
+        f.seek(0)
+        index, _ = tarindex.index_tar(f, tar_size, name=where)
+        passwd = group = ""
+        f.seek(0)
+        for e in tarindex.read_tar(f, tar_size, where):
+            p = e.path.lstrip(b"./").rstrip(b"/")
+            if e.type in (b"0", b"\0") and p == b"etc/passwd":
+                passwd = _read_member(f, e)
+            elif e.type in (b"0", b"\0") and p == b"etc/group":
+                group = _read_member(f, e)
+        f.seek(tar_size)
+        f.write(index)
+        f.flush()
+        data_size = tar_size + len(index)
+        params = replace(tardev.LAYER_VERITY, hash_offset=data_size, data_blocks=data_size // 4096)
+        tree = verity.build_tree(f"/proc/self/fd/{f.fileno()}", params)
+    return LayerInfo(diff_id, tree.root_hash.hex(), passwd, group)
+
+
+def _pick_manifest(source: ImageSource, name: str) -> tuple[Any, str]:
+    raw, media_type = source.top_manifest()
+    top = parse_manifest(raw, media_type, where=f"{name}: manifest")
+    if isinstance(top, Index):
+        desc = top.select(os="linux", arch="amd64", where=f"{name}: index")
+        child = source.child_manifest(desc, f"{name}: manifest {desc.digest}")
+        man = parse_manifest(child, desc.media_type, where=f"{name}: manifest {desc.digest}")
+        if isinstance(man, Index):
+            raise GenpolicyError(f"{name}: nested index: expected an image manifest")
+        return man, name
+    return top, name
+
+
+def image_info(
+    image: str, access: Access, cache: LayersCache, *, tmpdir: str | None = None
+) -> ImageInfo:
+    """Config and layer verity roots of ``image`` (``host/repo:tag``, ``docker://...`` or ``oci:``)."""
+    ref_text = image if "://" in image or image.startswith("oci:") else f"docker://{image}"
+    try:
+        ref = parse_reference(ref_text)
+    except CocoError as e:
+        raise GenpolicyError(f"image {image}: {e}") from None
+    source = open_source(ref, access)
+    try:
+        man, _ = _pick_manifest(source, f"image {image}")
+        cfg_raw = b"".join(source.open_blob(man.config, f"image {image}: config"))
+        cfg = ImageConfig.parse(cfg_raw, where=f"image {image}: config")
+        if len(cfg.diff_ids) != len(man.layers):
+            raise GenpolicyError(
+                f"image {image}: config lists {len(cfg.diff_ids)} diff_ids but the manifest "
+                f"has {len(man.layers)} layers"
+            )
+        info = ImageInfo(image, dict(cfg.config))
+        for i, (desc, diff_id) in enumerate(zip(man.layers, cfg.diff_ids, strict=True)):
+            cached = cache.get(diff_id)
+            if cached is None:
+                where = f"image {image}: layer {i} ({desc.digest})"
+                cached = layer_info(source, desc, diff_id, where, tmpdir)
+                cache.put(cached)
+                info.downloaded += 1
+            info.layers.append(cached)
+        return info
+    finally:
+        source.close()
