@@ -23,6 +23,9 @@ from coco.oci.transport import Access
 
 TransformFactory = Callable[[dict[str, Any]], LayerTransform | None]
 _FACTORIES: list[tuple[list[str], TransformFactory]] = []
+CopySigner = Callable[[ImageReference, Any, CopyOptions], None]
+SignerFactory = Callable[[dict[str, Any], ImageReference], CopySigner | None]
+_SIGNERS: list[tuple[list[str], SignerFactory]] = []
 
 
 class _ImageGroup(click.Group):
@@ -31,7 +34,10 @@ class _ImageGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "copy":
-            from coco.cli import image_crypt  # noqa: F401  (registers through add_copy_transform)
+            from coco.cli import (
+                image_crypt,  # noqa: F401  (registers through add_copy_transform)
+                image_sign,  # noqa: F401  (registers through add_copy_signer)
+            )
         return super().get_command(ctx, name)
 
 
@@ -130,6 +136,7 @@ def copy_cmd(
         override_variant=override_variant,
     )
     transform = _make_transform(extra)
+    signers = [sg for names, f in _SIGNERS if (sg := f({n: extra.get(n) for n in names}, dst_ref))]
     if not quiet and sys.stderr.isatty():
         from coco.oci.progress import RichProgress  # rich only on a terminal
 
@@ -139,6 +146,8 @@ def copy_cmd(
             )
     else:
         result = copy_image(src_ref, dst_ref, options=options, transform=transform)
+    for sign in signers:
+        sign(dst_ref, result, options)
     if digestfile is not None:
         digestfile.write_text(result.manifest_digest)
     if not quiet:
@@ -159,6 +168,14 @@ def _make_transform(extra: dict[str, Any]) -> LayerTransform | None:
     if len(chosen) > 1:
         raise click.UsageError("these copy options cannot be combined (more than one transform)")
     return chosen[0] if chosen else None
+
+
+def add_copy_signer(params: list[click.Parameter], factory: SignerFactory) -> None:
+    """Add ``params`` to ``coco image copy``; ``factory`` gets their values and the destination
+    (before the copy: it checks its keys then) and returns a signer called with the destination,
+    the CopyResult and the CopyOptions once the image is written, or None when unused."""
+    copy_cmd.params.extend(params)
+    _SIGNERS.append(([p.name for p in params if p.name], factory))
 
 
 def add_copy_transform(params: list[click.Parameter], factory: TransformFactory) -> None:

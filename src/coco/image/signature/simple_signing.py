@@ -268,3 +268,29 @@ def sign_simple(
         )
     payload = Payload(docker_reference, manifest_digest).to_bytes(creator="coco")
     return gpg_sign(payload, fingerprint, gnupghome=gnupghome, passphrase_file=passphrase_file)
+
+
+def check_secret_key(fingerprint: str, *, gnupghome: str | os.PathLike[str] | None = None) -> None:
+    """Raise :class:`SignatureError` unless ``gnupghome`` holds the secret key ``fingerprint``
+    (so a copy can refuse before it writes anything)."""
+    home = gnupghome or os.environ.get("GNUPGHOME") or Path.home() / ".gnupg"
+    where = f"--sign-by {fingerprint}"
+    try:
+        r = subprocess.run(
+            [
+                _gpg(),
+                "--homedir",
+                os.fspath(home),
+                "--batch",
+                "--with-colons",
+                "--list-secret-keys",
+                "--",
+                fingerprint,
+            ],
+            capture_output=True,
+            timeout=_GPG_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SignatureError(f"{where}: cannot run gpg: {e}") from None
+    if r.returncode != 0 or b"\nsec:" not in b"\n" + r.stdout:
+        raise SignatureError(f"{where}: expected a secret key in {home}, gpg found none")
