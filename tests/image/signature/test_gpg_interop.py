@@ -3,6 +3,7 @@ verifies. Keys are made by the real ``gpg``; images live in the real ``docker-re
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import shutil
 from pathlib import Path
@@ -303,3 +304,42 @@ def test_registries_d_parsing(tmp_path) -> None:
     shutil.rmtree(d)
     with pytest.raises(PolicyError, match=r"expected a registries\.d directory"):
         RegistriesD.load(d)
+
+
+def test_key_paths_key_data_and_several_signatures(skopeo_signed, gpg_keys, tmp_path) -> None:
+    alice, mallory = gpg_keys
+    s = skopeo_signed
+    good = read_lookaside(f"file://{s['sigdir']}", parse_docker(s["ref"]), s["digest"])[0]
+    bad = sign_simple(s["ref"], s["digest"], mallory.fingerprint, gnupghome=mallory.home)
+    both = {
+        "default": [
+            {
+                "type": "signedBy",
+                "keyType": "GPGKeys",
+                "keyPaths": [str(mallory.public), str(alice.public_armored)],
+            }
+        ]
+    }
+    # mallory's key is trusted here too, so her signature (first) is enough
+    v = _evaluate(s, both, tmp_path, sigs=[bad, good])
+    assert v.accepted and "signature 1" in v.reason and mallory.fingerprint in v.reason
+    data = {
+        "default": [
+            {
+                "type": "signedBy",
+                "keyType": "GPGKeys",
+                "keyData": base64.b64encode(alice.public.read_bytes()).decode(),
+            }
+        ]
+    }
+    v = _evaluate(s, data, tmp_path, sigs=[bad, good])  # mallory's is refused, alice's is used
+    assert v.accepted and "signature 2" in v.reason and alice.fingerprint in v.reason
+    v = _evaluate(s, data, tmp_path, sigs=[bad])
+    assert not v.accepted and "signature 1" in v.reason
+
+
+def test_keyring_that_is_not_a_key_is_refused(skopeo_signed, tmp_path) -> None:
+    junk = tmp_path / "junk.gpg"
+    junk.write_bytes(b"this is not an OpenPGP key")
+    v = _evaluate(skopeo_signed, _signed_by(junk), tmp_path)
+    assert not v.accepted and "expected an OpenPGP public keyring" in v.reason

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coco.errors import PolicyError
 from coco.image.signature import PolicyContext, Signatures
@@ -347,3 +349,42 @@ R = parse_docker
 )
 def test_identity_rules(rule, image: str, signed: str, ok: bool) -> None:
     assert rule.matches(R(image), parse_identity(signed, "t")) is ok
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "default",
+                    "transports",
+                    "docker",
+                    "type",
+                    "keyType",
+                    "keyPath",
+                    "keyData",
+                    "signedIdentity",
+                    "reject",
+                    "GPGKeys",
+                    "dockerReference",
+                    "prefix",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json)
+def test_parser_raises_only_policy_errors(doc: object) -> None:
+    try:
+        parse(doc)
+    except PolicyError as e:
+        assert str(e).startswith("p.json")
