@@ -309,6 +309,49 @@ def test_tampered_ciphertext(
     _fails(tmp_path, store, ref, r"digest", opts)
 
 
+def test_hmac_mismatch(
+    tmp_path: Path, store: LayerStore, open_registry: Registry, rsa_keys: RsaKeys
+) -> None:
+    """Ciphertext changed under a consistent manifest (new digest, old HMAC): the HMAC catches it
+    and nothing of the layer is kept."""
+    from coco.oci.layout import OciLayout
+    from coco.oci.models import Descriptor
+    from coco.ocicrypt import decrypt_config
+    from tests.imagekit import sha256
+
+    plain = write_image(tmp_path / "plain", [tar([F("s", unique() * 20000)])], tag="t")
+    enc = tmp_path / "enc"
+    skopeo_copy("--encryption-key", f"jwe:{rsa_keys.pub}", f"oci:{plain.path}:t", f"oci:{enc}:t")
+    index = json.loads((enc / "index.json").read_text())
+    man = json.loads((enc / "blobs/sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    layer = man["layers"][0]
+    blob = bytearray((enc / "blobs/sha256" / layer["digest"][7:]).read_bytes())
+    blob[len(blob) // 2] ^= 1
+    layer["digest"] = sha256(bytes(blob))
+    raw_man = json.dumps(man).encode()
+    with OciLayout(enc).transaction() as tx:
+        tx.put_bytes(bytes(blob))
+        tx.put_bytes(raw_man)
+        tx.set_tag("bad", Descriptor(man["mediaType"], sha256(raw_man), len(raw_man)))
+    ref = open_registry.url(f"pull/{uuid.uuid4().hex[:12]}", "bad")
+    skopeo_copy(f"oci:{enc}:bad", ref)
+    opts = PullOptions(access=ACCESS, decryption=decrypt_config([str(rsa_keys.priv)]))
+    _fails(tmp_path, store, ref, r"layer 1/1 .*HMAC mismatch", opts)
+
+
+def test_policy_refusal_writes_nothing(tmp_path: Path, open_registry: Registry) -> None:
+    ref, _ = push(tmp_path, open_registry, [tar([F("f", unique())])])
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": [{"type": "reject"}], "transports": {}}))
+    store_dir = tmp_path / "store"
+    from coco.image.pull import load_policy
+
+    opts = PullOptions(access=ACCESS, policy=load_policy(policy))
+    with pytest.raises(CocoError, match="refused"):
+        pull_image(ref, tmp_path / "bundle", store_dir, opts)
+    assert not store_dir.exists() and not (tmp_path / "bundle").exists()
+
+
 def test_trailing_garbage_after_gzip(
     tmp_path: Path, store: LayerStore, open_registry: Registry
 ) -> None:

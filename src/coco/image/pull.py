@@ -410,7 +410,6 @@ def pull_image(
         )
     if not target.parent.is_dir():
         raise PullError(f"pull {name}: bundle {target}: expected an existing parent directory")
-    st = store if isinstance(store, LayerStore) else LayerStore(store)
     source = open_source(r, o.access)
     try:
         m = _resolve(source, name, o)
@@ -428,6 +427,7 @@ def pull_image(
             )
         if not m.layers:
             raise PullError(f"{name}: expected at least one layer, found none")
+        st = store if isinstance(store, LayerStore) else LayerStore(store)  # after the policy
         puller = _Puller(source, st, o, name, progress)
         try:
             with st.session():
@@ -510,15 +510,7 @@ def _config_obj(raw: bytes) -> dict[str, Any]:
 
 
 def load_policy(policy: Path, registries_d: Path | None = None) -> SignaturePolicy:
-    """The signature policy of ``--policy`` / ``--registries.d`` (coco.image.signature)."""
-    try:
-        from coco.image import signature
-    except ImportError:
-        signature = None  # type: ignore[assignment]
-    factory = getattr(signature, "pull_policy", None)
-    if factory is None:
-        raise PullError(
-            f"--policy {policy}: signature policies are not available in this build "
-            "(coco.image.signature has no pull_policy)"
-        )
-    return factory(policy, registries_d)  # type: ignore[no-any-return]
+    """The signature policy of ``--policy`` / ``--registries.d`` (see coco.image.signature)."""
+    from coco.image.signature import pull_policy
+
+    return pull_policy(policy, registries_d)
