@@ -415,6 +415,8 @@ def create_bundle(
         _teardown(store, path)
         if isinstance(e, OSError):
             raise BundleError(f"{where}: {e.strerror or e}") from None
+        if isinstance(e, RecursionError):
+            raise BundleError(f"{where}: expected a shallower tree, found it too deep") from None
         raise
     return Bundle(path, mode, tuple(diff_ids))
 

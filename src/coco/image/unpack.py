@@ -67,7 +67,7 @@ class UnpackLimits:
 
     max_layer_size: int = 32 << 30  # bytes of decompressed tar stream
     max_files: int = 1_000_000  # tar entries, whiteouts and directories included
-    max_depth: int = 256  # path components of one entry
+    max_depth: int = 128  # path components of one entry
     unsafe_allow_devices: bool = False  # create char/block device nodes (as root only)
 
     def __post_init__(self) -> None:
