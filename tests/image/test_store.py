@@ -159,3 +159,38 @@ def test_failure_mid_assembly_leaves_no_bundle(
     assert not (tmp_path / "b").exists() and store.bundles() == {}
     mounts = Path("/proc/self/mounts").read_text()
     assert str(tmp_path) not in mounts
+
+
+def _pull_in_process(root: str, data: bytes, bundle: str) -> None:
+    s = LayerStore(root)
+    with s.session():
+        info = s.add_layer(diff_id(data), io.BytesIO(data))
+        create_bundle(s, [info.diff_id], bundle, image_config={"Cmd": ["x"]}, flatten=True)
+
+
+def _prune_in_process(root: str, rounds: int) -> None:
+    s = LayerStore(root)
+    for _ in range(rounds):
+        s.prune()
+
+
+def test_processes_pulling_and_pruning(store: LayerStore, tmp_path: Path) -> None:
+    import multiprocessing
+
+    big = tar([D("d/")] + [F(f"d/f{i}", bytes([i % 256]) * 3000) for i in range(200)])
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_pull_in_process, args=(str(store.root), big, str(tmp_path / f"b{i}")))
+        for i in range(3)
+    ]
+    procs.append(ctx.Process(target=_prune_in_process, args=(str(store.root), 20)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    for i in range(3):
+        assert len(os.listdir(tmp_path / f"b{i}" / "rootfs" / "d")) == 200
+    assert store.layers() == [diff_id(big)]
+    assert sorted(store.bundles()) == [str(tmp_path / f"b{i}") for i in range(3)]
+    assert store.prune() == [] and os.listdir(store.root / "tmp") == []
