@@ -199,7 +199,9 @@ class GpgKeyring:
 
     def verify(self, signature: bytes, where: str) -> tuple[bytes, str]:
         """Check one signed message; return (payload, primary key fingerprint) or raise."""
-        out, status, err = _run_gpg(self._home, ["--decrypt"], signature, where)
+        out, status, err = _run_gpg(
+            self._home, ["--no-auto-key-retrieve", "--decrypt"], signature, where
+        )
         kinds = [s[0] for s in status]
         for bad in ("BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "DECRYPTION_FAILED"):
             if bad in kinds:
