@@ -5,13 +5,20 @@ kernel allows it, with the writable upper and work dirs inside the bundle; with 
 (or when the mount is refused) it copies the layers bottom to top into ``rootfs/``, applying the
 whiteouts recorded in each layer directory exactly as umoci applies ``.wh.`` entries: a whiteout
 removes the lower path, an opaque directory loses its lower contents, a directory that only
-exists implicitly in a layer (no tar entry) keeps the lower directory's owner and mode. Every
-write into the rootfs goes through directory fds with ``O_NOFOLLOW``, so symlinks of a lower
-layer never redirect an upper layer's files.
+exists implicitly in a layer (no tar entry) keeps the lower directory's owner, mode and mtime,
+and where a lower layer has a symlink in its place, the symlink is followed as if the rootfs
+were ``/`` (``..`` stops at the rootfs), as umoci does for usr-merged images (``bin -> usr/bin``).
+Every write into the rootfs goes through directory fds with ``O_NOFOLLOW`` (the symlink
+resolution above is done by hand, then walked that way), so nothing ever lands outside.
 
-Known difference of overlay mode (the kernel's, shared with Docker's overlay2): an implicit
-parent directory shows root:0755, and a whiteout in a directory no lower layer has shows an
-empty directory. Flattened mode has neither.
+Known differences of overlay mode (the kernel's, shared with Docker's overlay2): an implicit
+parent directory shows root:0755, hides a lower symlink instead of following it, and a whiteout
+in a directory no lower layer has shows an empty directory. Flattened mode has none of these.
+Also in both modes: the mtime of a directory in which an implicit parent was created is not
+bumped to "now" as umoci leaves it.
+
+Layer directories are read-only lowers of every overlay bundle: the store is shared on disk,
+and a container's writes land in its bundle's ``overlay/upper``.
 
 A failure removes the bundle directory (unmounting first) and its registration; nothing partial
 is left behind.
