@@ -12,7 +12,9 @@ signed messages and cosign signatures) from wherever the caller's transport keep
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +75,29 @@ class PolicyContext:
     def __init__(self, policy: Policy, *, key_loader: KeyLoader | None = None) -> None:
         self.policy = policy
         self._key_loader = key_loader
+        self._keyrings: dict[bytes, GpgKeyring] = {}
+        self._finalizer = weakref.finalize(self, _close_all, self._keyrings)
+
+    def close(self) -> None:
+        """Remove the temporary GPG keyrings (also done when the context is collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> PolicyContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _keyring(self, keys: list[bytes], where: str) -> GpgKeyring:
+        """One imported keyring per distinct key set, reused across evaluations."""
+        h = hashlib.sha256()
+        for k in keys:
+            h.update(hashlib.sha256(k).digest())
+        ident = h.digest()
+        ring = self._keyrings.get(ident)
+        if ring is None:
+            ring = self._keyrings[ident] = GpgKeyring(keys, where)
+        return ring
 
     @classmethod
     def from_file(cls, path: str, *, key_loader: KeyLoader | None = None) -> PolicyContext:
@@ -154,17 +179,17 @@ class PolicyContext:
 
     def _check_gpg(self, req, ref, digests, keys, found, where) -> tuple[bool, str]:
         problems: list[str] = []
-        with GpgKeyring(keys, f"{where}: keys") as ring:
-            for n, blob in enumerate(found, 1):
-                sw = f"signature {n}"
-                try:
-                    payload_bytes, fpr = ring.verify(blob, sw)
-                    payload = Payload.parse(payload_bytes, expected_type=ATOMIC_TYPE, where=sw)
-                    _check_claims(payload, req, ref, digests, sw)
-                except SignatureError as e:
-                    problems.append(str(e))
-                    continue
-                return True, f"signature {n} by {fpr} for {payload.docker_reference}"
+        ring = self._keyring(keys, f"{where}: keys")
+        for n, blob in enumerate(found, 1):
+            sw = f"signature {n}"
+            try:
+                payload_bytes, fpr = ring.verify(blob, sw)
+                payload = Payload.parse(payload_bytes, expected_type=ATOMIC_TYPE, where=sw)
+                _check_claims(payload, req, ref, digests, sw)
+            except SignatureError as e:
+                problems.append(str(e))
+                continue
+            return True, f"signature {n} by {fpr} for {payload.docker_reference}"
         return False, "no signature verified: " + "; ".join(problems)
 
     def _check_sigstore(self, req, ref, digests, keys, found, where) -> tuple[bool, str]:
@@ -180,6 +205,12 @@ class PolicyContext:
                 continue
             return True, f"sigstore signature {n} for {payload.docker_reference}"
         return False, "no signature verified: " + "; ".join(problems)
+
+
+def _close_all(rings: dict[bytes, GpgKeyring]) -> None:
+    for ring in rings.values():
+        ring.close()
+    rings.clear()
 
 
 def _check_claims(
