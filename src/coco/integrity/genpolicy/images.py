@@ -3,7 +3,8 @@
 A layer is streamed once: the registry's chunks are hashed (the blob digest, checked by the
 client), decompressed (gzip, zstd or none) and hashed again (the config's diff_id) on their way to
 a temporary file; the tarfs index is appended to that file and its verity root computed, then the
-file is removed. Downloading runs in its own thread so that network, inflate and hashing overlap.
+file is removed. Downloading runs in its own thread so that network, inflate and hashing overlap,
+and two layers are processed at a time (hashlib, isal and zstd release the GIL).
 
 Results are kept in a layers-cache JSON file keyed by diff_id (the upstream shape:
 ``[{"diff_id": ..., "verity_hash": ..., "passwd": ..., "group": ...}]``), so a second run
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -219,7 +221,7 @@ def layer_info(
     """Download layer ``desc`` and compute its tardev verity root (and its passwd/group)."""
     dec = _decompressor(desc.media_type, where)
     h = hashlib.sha256()
-    with tempfile.TemporaryFile(prefix="coco-genpolicy-", dir=tmpdir) as f:
+    with tempfile.NamedTemporaryFile(prefix="coco-genpolicy-", suffix=".tar", dir=tmpdir) as f:
         for chunk in _prefetch(source.open_blob(desc, where)):
             out = dec.decompress(chunk) if dec is not None else chunk
             if out:
@@ -252,7 +254,7 @@ def layer_info(
         f.flush()
         data_size = tar_size + len(index)
         params = replace(tardev.LAYER_VERITY, hash_offset=data_size, data_blocks=data_size // 4096)
-        tree = verity.build_tree(f"/proc/self/fd/{f.fileno()}", params)
+        tree = verity.build_tree(f.name, params)
     return LayerInfo(diff_id, tree.root_hash.hex(), passwd, group)
 
 
@@ -270,7 +272,12 @@ def _pick_manifest(source: ImageSource, name: str) -> tuple[Any, str]:
 
 
 def image_info(
-    image: str, access: Access, cache: LayersCache, *, tmpdir: str | None = None
+    image: str,
+    access: Access,
+    cache: LayersCache,
+    *,
+    tmpdir: str | None = None,
+    workers: int = 2,
 ) -> ImageInfo:
     """Config and layer verity roots of ``image`` (``host/repo:tag``, ``docker://...`` or ``oci:``)."""
     ref_text = image if "://" in image or image.startswith("oci:") else f"docker://{image}"
@@ -289,13 +296,18 @@ def image_info(
                 f"has {len(man.layers)} layers"
             )
         info = ImageInfo(image, dict(cfg.config))
-        for i, (desc, diff_id) in enumerate(zip(man.layers, cfg.diff_ids, strict=True)):
+        todo = {}
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genpolicy-layer") as pool:
+            for i, (desc, diff_id) in enumerate(zip(man.layers, cfg.diff_ids, strict=True)):
+                if cache.get(diff_id) is None and diff_id not in todo:
+                    where = f"image {image}: layer {i} ({desc.digest})"
+                    todo[diff_id] = pool.submit(layer_info, source, desc, diff_id, where, tmpdir)
+            for fut in todo.values():
+                cache.put(fut.result())
+        info.downloaded = len(todo)
+        for diff_id in cfg.diff_ids:
             cached = cache.get(diff_id)
-            if cached is None:
-                where = f"image {image}: layer {i} ({desc.digest})"
-                cached = layer_info(source, desc, diff_id, where, tmpdir)
-                cache.put(cached)
-                info.downloaded += 1
+            assert cached is not None
             info.layers.append(cached)
         return info
     finally:
