@@ -6,10 +6,11 @@ ocicrypt`` adds the encryption and decryption keys) through :func:`add_copy_tran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,13 +352,14 @@ def pull_cmd(
         variant=override_variant,
     )
     store_dir = store or _default_store()
-    if not quiet and sys.stderr.isatty():
-        from coco.oci.progress import RichProgress  # rich only on a terminal
+    with _terminate_cleanly():
+        if not quiet and sys.stderr.isatty():
+            from coco.oci.progress import RichProgress  # rich only on a terminal
 
-        with RichProgress() as progress:
-            result = pull_image(r, bundle_dir, store_dir, options, progress=progress)
-    else:
-        result = pull_image(r, bundle_dir, store_dir, options)
+            with RichProgress() as progress:
+                result = pull_image(r, bundle_dir, store_dir, options, progress=progress)
+        else:
+            result = pull_image(r, bundle_dir, store_dir, options)
     if not quiet:
         pulled = sum(1 for x in result.layers if x.action == "pulled")
         click.echo(
@@ -366,6 +368,24 @@ def pull_cmd(
             err=True,
         )
     click.echo(result.manifest_digest)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """SIGTERM/SIGHUP interrupt like Ctrl-C while inside, so a pull removes what it started (no
+    partial bundle, no temporary layer) before exiting."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    sigs = (signal.SIGTERM, signal.SIGHUP)
+    old = [signal.signal(sig, interrupt) for sig in sigs]
+    try:
+        yield
+    finally:
+        for sig, handler in zip(sigs, old, strict=True):
+            signal.signal(sig, handler)
 
 
 @image.command("prune")

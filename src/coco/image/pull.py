@@ -56,7 +56,8 @@ __all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_im
 
 log = logging.getLogger(__name__)
 
-_QUEUE_DEPTH = 4  # chunks of ~1 MiB between the reader thread and the decoders
+_QUEUE_DEPTH = 4  # chunks between the reader thread and the decoders
+_CHUNK = 256 << 10  # registry read size: every queue downstream holds chunks of this size
 _BLOCK = 256 << 10  # decompressor block: igzip_threaded buffers 8 of them
 
 
@@ -304,6 +305,15 @@ class _Puller:
             dec = dec()
         self.decryption = dec
 
+    def _open(self, desc: Descriptor, where: str) -> Iterator[bytes]:
+        """The blob (digest checked at its end), in chunks small enough that the queues of every
+        stage of every parallel layer stay within the memory goal."""
+        client = getattr(self.source, "client", None)
+        repo = getattr(self.source.ref, "repository", None)
+        if client is not None and repo is not None:  # a registry: choose the chunk size
+            return client.open_blob(repo, desc.digest, desc.size, where, chunk=_CHUNK)  # type: ignore[no-any-return]
+        return self.source.open_blob(desc, where)
+
     def layer(self, i: int, total: int, desc: Descriptor, diff_id: str) -> LayerPull:
         where = f"{self.ref}: layer {i + 1}/{total} {desc.digest}"
         if self.cancel.is_set():
@@ -317,9 +327,7 @@ class _Puller:
         if self.progress is not None:
             task = self.progress.task(f"layer {i + 1}/{total} {desc.short}", desc.size)
         stop = threading.Event()  # this layer failed: stop its reader at once
-        chunks: Iterator[bytes] = _prefetch(
-            self.source.open_blob(desc, where), self.cancel, stop, task
-        )
+        chunks: Iterator[bytes] = _prefetch(self._open(desc, where), self.cancel, stop, task)
         if mt.is_encrypted(desc.media_type):
             chunks = _plaintext(desc, chunks, self.decryption, i, total, self.ref, where)
         raw = _ChunkReader(chunks)
@@ -376,9 +384,13 @@ class _Puller:
             for d, i in firsts.items():
                 futures[i] = pool.submit(self.layer, i, total, m.layers[i], d)
                 futures[i].add_done_callback(done)
-            for i, f in futures.items():
-                with contextlib.suppress(BaseException):
-                    results[i] = f.result()
+            try:
+                for i, f in futures.items():
+                    with contextlib.suppress(Exception):  # recorded by done()
+                        results[i] = f.result()
+            except BaseException:  # interrupted: stop every layer, let them clean up
+                self.cancel.set()
+                raise
         if errors:
             raise errors[0]
         out = []
