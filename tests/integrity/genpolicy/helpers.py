@@ -10,12 +10,18 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from coco.integrity.genpolicy import POLICY_ANNOTATION, Options
 from coco.oci.copy import CopyOptions, copy_image
-from tests.imagekit import write_image
+from coco.oci.transport import Access
+from tests.conftest import Registry
+from tests.imagekit import tar_layer, write_image
 
 SANDBOX_ID = "4bbf2a6b6b510a279cd17b2bfc8b64d39c11ebb55f855ba78a0034c4fe394246"
 CONTAINER_ID = "9f0e7c5c1a7b4c6f8d2e3a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d"
@@ -213,3 +219,73 @@ def chain_layer_ids(diff_ids: list[str]) -> list[str]:
 
 def is_hex64(s: str) -> bool:
     return re.fullmatch(r"[0-9a-f]{64}", s) is not None
+
+
+PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1234:4321:app:/home/app:/bin/sh\n"
+
+
+class Images:
+    """The test images, pushed once per module: a pause image, an app image, a zstd one."""
+
+    def __init__(self, registry: Registry, tmp: Path) -> None:
+        self.pause_layers = [tar_layer({"pause": b"\x7fELF pause binary"})]
+        self.pause = push(
+            registry,
+            tmp,
+            "gp/pause",
+            self.pause_layers,
+            {"Entrypoint": ["/pause"], "User": "65535:65535"},
+        )
+        self.app_layers = [
+            tar_layer({"etc/passwd": PASSWD, "bin/sh": b"#!shell"}),
+            tar_layer({"srv/app.py": b"print('hi')\n" * 100}),
+        ]
+        self.app = push(
+            registry,
+            tmp,
+            "gp/app",
+            self.app_layers,
+            {
+                "Entrypoint": ["/usr/bin/python3"],
+                "Cmd": ["/srv/app.py"],
+                "Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],
+                "WorkingDir": "/srv",
+                "User": "app",
+            },
+        )
+        self.zstd = push(
+            registry,
+            tmp,
+            "gp/zstd",
+            [tar_layer({"z": b"zstd layer"})],
+            {"Cmd": ["/z"]},
+            compression="zstd",
+        )
+        self.settings = tmp / "settings.json"
+        self.settings.write_text(
+            json.dumps({"cluster_config": {"pause_container_image": self.pause}})
+        )
+        self.tmp = tmp
+
+
+def pod(image: str, **container: Any) -> str:
+    c = {"name": "app", "image": image, **container}
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"runtimeClassName": "kata-cc", "containers": [c]},
+        }
+    )
+
+
+def opts(images: Images, **kw: Any) -> Options:
+    return Options(settings=images.settings, access=Access(tls_verify=False), **kw)
+
+
+def policy_of(doc_yaml: str) -> tuple[str, dict[str, Any]]:
+    doc = yaml.safe_load(doc_yaml)
+    text = base64.b64decode(doc["metadata"]["annotations"][POLICY_ANNOTATION]).decode()
+    data = json.loads(text.split("\npolicy_data := ", 1)[1])
+    return text, data

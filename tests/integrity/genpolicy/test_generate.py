@@ -16,84 +16,18 @@ import yaml
 
 from coco.integrity import tardev
 from coco.integrity.agent_policy import AgentPolicy
-from coco.integrity.genpolicy import POLICY_ANNOTATION, Options, generate
-from coco.oci.transport import Access
+from coco.integrity.genpolicy import POLICY_ANNOTATION, generate
 from tests.conftest import Registry
 from tests.imagekit import tar_layer
 from tests.integrity.conftest import ZERO_SALT, root_of, veritysetup
-from tests.integrity.genpolicy.helpers import chain_layer_ids, create_container_request, push
-
-PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1234:4321:app:/home/app:/bin/sh\n"
-
-
-class Images:
-    def __init__(self, registry: Registry, tmp: Path) -> None:
-        self.pause_layers = [tar_layer({"pause": b"\x7fELF pause binary"})]
-        self.pause = push(
-            registry,
-            tmp,
-            "gp/pause",
-            self.pause_layers,
-            {"Entrypoint": ["/pause"], "User": "65535:65535"},
-        )
-        self.app_layers = [
-            tar_layer({"etc/passwd": PASSWD, "bin/sh": b"#!shell"}),
-            tar_layer({"srv/app.py": b"print('hi')\n" * 100}),
-        ]
-        self.app = push(
-            registry,
-            tmp,
-            "gp/app",
-            self.app_layers,
-            {
-                "Entrypoint": ["/usr/bin/python3"],
-                "Cmd": ["/srv/app.py"],
-                "Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"],
-                "WorkingDir": "/srv",
-                "User": "app",
-            },
-        )
-        self.zstd = push(
-            registry,
-            tmp,
-            "gp/zstd",
-            [tar_layer({"z": b"zstd layer"})],
-            {"Cmd": ["/z"]},
-            compression="zstd",
-        )
-        self.settings = tmp / "settings.json"
-        self.settings.write_text(
-            json.dumps({"cluster_config": {"pause_container_image": self.pause}})
-        )
-        self.tmp = tmp
-
-
-@pytest.fixture(scope="module")
-def images(open_registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Images:
-    return Images(open_registry, tmp_path_factory.mktemp("gp-images"))
-
-
-def pod(image: str, **container: Any) -> str:
-    c = {"name": "app", "image": image, **container}
-    return yaml.safe_dump(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"runtimeClassName": "kata-cc", "containers": [c]},
-        }
-    )
-
-
-def opts(images: Images, **kw: Any) -> Options:
-    return Options(settings=images.settings, access=Access(tls_verify=False), **kw)
-
-
-def policy_of(doc_yaml: str) -> tuple[str, dict[str, Any]]:
-    doc = yaml.safe_load(doc_yaml)
-    text = base64.b64decode(doc["metadata"]["annotations"][POLICY_ANNOTATION]).decode()
-    data = json.loads(text.split("\npolicy_data := ", 1)[1])
-    return text, data
+from tests.integrity.genpolicy.helpers import (
+    Images,
+    chain_layer_ids,
+    create_container_request,
+    opts,
+    pod,
+    policy_of,
+)
 
 
 def test_policy_binds_layers_to_independently_computed_roots(
