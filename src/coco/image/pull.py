@@ -248,8 +248,12 @@ def _plaintext(
 
 def _decompressed(raw: _ChunkReader, compression: str, where: str) -> BinaryIO:
     if compression == "gzip":
-        from isal import igzip_threaded
+        try:
+            from isal import igzip_threaded
+        except ImportError:  # isal is a dependency; zlib still works without it, slower
+            import gzip
 
+            return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
         return igzip_threaded.open(raw, "rb", threads=1, block_size=_BLOCK)  # type: ignore[return-value]
     if compression == "zstd":
         import zstandard
@@ -301,7 +305,13 @@ class _Puller:
         """Load the decryption keys if a layer to fetch needs them (errors before any download)."""
         todo = [d for d, i in zip(m.layers, config.diff_ids, strict=True) if not self.store.has(i)]
         dec = self.o.decryption
-        if callable(dec) and any(mt.is_encrypted(d.media_type) for d in todo):
+        encrypted = [d for d in todo if mt.is_encrypted(d.media_type)]
+        if encrypted and not dec:
+            raise PullError(
+                f"{self.ref}: layer {encrypted[0].digest} is encrypted ({encrypted[0].media_type});"
+                " expected a --decryption-key that can open it, found none given"
+            )
+        if callable(dec) and encrypted:
             dec = dec()
         self.decryption = dec
 
