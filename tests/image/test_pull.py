@@ -236,6 +236,31 @@ def test_duplicate_layers_in_one_image(
     assert (res.bundle.rootfs / "f").exists() and (res.bundle.rootfs / "g").exists()
 
 
+def test_index_picks_platform(tmp_path: Path, store: LayerStore, open_registry: Registry) -> None:
+    from tests.imagekit import write_index
+
+    idx = write_index(
+        tmp_path / "idx",
+        [
+            ("linux", "amd64", [tar([F("arch", b"amd64")])]),
+            ("linux", "arm64", [tar([F("arch", b"arm64")])]),
+        ],
+        tag="t",
+    )
+    ref = open_registry.url(f"pull/{uuid.uuid4().hex[:12]}", "multi")
+    skopeo_copy("--all", f"oci:{idx.path}:t", ref)
+    for arch in ("arm64", "amd64"):
+        res = pull_image(
+            ref, tmp_path / arch, store, PullOptions(access=ACCESS, arch=arch, flatten=True)
+        )
+        assert (res.bundle.rootfs / "arch").read_bytes() == arch.encode()
+        want = next(im for im in idx.images if im.platform.architecture == arch)
+        assert res.manifest_digest == want.manifest_digest
+    with pytest.raises(CocoError, match="no image for platform linux/s390x"):
+        pull_image(ref, tmp_path / "s390x", store, PullOptions(access=ACCESS, arch="s390x"))
+    assert not (tmp_path / "s390x").exists()
+
+
 # -- failures leave nothing ---------------------------------------------------------------------
 def _fails(
     tmp_path: Path, store: LayerStore, ref: str, match: str, opts: PullOptions | None = None
@@ -434,6 +459,29 @@ def test_cli_pull_and_errors(
     assert not (tmp_path / "c").exists()
     # usage errors exit 2
     assert _cli([*args, "--jobs", "0", ref, str(tmp_path / "d")]) == 2
+
+
+def test_cli_encrypted_pull_and_reuse(
+    tmp_path: Path,
+    store: LayerStore,
+    open_registry: Registry,
+    rsa_keys: RsaKeys,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ref, _ = push(tmp_path, open_registry, [tar([F("secret", b"s3")])], encrypt_to=rsa_keys.pub)
+    args = ["image", "pull", "--tls-verify=false", "--store", str(store.root)]
+    assert _cli([*args, ref, str(tmp_path / "none")]) == 1
+    assert "expected a --decryption-key" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    key = ["--decryption-key", str(rsa_keys.priv)]
+    assert _cli([*args, *key, ref, str(tmp_path / "b")]) == 0
+    assert "1 pulled, 0 reused" in capsys.readouterr().err
+    assert (tmp_path / "b/rootfs/secret").read_bytes() == b"s3"
+    # warm: the key is not even read (a path that does not exist would fail if it were)
+    assert (
+        _cli([*args, "--decryption-key", str(tmp_path / "gone.pem"), ref, str(tmp_path / "c")]) == 0
+    )
+    assert "0 pulled, 1 reused" in capsys.readouterr().err
 
 
 # -- helpers needing more than imagekit ----------------------------------------------------------
