@@ -225,6 +225,24 @@ def test_shared_layers_and_prune(
     assert img1.diff_ids[1] not in store.layers()
 
 
+def test_concurrent_pulls_share_the_store(
+    tmp_path: Path, store: LayerStore, open_registry: Registry
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [tar([F("a", unique() * 50_000)]), tar([F("b", unique() * 50_000)])]
+    ref, img = push(tmp_path, open_registry, layers)
+    opts = PullOptions(access=ACCESS, flatten=True)
+    with ThreadPoolExecutor(3) as pool:
+        futs = [pool.submit(pull_image, ref, tmp_path / f"b{i}", store, opts) for i in range(3)]
+        results = [f.result() for f in futs]
+    assert sorted(store.layers()) == sorted(img.diff_ids)
+    assert leftovers(store)[1] == []
+    for r in results:
+        assert (r.bundle.rootfs / "a").stat().st_size == 32 * 50_000
+    assert len(store.bundles()) == 3
+
+
 def test_duplicate_layers_in_one_image(
     tmp_path: Path, store: LayerStore, open_registry: Registry
 ) -> None:
