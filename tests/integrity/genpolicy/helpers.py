@@ -37,13 +37,14 @@ def push(
     layers: list[bytes],
     config: dict[str, Any] | None = None,
     compression: str = "gzip",
+    config_extra: dict[str, Any] | None = None,
 ) -> str:
     """Write an image and copy it into the registry; return ``host/repo:latest``."""
+    extra = dict(config_extra or {})
+    if config:
+        extra["config"] = config
     img = write_image(
-        tmp / repo.replace("/", "_"),
-        layers,
-        config_extra={"config": config} if config else None,
-        compression=compression,
+        tmp / repo.replace("/", "_"), layers, config_extra=extra or None, compression=compression
     )
     copy_image(img.ref, registry.url(repo), options=CopyOptions(dest_tls_verify=False))
     return f"{registry.host}/{repo}:latest"
@@ -281,7 +282,8 @@ def pod(image: str, **container: Any) -> str:
 
 
 def opts(images: Images, **kw: Any) -> Options:
-    return Options(settings=images.settings, access=Access(tls_verify=False), **kw)
+    kw.setdefault("settings", images.settings)
+    return Options(access=Access(tls_verify=False), **kw)
 
 
 def policy_of(doc_yaml: str) -> tuple[str, dict[str, Any]]:
