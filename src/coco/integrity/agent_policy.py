@@ -93,9 +93,12 @@ class AgentPolicy:
     def _interpreter(self) -> regopy.Interpreter:
         rego = regopy.Interpreter()
         try:
-            rego.add_module("agent_policy", self.text)
-        except Exception as e:
-            raise AgentPolicyError(f"{self.where}: Rego does not compile: {_first(e)}") from None
+            with _quiet_fd(1), _quiet_fd(2):  # rego-cpp also prints its errors
+                rego.add_module("agent_policy", self.text)
+        except Exception as e:  # regopy raises plain errors
+            raise AgentPolicyError(
+                f"{self.where}: Rego does not compile: {_rego_error(self.text, e)}"
+            ) from None
         return rego
 
     def _query(self, rego: regopy.Interpreter, query: str) -> Any:
@@ -165,18 +168,39 @@ def _first(e: object) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _rego_error(text: str, e: object) -> str:
+    """``line L column C: message`` from rego-cpp's error tree (offsets into ``text``)."""
+    raw = str(e)
+    msg = re.search(r"\(errormsg \d+:([^)]*)\)", raw)
+    pos = re.search(r"\(error \d+:[^|]*\|(\d+)\|", raw)
+    if msg is None:
+        return _first(raw)
+    if pos is None:
+        return msg.group(1)
+    offset = int(pos.group(1))
+    line = text.count("\n", 0, offset) + 1
+    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return f"line {line} column {col}: {msg.group(1)}"
+
+
 @contextlib.contextmanager
 def _quiet(text: str) -> Iterator[None]:
     """Keep Rego ``print()`` output (upstream rules print a lot) off our standard output."""
     if "print(" not in text:
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(1)
+    with _quiet_fd(1):
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_fd(fd: int) -> Iterator[None]:
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved = os.dup(fd)
     with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved, 1)
+            os.dup2(saved, fd)
             os.close(saved)
