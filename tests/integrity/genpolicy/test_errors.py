@@ -92,3 +92,32 @@ def test_generate_rewrites_in_place_by_default(images: Images, tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     assert "io.katacontainers.config.agent.policy" in src.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pod.yaml"]
+
+
+def test_authfile_for_a_registry_with_auth(registry: Registry, tmp_path: Path) -> None:
+    from coco.oci.auth import parse_creds
+    from coco.oci.copy import CopyOptions, copy_image
+    from tests.imagekit import write_image
+
+    refs = []
+    for repo, cfg in (("gp/pause", {"Entrypoint": ["/pause"]}), ("gp/app", {"Cmd": ["/app"]})):
+        img = write_image(tmp_path / repo.replace("/", "_"), [tar_layer({repo: b"x"})],
+                          config_extra={"config": cfg})  # fmt: skip
+        copy_image(img.ref, registry.url(repo), options=CopyOptions(
+            dest_credentials=parse_creds(registry.creds), dest_tls_verify=False))  # fmt: skip
+        refs.append(f"{registry.host}/{repo}:latest")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"cluster_config": {"pause_container_image": refs[0]}}))
+    src = tmp_path / "pod.yaml"
+    src.write_text(pod(refs[1]))
+    base = ["policy", "generate", str(src), "-o", str(tmp_path / "out.yaml"),
+            "--settings", str(settings), "--src-tls-verify=false"]  # fmt: skip
+    (tmp_path / "empty.json").write_text('{"auths": {}}')
+    r = coco(*base, "--authfile", str(tmp_path / "empty.json"))
+    assert r.returncode == 1
+    assert f"coco: error: docker://{refs[0]}: authentication required" in r.stderr
+    assert not (tmp_path / "out.yaml").exists()
+    assert registry.authfile is not None
+    r = coco(*base, "--authfile", str(registry.authfile))
+    assert r.returncode == 0, r.stderr
+    assert "io.katacontainers.config.agent.policy" in (tmp_path / "out.yaml").read_text()
