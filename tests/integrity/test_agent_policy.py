@@ -250,3 +250,19 @@ def test_policy_text_shape(policy_data: dict[str, Any]) -> None:
     rules, data = text.split("\npolicy_data := ", 1)
     assert rules.rstrip() == default_rules().rstrip()
     assert json.loads(data) == policy_data
+
+
+def test_cli_all_lists_every_failed_check(request_: dict[str, Any], tmp_path: Path) -> None:
+    data = str(VECTORS / "pod-one-container.policy_data.json")
+    request_["OCI"]["Process"]["Args"] = ["/bin/sh"]
+    request_["OCI"]["Process"]["User"]["UID"] = 0
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps(request_))
+    r = run(
+        "policy", "evaluate", "--all", "--policy-data", data, "CreateContainerRequest", str(req)
+    )
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        "denied: CreateContainerRequest: rule user: OCI.Process.User.UID expected 1000, got 0",
+        "  also: rule args: OCI.Process.Args[0] expected /pause, got /bin/sh",
+    ]

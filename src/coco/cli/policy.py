@@ -122,12 +122,14 @@ def _write(path: str, text: str) -> None:
     type=click.Path(dir_okay=False),
     help="Rules for --policy-data (default: coco's own).",
 )
+@click.option("--all", "show_all", is_flag=True, help="On denial, list every failed check.")
 @click.argument("request_name")
 @click.argument("request_json", type=click.Path(dir_okay=False))
 def evaluate_cmd(
     policy_file: str | None,
     policy_data: str | None,
     rules: str | None,
+    show_all: bool,
     request_name: str,
     request_json: str,
 ) -> None:
@@ -156,6 +158,9 @@ def evaluate_cmd(
         pol = AgentPolicy(text, policy_file)
     decision = pol.evaluate(request_name, body)
     click.echo(decision.message())
+    if show_all:
+        for v in decision.violations[1:]:
+            click.echo(f"  also: {v}")
     if not decision.allowed:
         sys.exit(1)
 
