@@ -238,6 +238,8 @@ class _Flattener:
 
     def _subdir(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
         implicit = rel in self.layer.implicit_dirs
+        if rel in self.layer.fresh_dirs:  # this layer whited the lower one out first
+            _remove_at(rfd, name)
         clfd = os.open(name, _DIR_FLAGS, dir_fd=lfd)
         try:
             try:
@@ -248,7 +250,9 @@ class _Flattener:
                 # no tar entry for this directory, a lower symlink in its place: follow it
                 # inside the rootfs, as umoci does (``usr``-merged images: bin -> usr/bin)
                 real = _join_in_root(self.root_fd, rdir, name)
-                only_whiteouts = _only_whiteouts(clfd)  # those never create directories
+                only_whiteouts = _only_whiteouts(
+                    clfd, rel, self.layer.implicit_dirs
+                )  # those never create directories
                 if real is not None and self._follow(clfd, rel, real, not only_whiteouts):
                     return
                 if only_whiteouts:
@@ -256,7 +260,7 @@ class _Flattener:
             keep = rst if rst is not None and stat.S_ISDIR(rst.st_mode) else None
             child = f"{rdir}/{name}" if rdir else name
             if keep is None:
-                if implicit and _only_whiteouts(clfd):
+                if implicit and _only_whiteouts(clfd, rel, self.layer.implicit_dirs):
                     return  # nothing to hide below, nothing to create (as umoci)
                 if rst is not None:
                     _remove_at(rfd, name)
@@ -347,17 +351,20 @@ def _open_under(root_fd: int, rel: str, *, create: bool = False) -> int:
     return fd
 
 
-def _only_whiteouts(fd: int) -> bool:
+def _only_whiteouts(fd: int, rel: str, implicit: frozenset[str]) -> bool:
+    """True when layer dir ``rel`` holds nothing but whiteouts and implicit directories of
+    whiteouts: applying it creates nothing."""
     with os.scandir(fd) as it:
         for e in it:
             st = e.stat(follow_symlinks=False)
             if _is_whiteout(st):
                 continue
-            if not stat.S_ISDIR(st.st_mode):
+            child = f"{rel}/{e.name}" if rel else e.name
+            if not stat.S_ISDIR(st.st_mode) or child not in implicit:
                 return False
             cfd = os.open(e.name, _DIR_FLAGS, dir_fd=fd)
             try:
-                if not _only_whiteouts(cfd):
+                if not _only_whiteouts(cfd, child, implicit):
                     return False
             finally:
                 os.close(cfd)

@@ -3,7 +3,7 @@
 Layout under the store root::
 
     layers/<hex>/fs/         the layer directory (overlay lower-layer form, see coco.image.unpack)
-    layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "entries", "bytes"}
+    layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs", "entries", "bytes"}
     tmp/<random>/            unpacks in progress; renamed into layers/ only on success
     index.json               {"version": 1, "bundles": {"/abs/bundle": {"layers": [diff_id...]}}}
     gc.lock, index.lock      flock files
@@ -45,6 +45,7 @@ class LayerInfo:
     implicit_dirs: frozenset[str]
     entries: int
     size: int
+    fresh_dirs: frozenset[str] = frozenset()
 
 
 def _check_diff_id(diff_id: str) -> str:
@@ -106,6 +107,7 @@ class LayerStore:
             frozenset(meta.get("implicit_dirs", [])),
             int(meta.get("entries", 0)),
             int(meta.get("bytes", 0)),
+            frozenset(meta.get("fresh_dirs", [])),
         )
 
     def layers(self) -> list[str]:
@@ -135,6 +137,7 @@ class LayerStore:
         meta = {
             "diff_id": diff_id,
             "implicit_dirs": stats.implicit_dirs,
+            "fresh_dirs": stats.fresh_dirs,
             "entries": stats.entries,
             "bytes": stats.bytes_read,
         }

@@ -80,7 +80,9 @@ class UnpackLimits:
 
 @dataclass
 class UnpackStats:
-    """What one layer held; ``implicit_dirs`` are parents no entry described ('' is the root)."""
+    """What one layer held; ``implicit_dirs`` are parents no entry described ('' is the root);
+    ``fresh_dirs`` those of them that replace a whiteout of the same layer (the lower directory
+    is gone, the new one is root:0755)."""
 
     entries: int = 0
     bytes_read: int = 0
@@ -93,6 +95,7 @@ class UnpackStats:
     others: int = 0
     diff_id: str = ""
     implicit_dirs: list[str] = field(default_factory=list)
+    fresh_dirs: list[str] = field(default_factory=list)  # implicit, replacing a whiteout
 
 
 class _Reader:
@@ -165,6 +168,8 @@ class _Unpacker:
         self.stats = UnpackStats()
         self.created: set[str] = set()  # paths this layer wrote (whiteouts of them are ignored)
         self.whiteouts: set[str] = set()
+        self.nondir: set[str] = set()  # paths that held a non-directory at some point
+        self.fresh: set[str] = set()  # implicit dirs that replaced a whiteout of this layer
         self.implicit: set[str] = {""}
         self.dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), applied at the end
         self.written = 0  # bytes of regular files, as declared (sparse holes included)
@@ -234,7 +239,7 @@ class _Unpacker:
             self.whiteouts.discard(path)
             nfd = self._mkdir(fd, name, path)
             self._set_opaque(nfd)
-            self.implicit.discard(path)  # a fresh root:0755 directory, not the lower one's
+            self.fresh.add(path)  # flattening removes the lower one, creates it only if needed
             return nfd
         return self._mkdir(fd, name, path)
 
@@ -322,18 +327,22 @@ class _Unpacker:
         dfd = self.parent_fd(parts[:-1], where)
         self._write(tf, ti, dfd, base, path, where)
         self.created.add(path)
+        if not ti.isdir():
+            self.nondir.add(path)
 
     def _write(
         self, tf: tarfile.TarFile, ti: tarfile.TarInfo, dfd: int, base: str, path: str, where: str
     ) -> None:
         st = self.stats
         if ti.isdir():
-            was_whiteout = path in self.whiteouts
+            # this layer had a non-directory (or a whiteout) here: as in a sequential untar,
+            # that removed the lower directory, so the new one hides the lower contents
+            hides_lower = path in self.nondir
             if not self._clear(dfd, base, path, keep_dir=True):
                 os.mkdir(base, 0o700, dir_fd=dfd)
             fd = os.open(base, _DIR_FLAGS, dir_fd=dfd)
             try:
-                if was_whiteout:
+                if hides_lower:
                     self._set_opaque(fd)
                 self._dir_meta(fd, path, ti)
             finally:
@@ -457,8 +466,19 @@ class _Unpacker:
             )
         path = "/".join([*parts[:-1], name])
         self.stats.whiteouts += 1
-        if path in self.created or path in self.whiteouts:
-            return  # hides lower layers only: this layer's own entry stays (as umoci)
+        if path in self.whiteouts:
+            return
+        if path in self.created:
+            # hides lower layers only: this layer's own entry stays (as umoci); a directory of
+            # this layer keeps its own contents but loses the lower ones, i.e. becomes opaque
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    self._set_opaque(fd)
+                finally:
+                    os.close(fd)
+            return
         try:
             self._clear(dfd, name, path, keep_dir=False)
             os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dfd)
@@ -468,6 +488,7 @@ class _Unpacker:
                 "the layer store needs root"
             ) from None
         self.whiteouts.add(path)
+        self.nondir.add(path)
 
     # -- metadata ----------------------------------------------------------------------------
     def _mode(self, ti: tarfile.TarInfo) -> int:
@@ -519,6 +540,7 @@ class _Unpacker:
                 os.close(fd)
         self._drop_cache()
         self.stats.implicit_dirs = sorted(self.implicit)
+        self.stats.fresh_dirs = sorted(self.fresh & self.implicit)
 
 
 def _mtime(ti: tarfile.TarInfo) -> int:
