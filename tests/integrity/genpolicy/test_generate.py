@@ -351,6 +351,17 @@ def test_cli_generate_then_evaluate(images: Images, tmp_path: Path) -> None:
 
 BAD_DOCS = [
     (
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "x"},
+            "spec": {
+                "containers": [{"name": "a", "image": "i", "env": [{"name": "A", "vlaue": "1"}]}]
+            },
+        },
+        "document 1 (Pod x): unsupported field spec.containers[0].env[0].vlaue",
+    ),
+    (
         {"apiVersion": "v1", "kind": "Frobnicator", "metadata": {"name": "x"}},
         "document 1 (Frobnicator x): unsupported kind 'Frobnicator'",
     ),

@@ -132,6 +132,10 @@ _PROBE = {
     "terminationGracePeriodSeconds",
 }
 
+_VALUE_FROM = {"fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef"}
+
+_ENV_FROM = {"prefix", "configMapRef", "secretRef"}
+
 _VOLUME_MOUNT = {"name", "mountPath", "readOnly", "subPath", "mountPropagation"}
 
 _VOLUME_KINDS = {"emptyDir", "configMap", "secret", "projected", "downwardAPI"}
@@ -392,6 +396,22 @@ def _check_pod_spec(spec: dict[str, Any], w: str, p: str) -> None:
             if "securityContext" in c:
                 sc = _obj(c["securityContext"], w, cp + ".securityContext")
                 _only(sc, _CONTAINER_SC, w, cp + ".securityContext")
+                if "capabilities" in sc:
+                    caps = _obj(sc["capabilities"], w, cp + ".securityContext.capabilities")
+                    _only(caps, {"add", "drop"}, w, cp + ".securityContext.capabilities")
+            for j, e in enumerate(_list(c.get("env"), w, cp + ".env")):
+                ep = f"{cp}.env[{j}]"
+                e = _obj(e, w, ep)
+                _only(e, {"name", "value", "valueFrom"}, w, ep)
+                _str(e.get("name"), w, ep + ".name")
+                if "valueFrom" in e:
+                    vf = _obj(e["valueFrom"], w, ep + ".valueFrom")
+                    _only(vf, _VALUE_FROM, w, ep + ".valueFrom")
+            for j, e in enumerate(_list(c.get("envFrom"), w, cp + ".envFrom")):
+                _only(_obj(e, w, f"{cp}.envFrom[{j}]"), _ENV_FROM, w, f"{cp}.envFrom[{j}]")
+            if "lifecycle" in c:
+                lc = _obj(c["lifecycle"], w, cp + ".lifecycle")
+                _only(lc, {"postStart", "preStop"}, w, cp + ".lifecycle")
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 if probe in c:
                     _only(_obj(c[probe], w, f"{cp}.{probe}"), _PROBE, w, f"{cp}.{probe}")
