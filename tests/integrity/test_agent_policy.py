@@ -94,6 +94,12 @@ def test_changed_argument_denied(policy: AgentPolicy, request_: dict[str, Any]) 
         ("nerdctl/network-namespace", "/proc/1/ns/net"),
         ("io.katacontainers.pkg.oci.container_type", "pod_container"),
         ("io.example/extra", "x"),
+        ("io.kubernetes.cri.sandbox-uid", "11111111-2222-3333-4444-555555555555"),
+        ("io.kubernetes.cri.sandbox-id", "b" * 64),
+        (
+            "io.katacontainers.pkg.oci.bundle_path",
+            "/run/containerd/io.containerd.runtime.v2.task/k8s.io/" + "c" * 64,
+        ),
     ],
 )
 def test_changed_annotation_denied(
@@ -103,8 +109,13 @@ def test_changed_annotation_denied(
     d = policy.evaluate("CreateContainerRequest", request_)
     assert not d.allowed
     fields = [v.field for v in d.violations]
-    assert d.violations[0].rule == "annotations"
-    assert any(key in f for f in fields)
+    assert d.violations[0].rule in ("annotations", "ids")
+    if key.endswith("bundle_path"):  # the bundle no longer is the container's
+        assert str(d.violations[0]) == (
+            f"rule ids: container_id expected {'c' * 64}, got {request_['container_id']}"
+        )
+    else:
+        assert any(key in f for f in fields)
 
 
 def test_other_checks(policy: AgentPolicy, request_: dict[str, Any]) -> None:

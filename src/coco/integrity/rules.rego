@@ -137,9 +137,19 @@ ccr_scores := [s |
 	s := {"score": count(vs) + identity_penalty(p), "violations": vs}
 ]
 
-ccr_best_score := min([s.score | some s in ccr_scores])
+# (not min(): rego-cpp min compares these numbers as text)
+ccr_lowest := [vs |
+	some s in ccr_scores
+	not lower_score(s.score)
+	vs := s.violations
+]
 
-ccr_best := [s.violations | some s in ccr_scores; s.score == ccr_best_score][0]
+ccr_best := ccr_lowest[0]
+
+lower_score(x) {
+	some t in ccr_scores
+	t.score < x
+}
 
 ccr_best := [violation("containers", "policy_data.containers", "at least one container", "none")] {
 	count(policy_data.containers) == 0
@@ -157,6 +167,7 @@ container_violations(p) := vs {
 		[viol | p.sandbox_pidns != input.sandbox_pidns; viol := violation("sandbox_pidns", "sandbox_pidns", p.sandbox_pidns, input.sandbox_pidns)],
 		[viol | p.OCI.Version != input.OCI.Version; viol := violation("version", "OCI.Version", p.OCI.Version, input.OCI.Version)],
 		annotation_violations(p),
+		identity_violations(p),
 		root_violations(p),
 		process_violations(p),
 		storage_violations(p),
@@ -206,6 +217,28 @@ annotation_ok(k, pv) {
 annotation_ok(k, pv) {
 	k == "nerdctl/network-namespace"
 	not k in object.keys(input_annotations)
+}
+
+# --- ids that must agree with each other: the bundle is the container's, the sandbox's bundle
+# is the sandbox id, and the log directory belongs to the pod uid.
+
+identity_violations(p) := array.concat(array.concat(cid, sid), uid) {
+	cid := [viol |
+		is_string(input.container_id)
+		input.container_id != bundle_id
+		viol := violation("ids", "container_id", bundle_id, input.container_id)
+	]
+	sid := [viol |
+		object.get(p.OCI.Annotations, "io.kubernetes.cri.container-type", "") == "sandbox"
+		sandbox_id != bundle_id
+		viol := violation("ids", "OCI.Annotations[io.kubernetes.cri.sandbox-id]", bundle_id, sandbox_id)
+	]
+	uid := [viol |
+		pod_uid := input_annotations["io.kubernetes.cri.sandbox-uid"]
+		log_dir := input_annotations["io.kubernetes.cri.sandbox-log-directory"]
+		not endswith(log_dir, concat("", ["_", pod_uid]))
+		viol := violation("ids", "OCI.Annotations[io.kubernetes.cri.sandbox-uid]", "the uid the log directory ends with", pod_uid)
+	]
 }
 
 # --- root
