@@ -334,14 +334,20 @@ def test_cli_generate_then_evaluate(images: Images, tmp_path: Path) -> None:
         "--src-tls-verify=false",
         "--layers-cache",
         str(tmp_path / "c.json"),
+        "--raw-out",
+        str(tmp_path / "policy.rego"),
     )
     assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "policy.rego").read_text() == policy_of(out.read_text())[0]
     assert "--src-tls-verify=false" in r.stderr  # the insecure option warns
     _, data = policy_of(out.read_text())
     req = tmp_path / "req.json"
     req.write_text(json.dumps(create_container_request(data, 1)))
-    r = run_cli("policy", "evaluate", "--policy", str(out), "CreateContainerRequest", str(req))
-    assert (r.exit_code, r.stdout) == (0, "allowed\n")
+    for policy in (out, tmp_path / "policy.rego"):  # the pod YAML, or the raw Rego text
+        r = run_cli(
+            "policy", "evaluate", "--policy", str(policy), "CreateContainerRequest", str(req)
+        )
+        assert (r.exit_code, r.stdout) == (0, "allowed\n")
     exe = tmp_path / "exec.json"
     exe.write_text(json.dumps({"process": {"Args": ["sh"]}}))
     r = run_cli("policy", "evaluate", "--policy", str(out), "ExecProcessRequest", str(exe))
