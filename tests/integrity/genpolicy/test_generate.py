@@ -362,6 +362,19 @@ BAD_DOCS = [
             "kind": "Pod",
             "metadata": {"name": "x"},
             "spec": {
+                "containers": [{"name": "a", "image": "i"}],
+                "volumes": [{"name": "data.*", "emptyDir": {}}],
+            },
+        },
+        "document 1 (Pod x): spec.volumes[0].name: expected a DNS label ([a-z0-9-], at most 63), "
+        "got 'data.*'",
+    ),
+    (
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "x"},
+            "spec": {
                 "containers": [{"name": "a", "image": "i", "env": [{"name": "A", "vlaue": "1"}]}]
             },
         },
@@ -452,3 +465,32 @@ def test_bad_yaml_and_missing_config_map(images: Images, tmp_path: Path) -> None
     assert r.exit_code == 1
     assert "container app: envFrom[0].configMapRef: 'missing' not found" in r.stderr
     assert not (tmp_path / "o.yaml").exists()
+
+
+def test_volumes_emptydir_and_configmap(images: Images) -> None:
+    doc = yaml.safe_load(
+        pod(
+            images.app,
+            volumeMounts=[
+                {"name": "scratch", "mountPath": "/scratch"},
+                {"name": "cfg", "mountPath": "/etc/app", "readOnly": True},
+            ],
+        )
+    )
+    doc["spec"]["volumes"] = [
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "cfg", "configMap": {"name": "app-config"}},
+    ]
+    _, data = policy_of(generate(yaml.safe_dump(doc), "pod.yaml", opts(images)).yaml)
+    c = data["containers"][1]
+    assert [s["driver"] for s in c["storages"]] == ["blk", "blk", "overlayfs", "local"]
+    mounts = {m["destination"]: m for m in c["OCI"]["Mounts"]}
+    assert mounts["/etc/app"]["source"] == "$(sfprefix)cfg$"
+    assert mounts["/etc/app"]["options"] == ["rbind", "rprivate", "ro"]
+    assert mounts["/scratch"]["source"] == "^$(cpath)/$(sandbox-id)/rootfs/local/scratch$"
+    pol = AgentPolicy.from_data(data)
+    req = create_container_request(data, 1)
+    assert pol.evaluate("CreateContainerRequest", req).allowed
+    bad = copy.deepcopy(req)
+    bad["storages"][-1]["mount_point"] = "/run/kata-containers/shared/containers/elsewhere"
+    assert "rule storages: storages[3]" in pol.evaluate("CreateContainerRequest", bad).message()

@@ -12,6 +12,7 @@ allow less, or more, than the pod really does.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,8 @@ _PROBE = {
     "failureThreshold",
     "terminationGracePeriodSeconds",
 }
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 _VALUE_FROM = {"fieldRef", "resourceFieldRef", "configMapKeyRef", "secretKeyRef"}
 
@@ -425,5 +428,9 @@ def _check_pod_spec(spec: dict[str, Any], w: str, p: str) -> None:
     for i, v in enumerate(_list(spec.get("volumes"), w, p + ".volumes")):
         vp = f"{p}.volumes[{i}]"
         v = _obj(v, w, vp)
-        _str(v.get("name"), w, vp + ".name")
+        name = _str(v.get("name"), w, vp + ".name")
+        if not _DNS_LABEL.match(name):
+            raise GenpolicyError(
+                f"{w}: {vp}.name: expected a DNS label ([a-z0-9-], at most 63), got {name!r}"
+            )
         _only(v, {"name", *_VOLUME_KINDS}, w, vp)

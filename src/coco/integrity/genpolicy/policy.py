@@ -233,7 +233,7 @@ class _Builder:
         def bind(dest: str, name: str, opts: list[str]) -> dict[str, Any]:
             return {
                 "destination": dest,
-                "source": f"$(sfprefix){re.escape(name)}$",
+                "source": f"$(sfprefix){name}$",
                 "type_": "bind",
                 "options": opts,
             }
@@ -260,7 +260,7 @@ class _Builder:
             dest = str(vm.get("mountPath"))
             opts = ro if vm.get("readOnly") else rw
             if "emptyDir" in v:
-                path = f"^$(cpath)/$(sandbox-id)/rootfs/local/{re.escape(name)}$"
+                path = f"^$(cpath)/$(sandbox-id)/rootfs/local/{name}$"
                 mounts.append(
                     {"destination": dest, "source": path, "type_": "local", "options": opts}
                 )
