@@ -416,6 +416,8 @@ def create_bundle(
                 work.mkdir()
                 _root_meta(layers, upper)
                 try:
+                    # an empty bottom layer: overlay trusts the bottom-most lower to hold no
+                    # whiteouts and would list them; no store layer is ever bottom-most
                     _mount_overlay(_visible_lowers(layers), upper, work, rootfs)
                     mode = "overlay"
                 except OSError as e:
@@ -423,6 +425,9 @@ def create_bundle(
                     shutil.rmtree(path / "overlay")
             if mode == "flatten":
                 flatten_layers(layers, rootfs)
+            else:
+                _fix_implicit_dirs(layers, rootfs)
+                _merge_whiteout_dirs(layers, rootfs)
             config = runtime_config(image_config or {}, rootfs=rootfs, args=args)
             (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     except BaseException as e:
@@ -445,6 +450,102 @@ def _visible_lowers(layers: Sequence[LayerInfo]) -> list[Path]:
             if os.getxattr(layer.path, OPAQUE_XATTR) == b"y":
                 break
     return out
+
+
+def _lstat_under(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of ``rel`` inside a layer directory, parents walked without following."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        fd = _open_under_path(root, parent)
+    except OSError:
+        return None
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_under_path(root: Path, rel: str) -> int:
+    rfd = os.open(root, _DIR_FLAGS)
+    try:
+        return _open_under(rfd, rel)
+    finally:
+        os.close(rfd)
+
+
+def _fix_implicit_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
+    """Make the overlay view of implicit directories what a sequential untar gives.
+
+    overlay shows the topmost layer's copy of a directory; when that copy is implicit (no tar
+    entry), umoci shows the lower explicit directory's owner, mode and mtime instead, and shows
+    nothing at all for a directory that only ever held whiteouts. Both are fixed through the
+    merged view (a metadata copy-up, or an rmdir that the kernel records as a whiteout).
+    """
+    paths = sorted({p for ly in layers for p in ly.implicit_dirs if p}, key=lambda p: -len(p))
+    for p in paths:
+        found: list[tuple[LayerInfo, os.stat_result]] = []
+        for layer in reversed(layers):
+            st = _lstat_under(layer.path, p)
+            if st is not None:
+                found.append((layer, st))
+        if not found or p not in found[0][0].implicit_dirs or not stat.S_ISDIR(found[0][1].st_mode):
+            continue
+        source: os.stat_result | None = None
+        for layer, st in found:
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            if p not in layer.implicit_dirs:
+                source = st
+                break
+            if p in layer.fresh_dirs:  # this layer whited out what was below
+                break
+        parent, _, name = p.rpartition("/")
+        if source is None:
+            if all(p in ly.implicit_dirs and _only_whiteouts_at(ly, p) for ly, _ in found):
+                pfd = _open_under_path(rootfs, parent)
+                try:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(name, dir_fd=pfd)
+                finally:
+                    os.close(pfd)
+            continue
+        fd = _open_under_path(rootfs, p)
+        try:
+            os.fchown(fd, source.st_uid, source.st_gid)
+            os.fchmod(fd, stat.S_IMODE(source.st_mode))
+            os.utime(fd, ns=(source.st_atime_ns, source.st_mtime_ns))
+        finally:
+            os.close(fd)
+
+
+def _merge_whiteout_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
+    """overlay reads a directory that only one layer has straight from that layer, whiteouts
+    included (it trusts them to be absent); a metadata copy-up makes such a directory a merged
+    one, whose listing hides them. Real images whiteout inside directories lower layers have,
+    so this touches nothing there."""
+    for p in sorted({d for ly in layers for d in ly.whiteout_dirs if d}):
+        try:
+            fd = _open_under_path(rootfs, p)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
+
+
+def _only_whiteouts_at(layer: LayerInfo, rel: str) -> bool:
+    try:
+        fd = _open_under_path(layer.path, rel)
+    except OSError:
+        return False
+    try:
+        return _only_whiteouts(fd, rel, layer.implicit_dirs)
+    finally:
+        os.close(fd)
 
 
 def _root_meta(layers: Sequence[LayerInfo], upper: Path) -> None:

@@ -3,7 +3,8 @@
 Layout under the store root::
 
     layers/<hex>/fs/         the layer directory (overlay lower-layer form, see coco.image.unpack)
-    layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs", "entries", "bytes"}
+    layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs",
+                             "whiteout_dirs", "entries", "bytes"}
     tmp/<random>/            unpacks in progress; renamed into layers/ only on success
     index.json               {"version": 1, "bundles": {"/abs/bundle": {"layers": [diff_id...]}}}
     gc.lock, index.lock      flock files
@@ -46,6 +47,7 @@ class LayerInfo:
     entries: int
     size: int
     fresh_dirs: frozenset[str] = frozenset()
+    whiteout_dirs: frozenset[str] = frozenset()
 
 
 def _check_diff_id(diff_id: str) -> str:
@@ -108,6 +110,7 @@ class LayerStore:
             int(meta.get("entries", 0)),
             int(meta.get("bytes", 0)),
             frozenset(meta.get("fresh_dirs", [])),
+            frozenset(meta.get("whiteout_dirs", [])),
         )
 
     def layers(self) -> list[str]:
@@ -138,6 +141,7 @@ class LayerStore:
             "diff_id": diff_id,
             "implicit_dirs": stats.implicit_dirs,
             "fresh_dirs": stats.fresh_dirs,
+            "whiteout_dirs": stats.whiteout_dirs,
             "entries": stats.entries,
             "bytes": stats.bytes_read,
         }

@@ -96,6 +96,7 @@ class UnpackStats:
     diff_id: str = ""
     implicit_dirs: list[str] = field(default_factory=list)
     fresh_dirs: list[str] = field(default_factory=list)  # implicit, replacing a whiteout
+    whiteout_dirs: list[str] = field(default_factory=list)  # directories holding whiteouts
 
 
 class _Reader:
@@ -541,6 +542,7 @@ class _Unpacker:
         self._drop_cache()
         self.stats.implicit_dirs = sorted(self.implicit)
         self.stats.fresh_dirs = sorted(self.fresh & self.implicit)
+        self.stats.whiteout_dirs = sorted({p.rpartition("/")[0] for p in self.whiteouts})
 
 
 def _mtime(ti: tarfile.TarInfo) -> int:
