@@ -11,11 +11,13 @@ were ``/`` (``..`` stops at the rootfs), as umoci does for usr-merged images (``
 Every write into the rootfs goes through directory fds with ``O_NOFOLLOW`` (the symlink
 resolution above is done by hand, then walked that way), so nothing ever lands outside.
 
-Known differences of overlay mode (the kernel's, shared with Docker's overlay2): an implicit
-parent directory shows root:0755, hides a lower symlink instead of following it, and a whiteout
-in a directory no lower layer has shows an empty directory. Flattened mode has none of these.
-Also in both modes: the mtime of a directory in which an implicit parent was created is not
-bumped to "now" as umoci leaves it.
+In overlay mode the kernel shows the topmost copy of a directory; after mounting, an implicit
+directory is given the metadata of the lower explicit one through the merged view (a metadata
+copy-up), a directory that only ever held whiteouts is removed, and directories holding
+whiteouts are copied up so that their listing never shows the whiteouts. Residual differences
+of overlay mode, for layers no image builder writes: an implicit directory over a lower
+non-directory hides it instead of following or keeping it. In both modes, the mtime of a
+directory in which an implicit parent was created is not bumped to "now" as umoci leaves it.
 
 Layer directories are read-only lowers of every overlay bundle: the store is shared on disk,
 and a container's writes land in its bundle's ``overlay/upper``.
