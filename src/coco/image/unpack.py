@@ -3,11 +3,14 @@
 The layer directory is in the form overlayfs reads as a lower layer, so a bundle can mount the
 store's layers directly, and :mod:`coco.image.bundle` can flatten them onto a copy:
 
-- ``.wh.NAME`` becomes a character device 0:0 at ``NAME`` (an overlay whiteout); a whiteout of a
-  path this same layer already created is ignored (the spec's whiteouts only hide lower layers;
-  umoci does the same).
-- ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its directory; a directory that replaces a
-  whiteout of the same layer is made opaque too, so lower contents stay hidden.
+- ``.wh.NAME`` becomes a character device 0:0 at ``NAME`` (an overlay whiteout). Whiteouts only
+  hide lower layers: a whiteout of a file this same layer created is ignored, and one of a
+  directory this layer created makes that directory opaque (its own entries stay, as umoci).
+- ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its directory.
+- The layer directory holds the layer's final state, with the effects of a sequential untar onto
+  the lower layers kept: a directory at a path where this layer earlier had a non-directory or a
+  whiteout is opaque (the lower one was removed), and ``implicit_dirs`` / ``fresh_dirs`` in the
+  stats tell parents that no entry described apart (see :mod:`coco.image.bundle`).
 
 Hostile entries, and what happens to them (the guest is the attack surface):
 
