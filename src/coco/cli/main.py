@@ -19,6 +19,11 @@ from coco.errors import CocoError
 
 _state = {"debug": False}
 
+# httpx imports its own command line (click, rich, pygments: ~80 ms) unless that import fails. The
+# `coco` process never uses it, and every registry or KBS command pays for it at start-up, so the
+# CLI marks it absent before anything imports httpx (httpx then installs a stub `main`).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+
 
 # `coco <name>` -> "module:attribute"; a group's module is imported only when it is used, so
 # `coco verity ...` does not pay for the OCI client or the KBS server at start-up.
