@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
 from collections.abc import Iterator
@@ -50,6 +49,7 @@ from coco.image.unpack import UnpackLimits, unpack_layer
 from coco.oci import mediatypes as mt
 from coco.oci.models import Descriptor, ImageConfig, Index, Manifest, parse_manifest
 from coco.oci.reference import ImageReference, parse_reference
+from coco.oci.stream import Cancelled, prefetch
 from coco.oci.transport import Access, ImageSource, open_source
 
 __all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_image"]
@@ -108,67 +108,7 @@ class PullResult:
     layers: tuple[LayerPull, ...]
 
 
-class _Cancelled(Exception):
-    """Another layer failed: this one stops quietly (the first error is the one reported)."""
-
-
 # -- streams -----------------------------------------------------------------------------------
-_END = object()
-
-
-def _prefetch(
-    it: Iterator[bytes], cancel: threading.Event, stop: threading.Event, task: Any
-) -> Iterator[bytes]:
-    """Iterate ``it`` in a reader thread behind a bounded queue; errors re-raise in the consumer.
-    ``cancel`` (every layer) and ``stop`` (this layer) end both sides."""
-    q: queue.Queue[object] = queue.Queue(_QUEUE_DEPTH)
-
-    def put(item: object) -> bool:
-        while not stop.is_set() and not cancel.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader() -> None:
-        try:
-            for chunk in it:
-                if not put(chunk):
-                    return
-            put(_END)
-        except BaseException as e:  # handed to the consumer
-            put(e)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
-
-    threading.Thread(target=reader, name="coco-pull-reader", daemon=True).start()
-
-    def consume() -> Iterator[bytes]:
-        try:
-            while True:
-                if cancel.is_set() or stop.is_set():
-                    raise _Cancelled
-                try:
-                    item = q.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, bytes)
-                if task is not None:
-                    task.advance(len(item))
-                yield item
-        finally:
-            stop.set()
-
-    return consume()
 
 
 class _ChunkReader(io.RawIOBase):
@@ -327,7 +267,7 @@ class _Puller:
     def layer(self, i: int, total: int, desc: Descriptor, diff_id: str) -> LayerPull:
         where = f"{self.ref}: layer {i + 1}/{total} {desc.digest}"
         if self.cancel.is_set():
-            raise _Cancelled
+            raise Cancelled
         if self.store.has(diff_id):
             return LayerPull(desc.digest, diff_id, "reused")
         base = desc.media_type.removesuffix(mt.ENCRYPTED_SUFFIX)
@@ -337,7 +277,9 @@ class _Puller:
         if self.progress is not None:
             task = self.progress.task(f"layer {i + 1}/{total} {desc.short}", desc.size)
         stop = threading.Event()  # this layer failed: stop its reader at once
-        chunks: Iterator[bytes] = _prefetch(self._open(desc, where), self.cancel, stop, task)
+        chunks: Iterator[bytes] = prefetch(
+            self._open(desc, where), self.cancel, task, stop=stop, depth=_QUEUE_DEPTH
+        )
         if mt.is_encrypted(desc.media_type):
             chunks = _plaintext(desc, chunks, self.decryption, i, total, self.ref, where)
         raw = _ChunkReader(chunks)
@@ -356,11 +298,11 @@ class _Puller:
                     )
                 self.store.commit(diff_id, tmp, stats)
                 self.committed.append(diff_id)
-        except _Cancelled:
+        except Cancelled:
             raise
         except Exception as e:
             if self.cancel.is_set():
-                raise _Cancelled from None
+                raise Cancelled from None
             cause = _root_cause(raw)
             if cause is not None:
                 raise cause from None
@@ -384,7 +326,7 @@ class _Puller:
 
         def done(f: Future[LayerPull]) -> None:
             e = f.exception()
-            if e is not None and not isinstance(e, _Cancelled):
+            if e is not None and not isinstance(e, Cancelled):
                 with lock:
                     errors.append(e)
                 self.cancel.set()

@@ -12,8 +12,6 @@ A :class:`LayerTransform` (``coco.ocicrypt`` plugs in here) may rewrite layers o
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +25,7 @@ from coco.oci import mediatypes as mt
 from coco.oci.auth import Credentials
 from coco.oci.models import Descriptor, Index, Manifest, parse_manifest
 from coco.oci.reference import ImageReference, parse_reference
+from coco.oci.stream import Cancelled, prefetch
 from coco.oci.transport import Access, ImageDestination, ImageSource, open_destination, open_source
 
 
@@ -110,10 +109,6 @@ class CopyResult:
     destination: str
     layers: list[LayerCopy] = field(default_factory=list)
     instances: list[str] = field(default_factory=list)
-
-
-class _Cancelled(Exception):
-    """Another layer failed: stop this one quietly."""
 
 
 def copy_image(
@@ -254,7 +249,7 @@ class _Copier:
         for f in futures:
             try:
                 results.append(f.result())
-            except _Cancelled:
+            except Cancelled:
                 pass
             except BaseException as e:
                 if error is None:
@@ -274,7 +269,7 @@ class _Copier:
         if self.progress is not None:
             kind = what.rsplit(": ", 1)[-1].rsplit(" ", 1)[0]  # "layer 2/3" or "config"
             task = self.progress.task(f"{kind} {desc.short}", desc.size)
-        return _prefetch(it, self.cancel, task)
+        return prefetch(it, self.cancel, task)
 
     def _copy_blob(self, desc: Descriptor, what: str, dwhat: str) -> str:
         if self.dest.has_blob(desc, dwhat):
@@ -301,7 +296,7 @@ class _Copier:
         dwhat: str,
     ) -> LayerCopy:
         if self.cancel.is_set():
-            raise _Cancelled
+            raise Cancelled
         if not wanted:
             return LayerCopy(src_desc, new_desc, self._copy_blob(src_desc, what, dwhat))
         assert self.transform is not None
@@ -310,71 +305,6 @@ class _Copier:
             tl.chunks, expected_digest=None, expected_size=None, what=dwhat
         )
         return LayerCopy(src_desc, tl.descriptor(digest, size), "transformed")
-
-
-_END = object()
-
-
-def _prefetch(
-    it: Iterator[bytes], cancel: threading.Event, task: ProgressTask | None, depth: int = 4
-) -> Iterator[bytes]:
-    """Run ``it`` in a reader thread feeding a bounded queue (overlaps reading with the consumer).
-
-    Exceptions from ``it`` (a digest mismatch at the end) re-raise in the consumer. When the
-    consumer stops early, or another layer failed (``cancel``), the reader stops too.
-    """
-    q: queue.Queue[object] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set() and not cancel.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader() -> None:
-        try:
-            for chunk in it:
-                if stop.is_set() or not put(chunk):
-                    return
-            put(_END)
-        except BaseException as e:
-            put(e)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
-
-    th = threading.Thread(target=reader, name="coco-blob-reader", daemon=True)
-    th.start()
-
-    def consume() -> Iterator[bytes]:
-        try:
-            while True:
-                if cancel.is_set():
-                    raise _Cancelled
-                try:
-                    item = q.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, bytes)
-                if task is not None:
-                    task.advance(len(item))
-                yield item
-        finally:
-            stop.set()
-            if task is not None:
-                task.finish()
-
-    return consume()
 
 
 __all__ = [
