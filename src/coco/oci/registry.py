@@ -10,8 +10,10 @@ when the registry does not speak TLS (like skopeo's ``--tls-verify=false``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
+import ssl
 import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -49,6 +51,16 @@ class Challenge:
         return cls(scheme.lower(), params)
 
 
+@functools.cache
+def _unverified_tls() -> ssl.SSLContext:
+    """TLS without certificate checks, for ``--tls-verify=false``. Built by hand: httpx's
+    ``verify=False`` still loads the whole CA bundle (~50 ms of every command's start-up)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class RegistryClient:
     """Client for one registry host (``host[:port]``)."""
 
@@ -65,7 +77,7 @@ class RegistryClient:
         self._creds = credentials
         self._tls_verify = tls_verify
         self._client = httpx.Client(
-            verify=tls_verify,
+            verify=True if tls_verify else _unverified_tls(),
             timeout=httpx.Timeout(timeout, connect=15.0),
             headers={"User-Agent": _UA},
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
