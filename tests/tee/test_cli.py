@@ -30,7 +30,7 @@ def coco(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def ok(proc: subprocess.CompletedProcess[str]) -> dict:
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)["claims"]
+    return json.loads(proc.stdout)
 
 
 def refused(proc: subprocess.CompletedProcess[str], reason: str) -> None:
