@@ -205,13 +205,14 @@ def decrypt(
     mac = hmac.new(key, digestmod="sha256")
     seen = [0]
 
-    def first(ct: bytes) -> tuple[bytes, bytes]:
-        return ct, dec.update(ct)
-
-    def second(item: tuple[bytes, bytes]) -> bytes:
-        ct, pt = item
+    def first(ct: bytes) -> bytes:
+        # Both stages run in the worker: the consumer is usually busy already (hashing the
+        # plaintext and inflating it in a pull, hashing and writing it in a copy).
         mac.update(ct)
         seen[0] += len(ct)
+        return dec.update(ct)
+
+    def second(pt: bytes) -> bytes:
         return pt
 
     def finish() -> None:
