@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import _start_registry
+from tests.conftest import start_registry
 
 COCO = [sys.executable, "-m", "coco.cli.main"]
 
@@ -86,28 +86,27 @@ def main() -> None:
         ref = make_image(tmp / "src", args.size_mb)
         for r in range(args.rounds):
             # Fresh registries per round and per tool: nobody finds blobs pushed earlier.
-            cgen = _start_registry(tmp / f"creg{r}", auth=False)
-            sgen = _start_registry(tmp / f"sreg{r}", auth=False)
-            creg, sreg = next(cgen), next(sgen)
-            coco = [*COCO, "image", "copy", "-q"]
-            sk = ["skopeo", "copy", "-q"]
-            record("oci->oci", "coco", [*coco, ref, f"oci:{tmp / f'c{r}'}:v1"])
-            record("oci->oci", "skopeo", [*sk, ref, f"oci:{tmp / f's{r}'}:v1"])
-            cdst, sdst = f"docker://{creg.host}/b/x:1", f"docker://{sreg.host}/b/x:1"
-            record("oci->registry", "coco", [*coco, "--dest-tls-verify=false", ref, cdst])
-            record("oci->registry", "skopeo", [*sk, "--dest-tls-verify=false", ref, sdst])
-            record(
-                "registry->oci",
-                "coco",
-                [*coco, "--src-tls-verify=false", cdst, f"oci:{tmp / f'rc{r}'}:v1"],
-            )
-            record(
-                "registry->oci",
-                "skopeo",
-                [*sk, "--src-tls-verify=false", sdst, f"oci:{tmp / f'rs{r}'}:v1"],
-            )
-            cgen.close()
-            sgen.close()
+            with (
+                start_registry(tmp / f"creg{r}") as creg,
+                start_registry(tmp / f"sreg{r}") as sreg,
+            ):
+                coco = [*COCO, "image", "copy", "-q"]
+                sk = ["skopeo", "copy", "-q"]
+                record("oci->oci", "coco", [*coco, ref, f"oci:{tmp / f'c{r}'}:v1"])
+                record("oci->oci", "skopeo", [*sk, ref, f"oci:{tmp / f's{r}'}:v1"])
+                cdst, sdst = f"docker://{creg.host}/b/x:1", f"docker://{sreg.host}/b/x:1"
+                record("oci->registry", "coco", [*coco, "--dest-tls-verify=false", ref, cdst])
+                record("oci->registry", "skopeo", [*sk, "--dest-tls-verify=false", ref, sdst])
+                record(
+                    "registry->oci",
+                    "coco",
+                    [*coco, "--src-tls-verify=false", cdst, f"oci:{tmp / f'rc{r}'}:v1"],
+                )
+                record(
+                    "registry->oci",
+                    "skopeo",
+                    [*sk, "--src-tls-verify=false", sdst, f"oci:{tmp / f'rs{r}'}:v1"],
+                )
             for d in tmp.glob(f"*{r}"):
                 shutil.rmtree(d, ignore_errors=True)
         print(f"layer: {args.size_mb} MiB uncompressed tar; best wall time of {args.rounds} rounds")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import _start_registry
+from tests.conftest import start_registry
 
 COCO = [sys.executable, "-m", "coco.cli.main"]
 
@@ -82,7 +82,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="coco-bench-genpolicy-"))
     try:
         big, pause = make_images(tmp, args.size_mb, args.layers)
-        with _start_registry_ctx(tmp / "reg") as reg:
+        with start_registry(tmp / "reg") as reg:
             for src, repo in ((big, "bench/big"), (pause, "bench/pause")):
                 timed([*COCO, "image", "copy", "--dest-tls-verify=false", src, reg.url(repo, "v1")])
             blobs = sum(f.stat().st_size for f in (tmp / "big" / "blobs" / "sha256").iterdir())
@@ -126,18 +126,6 @@ def main() -> None:
     base = best["download (skopeo)"]
     for k, v in best.items():
         print(f"  {k:20s} {v:7.2f} s   {v / base:5.2f}x download")
-
-
-class _start_registry_ctx:
-    def __init__(self, base: Path) -> None:
-        base.mkdir(parents=True)
-        self._gen = _start_registry(base, auth=False)
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        return next(self._gen)
-
-    def __exit__(self, *exc: object) -> None:
-        self._gen.close()
 
 
 if __name__ == "__main__":

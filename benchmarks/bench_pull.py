@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import _start_registry
+from tests.conftest import start_registry
 
 COCO = [sys.executable, "-m", "coco.cli.main"]
 
@@ -144,9 +144,7 @@ def main() -> None:
             "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key)
         )
         openssl("pkey", "-in", str(key), "-pubout", "-out", str(pub))
-        reg_gen = _start_registry(tmp / "registry", auth=False)
-        reg = next(reg_gen)
-        try:
+        with start_registry(tmp / "registry") as reg:
             ref = f"docker://{reg.host}/bench/pull:enc"
             subprocess.run(
                 ["skopeo", "--insecure-policy", "copy", "-q", "--dest-tls-verify=false",
@@ -205,9 +203,6 @@ def main() -> None:
                     f"  second pull {second[-1]:.2f}s (in a warm process {second_lib[-1] * 1000:.0f} ms)"
                 )
                 shutil.rmtree(work, ignore_errors=True)
-        finally:
-            with __import__("contextlib").suppress(StopIteration):
-                next(reg_gen)
     c, p = statistics.median(coco_t), statistics.median(peer_t)
     s = statistics.median(second)
     sl = statistics.median(second_lib)

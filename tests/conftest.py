@@ -8,14 +8,13 @@ auth. Both have ``storage.delete`` enabled and expose ``host`` (``127.0.0.1:PORT
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,21 @@ class Registry:
         return self.storage / "docker/registry/v2/blobs" / alg / hexpart[:2] / hexpart / "data"
 
 
-def _start_registry(base: Path, *, auth: bool) -> Iterator[Registry]:
+@contextlib.contextmanager
+def start_registry(
+    base: Path,
+    *,
+    basic_auth: bool = False,
+    http: Sequence[str] = (),
+    auth: Sequence[str] = (),
+) -> Iterator[Registry]:
+    """Run ``docker-registry`` on a free loopback port with its files under ``base``.
+
+    ``basic_auth`` adds htpasswd auth (user ``alice``) and an authfile; ``http`` are extra lines
+    of the ``http:`` section (e.g. ``tls:``), ``auth`` the lines of an ``auth:`` section of one's
+    own (e.g. ``token:``). Used by the fixtures below, by tests that need a special registry and by
+    the benchmarks.
+    """
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
     base.mkdir(parents=True, exist_ok=True)
@@ -66,10 +79,11 @@ def _start_registry(base: Path, *, auth: bool) -> Iterator[Registry]:
         "    enabled: true",
         "http:",
         f"  addr: 127.0.0.1:{port}",
+        *(f"  {line}" for line in http),
     ]
     user = password = None
     authfile = None
-    if auth:
+    if basic_auth:
         user, password = "alice", "s3cret-pw"
         hp = subprocess.run(
             ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
@@ -79,6 +93,8 @@ def _start_registry(base: Path, *, auth: bool) -> Iterator[Registry]:
         authfile = base / "auth.json"
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         authfile.write_text(json.dumps({"auths": {f"127.0.0.1:{port}": {"auth": token}}}))
+    elif auth:
+        cfg += ["auth:", *(f"  {line}" for line in auth)]
     (base / "config.yml").write_text("\n".join(cfg) + "\n")
     log = base / "registry.log"
     with log.open("wb") as logf:
@@ -87,12 +103,10 @@ def _start_registry(base: Path, *, auth: bool) -> Iterator[Registry]:
         )
     try:
         deadline = time.monotonic() + 15
-        while True:
+        while True:  # listening means ready (plain HTTP or TLS alike)
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except urllib.error.HTTPError:
-                break  # 401: up
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
@@ -112,10 +126,12 @@ def _start_registry(base: Path, *, auth: bool) -> Iterator[Registry]:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """docker-registry with htpasswd basic auth (user ``alice``)."""
-    yield from _start_registry(tmp_path_factory.mktemp("registry-auth"), auth=True)
+    with start_registry(tmp_path_factory.mktemp("registry-auth"), basic_auth=True) as reg:
+        yield reg
 
 
 @pytest.fixture(scope="session")
 def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """docker-registry without auth."""
-    yield from _start_registry(tmp_path_factory.mktemp("registry-open"), auth=False)
+    with start_registry(tmp_path_factory.mktemp("registry-open")) as reg:
+        yield reg

@@ -12,9 +12,7 @@ import json
 import os
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -30,7 +28,7 @@ from coco.oci.auth import Credentials
 from coco.oci.copy import CopyOptions, copy_image
 from coco.oci.layout import OciLayout
 from coco.oci.registry import RegistryClient
-from tests.conftest import free_port
+from tests.conftest import start_registry
 from tests.imagekit import tar_layer, write_image
 from tests.oci.fakeregistry import reply, serve
 
@@ -102,33 +100,16 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     )
     (base / "bundle.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     server = TokenServer(key, cert)
-    port = free_port()
     with serve(server) as token_host:
-        (base / "config.yml").write_text(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-            f"    rootdirectory: {base / 'storage'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{port}\n"
-            f"auth:\n  token:\n    realm: http://{token_host}/token\n    service: {SERVICE}\n"
-            f"    issuer: {ISSUER}\n    rootcertbundle: {base / 'bundle.pem'}\n"
-        )
-        log = (base / "registry.log").open("wb")
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(base / "config.yml")], stdout=log, stderr=log
-        )
-        try:
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
-                    break
-                except urllib.error.HTTPError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            yield f"127.0.0.1:{port}", server
-        finally:
-            proc.terminate()
-            proc.wait(10)
-            log.close()
+        token = [
+            "token:",
+            f"  realm: http://{token_host}/token",
+            f"  service: {SERVICE}",
+            f"  issuer: {ISSUER}",
+            f"  rootcertbundle: {base / 'bundle.pem'}",
+        ]
+        with start_registry(base / "registry", auth=token) as reg:
+            yield reg.host, server
 
 
 def test_bearer_token_push_and_pull(token_registry, tmp_path: Path) -> None:

@@ -6,9 +6,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from coco.errors import RegistryError
 from coco.oci.copy import CopyOptions, copy_image
 from coco.oci.registry import RegistryClient
-from tests.conftest import free_port
+from tests.conftest import start_registry
 from tests.imagekit import tar_layer, write_image
 
 
@@ -53,35 +50,9 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             serialization.NoEncryption(),
         )
     )
-    port = free_port()
-    (base / "config.yml").write_text(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {base / 'storage'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n  tls:\n"
-        f"    certificate: {base / 'cert.pem'}\n    key: {base / 'key.pem'}\n"
-    )
-    with (base / "log").open("wb") as log:
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(base / "config.yml")], stdout=log, stderr=log
-        )
-    try:
-        import ssl
-
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", timeout=1, context=ctx)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    tls = ["tls:", f"  certificate: {base / 'cert.pem'}", f"  key: {base / 'key.pem'}"]
+    with start_registry(base / "registry", http=tls) as reg:
+        yield reg.host
 
 
 def test_self_signed_https(tls_registry: str, tmp_path: Path) -> None:
