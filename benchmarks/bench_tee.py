@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,21 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.swtpm
+
+from tests.swtpm import start_swtpm
+
 from coco.tee.tpm.attester import AK_ATTRIBUTES, ALL_PCRS, TpmAttester
 from coco.tee.tpm.verifier import TpmVerifier
-
-
-def free_port_pair() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
 
 
 def tpm2(tcti: str, cwd: Path, *args: str) -> None:
@@ -66,23 +56,7 @@ def main() -> None:
     coco = Path(sys.executable).with_name("coco")
     with tempfile.TemporaryDirectory(prefix="bench-tee-") as tmp:
         work = Path(tmp)
-        (work / "state").mkdir()
-        port = free_port_pair()
-        swtpm = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={work / 'state'}",
-             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            tcti = f"swtpm:host=127.0.0.1,port={port}"
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        with start_swtpm(work / "state") as tcti:
             report_data = hashlib.sha384(b"bench").digest()
             attester = TpmAttester(tcti)
             evidence = attester.get_evidence(report_data)
@@ -98,9 +72,6 @@ def main() -> None:
             nonce = report_data[:32].hex()
             tpm2(tcti, peer, "tpm2_quote", "-c", "ak.ctx", "-l", ALL_PCRS, "-q", nonce,
                  "-g", "sha256", "-m", "msg", "-s", "sig", "-o", "pcrs")  # fmt: skip
-        finally:
-            swtpm.terminate()
-            swtpm.wait()
 
         verifier = TpmVerifier(trusted)
         env = {**os.environ, "COCO_TPM_TRUSTED_AK_KEYS_DIR": str(trusted)}

@@ -5,9 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +15,7 @@ from coco.tee import get_attester
 from coco.tee.tpm.attester import TpmAttester
 from coco.tee.tpm.quote import init_data_pcr
 from coco.tee.tpm.verifier import TpmVerifier
+from tests.swtpm import free_port_pair, start_swtpm
 from tests.tee.vectors import flip
 
 pytestmark = pytest.mark.skipif(
@@ -29,69 +27,11 @@ REPORT_DATA = hashlib.sha384(b"runtime data").digest()
 INIT_DATA = hashlib.sha256(b"initdata toml").digest()
 
 
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of loopback ports")
-
-
-def _start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start swtpm on a free port pair; retried, since another process may grab the ports."""
-    state.mkdir()
-    for attempt in range(3):
-        try:
-            return _try_start(state)
-        except RuntimeError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _try_start(state: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port_pair()
-    proc = subprocess.Popen(
-        [
-            "swtpm", "socket", "--tpm2",
-            "--tpmstate", f"dir={state}",
-            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-            "--flags", "not-need-init,startup-clear",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"swtpm exited: {proc.stderr.read().decode() if proc.stderr else ''}"
-            )
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"swtpm:host=127.0.0.1,port={port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("swtpm did not start listening")
-
-
 @pytest.fixture
 def swtpm(tmp_path: Path) -> Iterator[str]:
     """A fresh swtpm; yields its TCTI string."""
-    proc, tcti = _start_swtpm(tmp_path / "tpm")
-    try:
+    with start_swtpm(tmp_path / "tpm") as tcti:
         yield tcti
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
 
 
 def _trust(tmp_path: Path, attester: TpmAttester) -> Path:
@@ -144,12 +84,8 @@ def test_wrong_bindings_are_refused(swtpm: str, tmp_path: Path) -> None:
 
 def test_quote_from_another_tpm_is_refused(swtpm: str, tmp_path: Path) -> None:
     trusted = _trust(tmp_path, TpmAttester(swtpm))
-    other, other_tcti = _start_swtpm(tmp_path / "other-tpm")
-    try:
+    with start_swtpm(tmp_path / "other-tpm") as other_tcti:
         evidence = TpmAttester(other_tcti).get_evidence(REPORT_DATA)
-    finally:
-        other.terminate()
-        other.wait(timeout=5)
     with pytest.raises(AttestationError, match="is not one of the trusted AK keys"):
         TpmVerifier(trusted).verify(evidence, REPORT_DATA)
 
@@ -163,7 +99,7 @@ def test_pcr_values_swapped_after_the_quote_are_refused(swtpm: str, tmp_path: Pa
 
 
 def test_unreachable_tpm_gives_a_clear_error(tmp_path: Path) -> None:
-    port = _free_port_pair()
+    port = free_port_pair()
     with pytest.raises(
         AttestationError, match=r"tpm attester: tpm2_createprimary failed \(TCTI swtpm:"
     ):

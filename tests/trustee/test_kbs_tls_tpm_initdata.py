@@ -84,10 +84,9 @@ def test_init_data_reaches_the_token_and_the_policy(open_kbs: KbsProcess) -> Non
                     reason="swtpm and tpm2-tools are required")  # fmt: skip
 def test_tpm_guest_gets_resource_under_the_default_policy(tmp_path: Path, start_kbs) -> None:
     from coco.tee.tpm.attester import TpmAttester
-    from tests.tee.test_tpm_attester import _start_swtpm
+    from tests.swtpm import start_swtpm
 
-    proc, tcti = _start_swtpm(tmp_path / "tpm")
-    try:
+    with start_swtpm(tmp_path / "tpm") as tcti:
         trusted = tmp_path / "trusted"
         trusted.mkdir()
         (trusted / "ak.pub").write_bytes(TpmAttester(tcti).ak_public_pem())
@@ -111,6 +110,3 @@ def test_tpm_guest_gets_resource_under_the_default_policy(tmp_path: Path, start_
             [*base, "--tee", "tpm"], capture_output=True, text=True, env=env, timeout=120
         )
         assert out.returncode == 1 and "AttestationError" in out.stderr
-    finally:
-        proc.terminate()
-        proc.wait()
