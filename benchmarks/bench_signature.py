@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.image.signature.conftest import make_gpg_key
+
 from coco.image.signature import Policy, PolicyContext, Signatures, sign_simple
 from coco.oci.reference import parse_docker
 
@@ -32,31 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
-        home = d / "gnupg"
-        home.mkdir(mode=0o700)
+        key = make_gpg_key(d, "bench")
+        home, fpr = key.home, key.fingerprint
         os.environ["GNUPGHOME"] = str(home)
-        gpg = ["gpg", "--batch", "--homedir", str(home)]
-        subprocess.run(
-            [
-                *gpg,
-                "--passphrase",
-                "",
-                "--quick-gen-key",
-                "bench <b@example.com>",
-                "ed25519",
-                "sign",
-                "never",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        out = subprocess.run(
-            [*gpg, "--with-colons", "--list-keys"], check=True, capture_output=True, text=True
-        ).stdout
-        fpr = next(ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:"))
-        (d / "key.gpg").write_bytes(
-            subprocess.run([*gpg, "--export", fpr], check=True, capture_output=True).stdout
-        )
         manifest = json.dumps({"schemaVersion": 2, "layers": []}).encode()
         (d / "manifest.json").write_bytes(manifest)
         digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
@@ -70,7 +50,7 @@ def main() -> None:
             json.dumps(
                 {
                     "default": [
-                        {"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(d / "key.gpg")}
+                        {"type": "signedBy", "keyType": "GPGKeys", "keyPath": str(key.public)}
                     ]
                 }
             ).encode()

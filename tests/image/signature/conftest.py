@@ -26,7 +26,7 @@ class GpgKey:
     public_armored: Path
 
 
-def _make_key(base: Path, name: str) -> GpgKey:
+def make_gpg_key(base: Path, name: str) -> GpgKey:
     if shutil.which("gpg") is None:
         pytest.skip("gpg is not installed")
     home = base / f"gnupg-{name}"
@@ -63,7 +63,7 @@ def _make_key(base: Path, name: str) -> GpgKey:
 def gpg_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GpgKey, GpgKey]]:
     """Two unrelated signing keys, each in its own GNUPGHOME."""
     base = tmp_path_factory.mktemp("gpg")
-    keys = (_make_key(base, "alice"), _make_key(base, "mallory"))
+    keys = (make_gpg_key(base, "alice"), make_gpg_key(base, "mallory"))
     yield keys
     for k in keys:
         subprocess.run(
