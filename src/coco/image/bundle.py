@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -69,7 +68,7 @@ class Bundle:
 
 
 # -- mounting ----------------------------------------------------------------------------------
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded: no find_library (it runs ldconfig)
 
 
 def _mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
