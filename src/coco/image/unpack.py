@@ -62,6 +62,19 @@ _FD_CACHE = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_NAMESPACES = ("user.", "security.")
+# tar extension headers (PAX records, GNU long names, sparse maps) are read whole into memory:
+# bound the bytes one entry's headers may take, and how many may chain before a real entry
+_MAX_HEADER_BYTES = 1 << 20
+_MAX_HEADER_CHAIN = 16
+_MAX_SPARSE_EXTENTS = 1 << 16
+_MAX_GLOBAL_RECORDS = 64  # PAX global records apply to every later entry: keep them few
+_META_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,7 @@ class _Reader:
         self._limit = limit
         self._hasher = hasher
         self.count = 0
+        self.header_end = -1  # while parsing extension headers: offset they must stay below
 
     def read(self, n: int | None = -1) -> bytes:
         data = self._raw.read(n if n is not None and n >= 0 else _CHUNK)
@@ -124,6 +138,11 @@ class _Reader:
                 raise UnpackError(
                     f"layer: decompressed size exceeds --max-layer-size: limit {self._limit} "
                     f"bytes, read {self.count} so far"
+                )
+            if 0 <= self.header_end < self.count:
+                raise _HeaderLimit(
+                    f"expected at most {_MAX_HEADER_BYTES} bytes of extension headers (PAX, GNU "
+                    f"long names, sparse maps) for one entry, found more at offset {self.count}"
                 )
             if self._hasher is not None:
                 self._hasher.update(data)
@@ -162,6 +181,53 @@ def _components(name: str, where: str, *, strict: bool = False) -> list[str]:
             continue
         out.append(part)
     return out
+
+
+class _HeaderLimit(Exception):
+    """An entry's extension headers went past a bound (reported with the entry count)."""
+
+
+class _GuardedInfo(tarfile.TarInfo):
+    """TarInfo whose header parsing is bounded: tarfile reads a PAX record block, a GNU long
+    name or a sparse map whole, and a chain of extension headers recursively."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        reader = tarfile_.fileobj
+        assert isinstance(reader, _Reader)
+        meta = self.type in _META_TYPES
+        if meta and not 0 <= self.size <= _MAX_HEADER_BYTES:
+            raise _HeaderLimit(
+                f"expected an extension header of at most {_MAX_HEADER_BYTES} bytes, found "
+                f"{self.size} at offset {reader.count - tarfile.BLOCKSIZE}"
+            )
+        if not meta and self.type != tarfile.GNUTYPE_SPARSE:
+            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+        depth = getattr(tarfile_, "_coco_depth", 0)
+        if depth >= _MAX_HEADER_CHAIN:
+            raise _HeaderLimit(
+                f"expected at most {_MAX_HEADER_CHAIN} chained extension headers, found more "
+                f"at offset {reader.count}"
+            )
+        outer = reader.header_end
+        if outer < 0:
+            reader.header_end = reader.count + _MAX_HEADER_BYTES
+        tarfile_._coco_depth = depth + 1  # type: ignore[attr-defined]
+        try:
+            member = super()._proc_member(tarfile_)  # type: ignore[misc]
+        finally:
+            tarfile_._coco_depth = depth  # type: ignore[attr-defined]
+            reader.header_end = outer
+        if len(tarfile_.pax_headers) > _MAX_GLOBAL_RECORDS:
+            raise _HeaderLimit(
+                f"expected at most {_MAX_GLOBAL_RECORDS} PAX global header records, found "
+                f"{len(tarfile_.pax_headers)}"
+            )
+        if member.sparse is not None and len(member.sparse) > _MAX_SPARSE_EXTENTS:
+            raise _HeaderLimit(
+                f"expected a sparse map of at most {_MAX_SPARSE_EXTENTS} extents, found "
+                f"{len(member.sparse)}"
+            )
+        return member  # type: ignore[no-any-return]
 
 
 class _Unpacker:
@@ -230,7 +296,7 @@ class _Unpacker:
             if not create:
                 raise
         except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not create:
                 raise
             if path not in self.whiteouts:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -278,6 +344,11 @@ class _Unpacker:
             prefix = path + "/"
             self.created = {p for p in self.created if not p.startswith(prefix)}
             self.whiteouts = {p for p in self.whiteouts if not p.startswith(prefix)}
+            self.implicit = {p for p in self.implicit if not p.startswith(prefix)}
+            self.implicit.discard(path)
+            self.fresh = {p for p in self.fresh if not p.startswith(prefix)}
+            for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
+                del self.dir_meta[p]
         else:
             os.unlink(name, dir_fd=dfd)
         self.whiteouts.discard(path)
@@ -287,10 +358,10 @@ class _Unpacker:
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
         try:
             self._entry(tf, ti)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise UnpackError(
                 f"layer entry {self.stats.entries} {ti.name!r}: cannot create {_kind(ti)}: "
-                f"{e.strerror or e}"
+                f"{getattr(e, 'strerror', None) or e}"
             ) from None
 
     def _entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
@@ -310,6 +381,13 @@ class _Unpacker:
         for what, ident in (("uid", ti.uid), ("gid", ti.gid)):
             if not 0 <= ident < 2**32 - 1:
                 raise UnpackError(f"{where}: expected a {what} below 2^32-1, found {ident}")
+        if ti.size < 0:
+            raise UnpackError(f"{where}: expected a size of 0 or more, found {ti.size}")
+        for what, text in (("name", ti.name), ("link target", ti.linkname)):
+            if "\0" in text:
+                raise UnpackError(f"{where}: expected a {what} without NUL bytes, found {text!r}")
+        if ti.sparse is not None:
+            _check_sparse(ti, where)
         if not parts:
             if not ti.isdir():
                 raise UnpackError(f"{where}: the layer root must be a directory, found {_kind(ti)}")
@@ -548,6 +626,21 @@ class _Unpacker:
         self.stats.whiteout_dirs = sorted({p.rpartition("/")[0] for p in self.whiteouts})
 
 
+def _check_sparse(ti: tarfile.TarInfo, where: str) -> None:
+    """A sparse map must list extents in order, without overlap, inside the file's size
+    (empty extents pad old GNU headers and mark a trailing hole: only their bounds matter)."""
+    end = 0
+    for offset, length in ti.sparse or ():
+        if length == 0 and 0 <= offset <= ti.size:
+            continue
+        if offset < end or length < 0 or offset + length > ti.size:
+            raise UnpackError(
+                f"{where}: expected sparse extents in order within the {ti.size}-byte file, "
+                f"found {length} bytes at offset {offset}"
+            )
+        end = offset + length
+
+
 def _mtime(ti: tarfile.TarInfo) -> int:
     try:
         return max(0, min(int(ti.mtime), 2**63 // 10**9 - 1))
@@ -601,9 +694,19 @@ def unpack_layer(
     up = _Unpacker(dest, limits)
     try:
         try:
-            tf = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[arg-type]  # noqa: SIM115
+            tf: tarfile.TarFile | None = None
             while True:
-                ti = tf.next()
+                try:
+                    if tf is None:  # opening parses the first header already
+                        tf = tarfile.open(fileobj=reader, mode="r:", tarinfo=_GuardedInfo)  # type: ignore[arg-type]  # noqa: SIM115
+                    ti = tf.next()
+                except _HeaderLimit as e:
+                    raise UnpackError(f"layer: after entry {up.stats.entries}: {e}") from None
+                except ValueError as e:  # a number field tarfile parses without a check
+                    raise UnpackError(
+                        f"layer: expected a valid tar header after entry {up.stats.entries}, "
+                        f"found {e}"
+                    ) from None
                 if ti is None:
                     break
                 up.stats.bytes_read = reader.count
