@@ -13,6 +13,10 @@ class UsageError(CocoError):
     """The caller asked for something that cannot be done as asked (bad flag value, bad reference)."""
 
 
+class RegoError(CocoError):
+    """A Rego policy that does not compile, an unusable input, or a failed evaluation (coco.rego)."""
+
+
 class OciError(CocoError):
     """OCI image formats, layouts and transports."""
 
