@@ -68,7 +68,9 @@ class Bundle:
 
 
 # -- mounting ----------------------------------------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded: no find_library (it runs ldconfig)
+_libc = ctypes.CDLL(
+    None, use_errno=True
+)  # libc, already loaded: no find_library (it runs ldconfig)
 
 
 def _mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
@@ -482,43 +484,98 @@ def _fix_implicit_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
     overlay shows the topmost layer's copy of a directory; when that copy is implicit (no tar
     entry), umoci shows the lower explicit directory's owner, mode and mtime instead, and shows
     nothing at all for a directory that only ever held whiteouts. Both are fixed through the
-    merged view (a metadata copy-up, or an rmdir that the kernel records as a whiteout).
+    merged view (a metadata copy-up, or an rmdir that the kernel records as a whiteout). Only
+    the layers the merged directory is made of count: a later layer that deletes the directory,
+    or replaces it or a parent with a file or a symlink, or makes a parent opaque, hides them.
     """
     paths = sorted({p for ly in layers for p in ly.implicit_dirs if p}, key=lambda p: -len(p))
+    stacks: dict[str, list[tuple[LayerInfo, os.stat_result, bool]]] = {}
     for p in paths:
-        found: list[tuple[LayerInfo, os.stat_result]] = []
-        for layer in reversed(layers):
-            st = _lstat_under(layer.path, p)
-            if st is not None:
-                found.append((layer, st))
-        if not found or p not in found[0][0].implicit_dirs or not stat.S_ISDIR(found[0][1].st_mode):
+        found = [(ly, st) for ly, st, _ in _merged_dir(layers, p, stacks)]
+        if not found or p not in found[0][0].implicit_dirs:
             continue
         source: os.stat_result | None = None
         for layer, st in found:
-            if not stat.S_ISDIR(st.st_mode):
-                break
             if p not in layer.implicit_dirs:
                 source = st
                 break
             if p in layer.fresh_dirs:  # this layer whited out what was below
                 break
         parent, _, name = p.rpartition("/")
-        if source is None:
-            if all(p in ly.implicit_dirs and _only_whiteouts_at(ly, p) for ly, _ in found):
-                pfd = _open_under_path(rootfs, parent)
-                try:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(name, dir_fd=pfd)
-                finally:
-                    os.close(pfd)
+        try:
+            if source is None:
+                if all(p in ly.implicit_dirs and _only_whiteouts_at(ly, p) for ly, _ in found):
+                    pfd = _open_under_path(rootfs, parent)
+                    try:
+                        with contextlib.suppress(OSError):
+                            os.rmdir(name, dir_fd=pfd)
+                    finally:
+                        os.close(pfd)
+                continue
+            fd = _open_under_path(rootfs, p)
+        except OSError as e:  # not a directory of the merged view after all: nothing to fix
+            log.debug("overlay: implicit directory %r not reachable: %s", p, e)
             continue
-        fd = _open_under_path(rootfs, p)
         try:
             os.fchown(fd, source.st_uid, source.st_gid)
             os.fchmod(fd, stat.S_IMODE(source.st_mode))
             os.utime(fd, ns=(source.st_atime_ns, source.st_mtime_ns))
         finally:
             os.close(fd)
+
+
+def _merged_dir(
+    layers: Sequence[LayerInfo],
+    rel: str,
+    memo: dict[str, list[tuple[LayerInfo, os.stat_result, bool]]],
+) -> list[tuple[LayerInfo, os.stat_result, bool]]:
+    """The layers (top first) whose directory ``rel`` the overlay merges, with its lstat and
+    whether it is opaque; empty when ``rel`` is no directory of the merged view. Lookups walk
+    down from the root as overlay does: a non-directory (a whiteout included) ends the stack,
+    and only an opaque parent stops the layers below it (an opaque ``rel`` keeps them: they
+    still say what the directory itself was)."""
+    if rel in memo:
+        return memo[rel]
+    if rel:
+        parent = rel.rpartition("/")[0]
+        above = _merged_dir(layers, parent, memo)
+        lower: list[LayerInfo] = []
+        for ly, _, opaque in above:
+            lower.append(ly)
+            if opaque:
+                break
+    else:
+        lower = list(reversed(layers))
+    out: list[tuple[LayerInfo, os.stat_result, bool]] = []
+    for layer in lower:
+        st, opaque = _dir_under(layer.path, rel)
+        if st is None:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            break
+        out.append((layer, st, opaque))
+        if not rel and opaque:  # overlay ignores an opaque root: see _visible_lowers
+            break
+    memo[rel] = out if out and stat.S_ISDIR(out[0][1].st_mode) else []
+    return memo[rel]
+
+
+def _dir_under(root: Path, rel: str) -> tuple[os.stat_result | None, bool]:
+    """lstat of ``rel`` inside a layer directory (parents walked without following), and
+    whether it is an opaque directory."""
+    st = _lstat_under(root, rel) if rel else os.lstat(root)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return st, False
+    try:
+        fd = _open_under_path(root, rel)
+    except OSError:
+        return st, False
+    try:
+        return st, os.getxattr(fd, OPAQUE_XATTR) == b"y"
+    except OSError:
+        return st, False
+    finally:
+        os.close(fd)
 
 
 def _merge_whiteout_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
