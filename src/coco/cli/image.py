@@ -12,20 +12,22 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from coco.errors import UsageError
 from coco.oci.auth import Credentials, parse_creds
-from coco.oci.copy import CopyOptions, LayerTransform, copy_image
 from coco.oci.reference import ImageReference, parse_reference
 from coco.oci.transport import Access
 
-TransformFactory = Callable[[dict[str, Any]], LayerTransform | None]
+if TYPE_CHECKING:  # the copier loads only for `copy`: a warm `pull` is mostly start-up
+    from coco.oci.copy import CopyOptions, LayerTransform
+
+TransformFactory = Callable[[dict[str, Any]], "LayerTransform | None"]
 _FACTORIES: list[tuple[list[str], TransformFactory]] = []
-CopySigner = Callable[[ImageReference, Any, CopyOptions], None]
-SignerFactory = Callable[[dict[str, Any], ImageReference], CopySigner | None]
+CopySigner = Callable[[ImageReference, Any, "CopyOptions"], None]
+SignerFactory = Callable[[dict[str, Any], ImageReference], "CopySigner | None"]
 _SIGNERS: list[tuple[list[str], SignerFactory]] = []
 
 
@@ -123,6 +125,8 @@ def copy_cmd(
 
     Prints the digest of the written manifest on stdout.
     """
+    from coco.oci.copy import CopyOptions, copy_image
+
     src_ref = _ref(src, "SRC")
     dst_ref = _ref(dst, "DST")
     options = CopyOptions(

@@ -30,10 +30,9 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from coco.crypto.digest import HashingReader, sha256_digest
 from coco.errors import (
@@ -45,12 +44,16 @@ from coco.errors import (
 )
 from coco.image.bundle import Bundle, create_bundle
 from coco.image.store import LayerStore
-from coco.image.unpack import UnpackLimits, unpack_layer
 from coco.oci import mediatypes as mt
 from coco.oci.models import Descriptor, ImageConfig, Index, Manifest, parse_manifest
 from coco.oci.reference import ImageReference, parse_reference
 from coco.oci.stream import Cancelled, prefetch
 from coco.oci.transport import Access, ImageSource, open_source
+
+if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither threads nor the untar
+    from concurrent.futures import Future
+
+    from coco.image.unpack import UnpackLimits
 
 __all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_image"]
 
@@ -283,6 +286,8 @@ class _Puller:
         if mt.is_encrypted(desc.media_type):
             chunks = _plaintext(desc, chunks, self.decryption, i, total, self.ref, where)
         raw = _ChunkReader(chunks)
+        from coco.image.unpack import unpack_layer
+
         try:
             with self.store.staging() as tmp:
                 stream = _decompressed(raw, mt.compression(desc.media_type), where)
@@ -317,6 +322,11 @@ class _Puller:
 
     def layers(self, m: Manifest, config: ImageConfig) -> list[LayerPull]:
         total = len(m.layers)
+        if all(self.store.has(d) for d in config.diff_ids):
+            pairs = zip(m.layers, config.diff_ids, strict=True)
+            return [LayerPull(x.digest, d, "reused") for x, d in pairs]
+        from concurrent.futures import ThreadPoolExecutor
+
         firsts: dict[str, int] = {}
         for i, d in enumerate(config.diff_ids):
             firsts.setdefault(d, i)

@@ -19,13 +19,12 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import httpx
-
 from coco import __version__
 from coco.crypto.digest import HashingReader, sha256_digest
 from coco.errors import AuthError, CocoError, DigestMismatchError, RegistryError
 from coco.oci import mediatypes as mt
 from coco.oci.auth import Credentials
+from coco.oci.http import Pool, Response, TransportError
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -53,8 +52,7 @@ class Challenge:
 
 @functools.cache
 def _unverified_tls() -> ssl.SSLContext:
-    """TLS without certificate checks, for ``--tls-verify=false``. Built by hand: httpx's
-    ``verify=False`` still loads the whole CA bundle (~50 ms of every command's start-up)."""
+    """TLS without certificate checks, for ``--tls-verify=false`` (no CA bundle loaded)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -76,11 +74,11 @@ class RegistryClient:
         self._host = "registry-1.docker.io" if registry == "docker.io" else registry
         self._creds = credentials
         self._tls_verify = tls_verify
-        self._client = httpx.Client(
-            verify=True if tls_verify else _unverified_tls(),
-            timeout=httpx.Timeout(timeout, connect=15.0),
+        self._http = Pool(
+            tls=None if tls_verify else _unverified_tls(),
+            connect_timeout=15.0,
+            read_timeout=timeout,
             headers={"User-Agent": _UA},
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
         )
         self._base: str | None = None
         self._challenge: Challenge | None = None
@@ -88,7 +86,7 @@ class RegistryClient:
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -109,8 +107,9 @@ class RegistryClient:
             for scheme in schemes:
                 url = f"{scheme}://{self._host}/v2/"
                 try:
-                    resp = self._client.get(url)
-                except httpx.TransportError as e:
+                    resp = self._http.request("GET", url)
+                    resp.read()
+                except TransportError as e:
                     last = e
                     continue
                 if resp.status_code == 401:
@@ -142,9 +141,11 @@ class RegistryClient:
             params.append(("service", self._challenge.params["service"]))
         params.extend(("scope", s) for s in scopes)
         headers = {"Authorization": self._creds.basic()} if self._creds else {}
+        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(params)
         try:
-            resp = self._client.get(realm, params=params, headers=headers)
-        except httpx.TransportError as e:
+            resp = self._http.request("GET", url, headers=headers)
+            resp.read()
+        except TransportError as e:
             raise AuthError(f"{self.registry}: token endpoint {realm}: {_exc_text(e)}") from None
         if resp.status_code in (401, 403):
             raise AuthError(
@@ -188,18 +189,17 @@ class RegistryClient:
         stream: bool = False,
         follow: bool = False,
         _retried: bool = False,
-    ) -> httpx.Response:
+    ) -> Response:
         self.ping(what)
         assert self._base is not None
         if url.startswith("/"):
             url = self._base + url
         hdrs = {**(headers or {}), **self._auth_headers(scopes)}
-        req = self._client.build_request(method, url, headers=hdrs, content=content)
         try:
-            resp = self._client.send(req, stream=stream, follow_redirects=follow)
-        except CocoError:
-            raise
-        except httpx.HTTPError as e:
+            resp = self._http.request(method, url, headers=hdrs, content=content, follow=follow)
+            if not stream:
+                resp.read()
+        except TransportError as e:
             raise RegistryError(f"{what}: {method} {url}: {_exc_text(e)}") from None
         replayable = not isinstance(content, Iterator)
         if resp.status_code == 401 and not _retried and replayable:
@@ -304,7 +304,7 @@ class RegistryClient:
         def body() -> Iterator[bytes]:
             try:
                 yield from resp.iter_raw(chunk)
-            except httpx.HTTPError as e:
+            except TransportError as e:
                 raise DigestMismatchError(
                     f"{what}: download interrupted (truncated stream): {_exc_text(e)}"
                 ) from None
@@ -338,13 +338,13 @@ class RegistryClient:
             raise RegistryError(f"{what}: upload start: registry answered {_status(resp)}")
         return self._location(resp, what)
 
-    def _location(self, resp: httpx.Response, what: str) -> str:
+    def _location(self, resp: Response, what: str) -> str:
         loc = resp.headers.get("location")
         if not loc:
             raise RegistryError(f"{what}: upload: registry sent no Location header")
-        return urllib.parse.urljoin(str(resp.url), loc)
+        return urllib.parse.urljoin(resp.url, loc)
 
-    def _cancel(self, resp: httpx.Response, repo: str, what: str) -> None:
+    def _cancel(self, resp: Response, repo: str, what: str) -> None:
         try:
             loc = self._location(resp, what)
             self._send("DELETE", loc, (f"repository:{repo}:pull,push",), what)
@@ -446,7 +446,7 @@ def _with_query(url: str, **params: str) -> str:
     return url + sep + urllib.parse.urlencode(params)
 
 
-def _status(resp: httpx.Response, read: bool = True) -> str:
+def _status(resp: Response, read: bool = True) -> str:
     """``404 MANIFEST_UNKNOWN: manifest unknown`` from a registry error answer."""
     text = f"{resp.status_code} {resp.reason_phrase}".strip()
     if not read:
