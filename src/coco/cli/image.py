@@ -311,6 +311,19 @@ _store_option = click.option(
 @click.option(
     "--flatten", is_flag=True, help="Copy the layers into rootfs/ instead of mounting an overlay."
 )
+@click.option(
+    "--max-layer-size",
+    metavar="SIZE",
+    callback=lambda ctx, param, v: None if v is None else _size(v, "--max-layer-size"),
+    help="Refuse a layer whose uncompressed tar is larger (bytes, or with a K/M/G/T suffix in "
+    "powers of 1024; default 32G).",
+)
+@click.option(
+    "--max-files",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Refuse a layer with more tar entries (default 1000000).",
+)
 @_platform_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
 def pull_cmd(
@@ -325,6 +338,8 @@ def pull_cmd(
     store: Path | None,
     jobs: int,
     flatten: bool,
+    max_layer_size: int | None,
+    max_files: int | None,
     override_os: str | None,
     override_arch: str | None,
     override_variant: str | None,
@@ -345,6 +360,12 @@ def pull_cmd(
 
         return decrypt_config(decryption_key)
 
+    limits = None
+    if max_layer_size is not None or max_files is not None:
+        from coco.image.unpack import UnpackLimits
+
+        given = {"max_layer_size": max_layer_size, "max_files": max_files}
+        limits = UnpackLimits(**{k: v for k, v in given.items() if v is not None})
     options = PullOptions(
         access=Access(_creds(creds, "--creds"), authfile, tls_verify),
         decryption=decryption if decryption_key else None,
@@ -354,6 +375,7 @@ def pull_cmd(
         os=override_os,
         arch=override_arch,
         variant=override_variant,
+        limits=limits,
     )
     store_dir = store or _default_store()
     with _terminate_cleanly():
@@ -372,6 +394,25 @@ def pull_cmd(
             err=True,
         )
     click.echo(result.manifest_digest)
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str, flag: str) -> int:
+    """``1048576``, ``512K``, ``100M``, ``2GiB``, ``1.5G`` -> bytes (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        n = float(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        n = -1
+    if not n >= 1 or n != n or n == float("inf"):
+        raise click.BadParameter(
+            f"expected a positive size such as 1048576, 512K, 100M or 2G, found {text!r}",
+            param_hint=flag,
+        )
+    return int(n)
 
 
 @contextlib.contextmanager
