@@ -7,9 +7,10 @@ import copy
 
 import pytest
 
-from coco.trustee.attestation.service import default_policy_text
-from coco.trustee.kbs.app import default_resource_policy
-from coco.trustee.rego import PolicyError, RegoPolicy
+from coco.errors import RegoError
+from coco.rego import RegoPolicy
+from coco.trustee.attestation.service import compile_attestation_policy, default_policy_text
+from coco.trustee.kbs.app import compile_resource_policy, default_resource_policy
 from tests.trustee.conftest import VECTORS
 
 POL = VECTORS / "policies"
@@ -86,10 +87,10 @@ def _variants() -> list[tuple[str, dict, dict]]:
 
 @pytest.fixture(scope="module")
 def cpu_policies() -> tuple[RegoPolicy, RegoPolicy]:
-    ours = RegoPolicy(default_policy_text("default_cpu") or "", "ours", ("trust_claims", "extensions"),
-                      reference_values=True)  # fmt: skip
-    theirs = RegoPolicy((POL / "as-default" / "ear_default_policy_cpu.rego").read_text(), "upstream",
-                        ("trust_claims", "extensions"), reference_values=True)  # fmt: skip
+    ours = compile_attestation_policy(default_policy_text("default_cpu") or "", "ours")
+    theirs = compile_attestation_policy(
+        (POL / "as-default" / "ear_default_policy_cpu.rego").read_text(), "upstream"
+    )
     return ours, theirs
 
 
@@ -135,10 +136,8 @@ def _ear(evidence: dict) -> dict:
     ],
 )
 def test_default_resource_policy_matches_upstream(inp: dict, data: dict) -> None:
-    ours = RegoPolicy(default_resource_policy(), "ours", ("allow",))
-    theirs = RegoPolicy(
-        (POL / "kbs-resource" / "kbs_default.rego").read_text(), "upstream", ("allow",)
-    )
+    ours = compile_resource_policy(default_resource_policy())
+    theirs = compile_resource_policy((POL / "kbs-resource" / "kbs_default.rego").read_text())
     assert ours.evaluate(inp, data).get("allow") == theirs.evaluate(inp, data).get("allow")
 
 
@@ -163,7 +162,7 @@ def _pe_input(product: str, svn: object) -> dict:
     ],
 )
 def test_upstream_policy_engine_matrix(policy, plugin, path, product, svn, expected) -> None:
-    p = RegoPolicy((POL / "policy-engine" / policy).read_text(), policy, ("allow",))
+    p = compile_resource_policy((POL / "policy-engine" / policy).read_text())
     got = p.evaluate(
         _pe_input(product, svn), {"plugin": plugin, "resource-path": path, "query": {}}
     )
@@ -171,10 +170,10 @@ def test_upstream_policy_engine_matrix(policy, plugin, path, product, svn, expec
 
 
 def test_policy_refusals() -> None:
-    with pytest.raises(PolicyError, match="does not compile"):
-        RegoPolicy("package policy\nallow if {", "bad", ("allow",))
-    with pytest.raises(PolicyError, match="expected 'package policy'"):
-        RegoPolicy("package other\nallow := true\n", "bad", ("allow",))
+    with pytest.raises(RegoError, match=r"^resource policy: Rego does not compile: line 2 column"):
+        compile_resource_policy("package policy\nallow if {")
+    with pytest.raises(RegoError, match=r"^attestation policy x: expected 'package policy'"):
+        compile_attestation_policy("package other\nallow := true\n", "x")
 
 
 @pytest.mark.parametrize(

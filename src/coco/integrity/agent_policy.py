@@ -5,26 +5,19 @@ A policy is Rego text in package ``agent_policy``: rules plus ``policy_data := {
 rules (``rules.rego`` next to this module) a denial also names the failing rule and field: the
 rules compute ``why_NAME``, a list of ``{rule, field, expected, got}`` objects.
 
-The Rego engine is ``regopy`` (rego-cpp). The KBS has its own small wrapper around it in
-``coco.trustee``; integrity may not import trustee, hence this second, equally small one.
+The Rego engine is the ground floor's :class:`coco.rego.RegoPolicy`, the one the KBS uses too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import regopy
-
 from coco.errors import AgentPolicyError
+from coco.rego import RegoPolicy
 
 _NAME = re.compile(r"^[A-Z][A-Za-z0-9]*Request$")
 
@@ -78,51 +71,17 @@ def _show(v: Any) -> str:
 
 
 class AgentPolicy:
-    """A compiled agent policy (full Rego text, module ``agent_policy``)."""
+    """A compiled agent policy (full Rego text, package ``agent_policy``)."""
 
     def __init__(self, text: str, where: str = "policy") -> None:
+        # Compiled now, so a broken policy is reported before any request.
+        self._rego = RegoPolicy(text, where, package="agent_policy", error=AgentPolicyError)
         self.text = text
         self.where = where
-        # Compile once now, so a broken policy is reported before any request.
-        self._interpreter()
 
     @classmethod
     def from_data(cls, policy_data: dict[str, Any], rules: str | None = None) -> AgentPolicy:
         return cls(policy_text(rules or default_rules(), policy_data), "policy_data")
-
-    def _interpreter(self) -> regopy.Interpreter:
-        rego = regopy.Interpreter()
-        try:
-            with _quiet_fd(1), _quiet_fd(2):  # rego-cpp also prints its errors
-                rego.add_module("agent_policy", self.text)
-        except Exception as e:  # regopy raises plain errors
-            raise AgentPolicyError(
-                f"{self.where}: Rego does not compile: {_rego_error(self.text, e)}"
-            ) from None
-        return rego
-
-    def _query(self, rego: regopy.Interpreter, query: str) -> Any:
-        try:
-            out = rego.query(query)
-        except Exception as e:
-            raise AgentPolicyError(
-                f"{self.where}: {query}: evaluation failed: {_first(e)}"
-            ) from None
-        text = str(out)
-        if text.startswith("error") or text.strip() == "":
-            raise AgentPolicyError(f"{self.where}: {query}: evaluation failed: {_first(text)}")
-        if text.strip() == "undefined":
-            return None
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            raise AgentPolicyError(
-                f"{self.where}: {query}: unexpected engine output: {_first(text)}"
-            ) from None
-        exprs = obj.get("expressions") if isinstance(obj, dict) else None
-        if not exprs:
-            return None
-        return exprs[0]
 
     def evaluate(self, request: str, body: dict[str, Any]) -> Decision:
         """Decide ``request`` (e.g. ``CreateContainerRequest``) with JSON body ``body``."""
@@ -135,10 +94,9 @@ class AgentPolicy:
             raise AgentPolicyError(
                 f"{request}: expected the request as a JSON object, got {type(body).__name__}"
             )
-        rego = self._interpreter()
-        rego.set_input(regopy.Input(body))
-        with _quiet(self.text):
-            result = self._query(rego, f"data.agent_policy.{request}")
+        # One evaluation for both: the explanation shares the checks, so it is nearly free.
+        out = self._rego.evaluate(body, rules=(request, f"why_{request}"))
+        result = out.get(request)
         if isinstance(result, dict):  # newer rules answer {allowed, ops}
             result = result.get("allowed")
         if result is True:
@@ -148,9 +106,7 @@ class AgentPolicy:
                 f"{self.where}: data.agent_policy.{request}: expected true or false, got {result!r}"
             )
         # An undefined answer is an error for the agent, never an allow.
-        with _quiet(self.text):
-            why = self._query(rego, f"data.agent_policy.why_{request}")
-        return Decision(request, False, _violations(why))
+        return Decision(request, False, _violations(out.get(f"why_{request}")))
 
 
 def _violations(why: Any) -> tuple[Violation, ...]:
@@ -161,46 +117,3 @@ def _violations(why: Any) -> tuple[Violation, ...]:
         if isinstance(v, dict) and {"rule", "field"} <= v.keys():
             out.append(Violation(str(v["rule"]), str(v["field"]), v.get("expected"), v.get("got")))
     return tuple(out)
-
-
-def _first(e: object) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def _rego_error(text: str, e: object) -> str:
-    """``line L column C: message`` from rego-cpp's error tree (offsets into ``text``)."""
-    raw = str(e)
-    msg = re.search(r"\(errormsg \d+:([^)]*)\)", raw)
-    pos = re.search(r"\(error \d+:[^|]*\|(\d+)\|", raw)
-    if msg is None:
-        return _first(raw)
-    if pos is None:
-        return msg.group(1)
-    offset = int(pos.group(1))
-    line = text.count("\n", 0, offset) + 1
-    col = offset - (text.rfind("\n", 0, offset) + 1) + 1
-    return f"line {line} column {col}: {msg.group(1)}"
-
-
-@contextlib.contextmanager
-def _quiet(text: str) -> Iterator[None]:
-    """Keep Rego ``print()`` output (upstream rules print a lot) off our standard output."""
-    if "print(" not in text:
-        yield
-        return
-    with _quiet_fd(1):
-        yield
-
-
-@contextlib.contextmanager
-def _quiet_fd(fd: int) -> Iterator[None]:
-    (sys.stdout if fd == 1 else sys.stderr).flush()
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from coco.crypto.jcs import canonicalize
-from coco.errors import AttestationError
+from coco.errors import AttestationError, RegoError
 from coco.protocol.kbs import InitData, hash_bytes
+from coco.rego import RegoPolicy
 from coco.tee import get_verifier
 from coco.trustee.attestation.ear import TokenSigner, check_trust_vector, ear_status
-from coco.trustee.rego import PolicyError, RegoPolicy
 from coco.trustee.rvps import Rvps
 from coco.trustee.storage import NS_AS_POLICY, Store
 from coco.trustee.storage.base import check_key
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 EAT_PROFILE = "tag:github.com,2024:confidential-containers/Trustee"
 _POLICY_RULES = ("trust_claims", "extensions")
+# query_reference_value(id), the upstream regorus extension, over the RVPS values in data.
+_RV_MODULE = "package policy\n\nquery_reference_value(id) := data.reference_values[id]\n"
 _INITDATA_ALGS = {"sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
 
@@ -67,6 +69,17 @@ def default_policy_text(policy_id: str) -> str | None:
     if name is None:
         return None
     return (importlib.resources.files("coco.trustee.attestation") / "policies" / name).read_text()
+
+
+def compile_attestation_policy(text: str, policy_id: str) -> RegoPolicy:
+    """An attestation policy (package ``policy``): ``trust_claims`` and ``extensions``."""
+    return RegoPolicy(
+        text,
+        f"attestation policy {policy_id}",
+        package="policy",
+        rules=_POLICY_RULES,
+        modules={"coco_reference_values.rego": _RV_MODULE},
+    )
 
 
 def parse_init_data(init: InitData) -> tuple[bytes, dict[str, Any]]:
@@ -127,7 +140,7 @@ class AttestationService:
     def set_policy(self, policy_id: str, text: str) -> None:
         """Compile and store an attestation policy (refused if it does not compile)."""
         check_key(policy_id)
-        policy = RegoPolicy(text, policy_id, _POLICY_RULES, reference_values=True)
+        policy = compile_attestation_policy(text, policy_id)
         self.store.put(NS_AS_POLICY, f"{policy_id}.rego", text.encode())
         with self._lock:
             self._policies[policy_id] = policy
@@ -141,7 +154,7 @@ class AttestationService:
             cached = self._policies.get(policy_id)
         if cached is not None and cached.text == text:
             return cached
-        policy = RegoPolicy(text, policy_id, _POLICY_RULES, reference_values=True)
+        policy = compile_attestation_policy(text, policy_id)
         with self._lock:
             self._policies[policy_id] = policy
         return policy
@@ -223,8 +236,8 @@ class AttestationService:
             full_id = f"{policy_id}_{tee_class}"
             try:
                 result = self._evaluate(self.policy(full_id), annotated, reference_values)
-            except PolicyError as e:
-                raise AttestationError(f"attestation policy {full_id}: {e}") from None
+            except RegoError as e:
+                raise AttestationError(str(e)) from None
             vector = check_trust_vector(result.get("trust_claims"), f"attestation policy {full_id}")
             index = counters.get(tee_class, 0)
             counters[tee_class] = index + 1

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from coco.crypto.jose import JoseError, jwe_encrypt, public_key_from_jwk
-from coco.errors import CocoError
+from coco.errors import CocoError, RegoError
 from coco.protocol.kbs import (
     PROTOCOL_VERSION,
     SESSION_COOKIE,
@@ -39,6 +39,7 @@ from coco.protocol.kbs import (
     Request,
     runtime_data_claims,
 )
+from coco.rego import RegoPolicy
 from coco.tee import verifier_names
 from coco.trustee.attestation.ear import TokenSigner
 from coco.trustee.attestation.service import AttestationService, VerificationRequest
@@ -47,7 +48,6 @@ from coco.trustee.kbs.admin import Acl, AdminAuth, AdminAuthError, IdentityProvi
 from coco.trustee.kbs.errors import KbsHttpError
 from coco.trustee.kbs.metrics import Metrics
 from coco.trustee.kbs.token import TokenVerifier, TokenVerifierError, tee_pubkey_of
-from coco.trustee.rego import PolicyError, RegoPolicy
 from coco.trustee.rvps import Rvps, RvpsError
 from coco.trustee.storage import NS_KBS, NS_REPOSITORY, NS_SESSION, Store, open_store
 
@@ -68,6 +68,11 @@ def default_resource_policy() -> str:
     return (
         importlib.resources.files("coco.trustee.attestation") / "policies" / "default_resource.rego"
     ).read_text()
+
+
+def compile_resource_policy(text: str) -> RegoPolicy:
+    """A resource policy (package ``policy``): ``allow``."""
+    return RegoPolicy(text, "resource policy", package="policy", rules=("allow",))
 
 
 def _b64url_text(value: Any, where: str) -> str:
@@ -462,7 +467,7 @@ class KbsApp:
         try:
             text = _b64url_text(obj.get("policy"), "attestation-policy.policy")
             self.attestation.set_policy(policy_id, text)
-        except (ValueError, PolicyError, CocoError) as e:
+        except (ValueError, CocoError) as e:
             raise KbsHttpError("PolicyEngineError", f"Set attestation policy failed: {e}") from None
         log.info("attestation policy %s set", policy_id)
         return Reply(200)
@@ -474,8 +479,8 @@ class KbsApp:
             raise KbsHttpError("SerdeError", f"resource-policy: unknown field(s) {sorted(unknown)}")
         try:
             text = _b64url_text(obj.get("policy"), "resource-policy.policy")
-            policy = RegoPolicy(text, "resource-policy", ("allow",))
-        except (ValueError, PolicyError) as e:
+            policy = compile_resource_policy(text)
+        except (ValueError, RegoError) as e:
             raise KbsHttpError("PolicyEngineError", f"Set resource policy failed: {e}") from None
         self.store.put(NS_KBS, RESOURCE_POLICY_KEY, text.encode())
         self._resource_policy = policy
@@ -488,7 +493,7 @@ class KbsApp:
         cached = self._resource_policy
         if cached is not None and cached.text == text:
             return cached
-        self._resource_policy = RegoPolicy(text, "resource-policy", ("allow",))
+        self._resource_policy = compile_resource_policy(text)
         return self._resource_policy
 
     # ------------------------------------------------------------------------------ resources
@@ -549,7 +554,7 @@ class KbsApp:
                 self._decisions[dkey] = allowed
                 if len(self._decisions) > 8192:
                     self._decisions.pop(next(iter(self._decisions)))
-        except PolicyError as e:
+        except RegoError as e:
             m.inc("kbs_policy_errors_total")
             raise KbsHttpError("PolicyEngineError", f"Policy engine error: {e}") from None
         if not allowed:

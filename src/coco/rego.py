@@ -1,0 +1,239 @@
+"""The one Rego engine wrapper: every Rego policy coco evaluates goes through :class:`RegoPolicy`.
+
+The Trustee's attestation and resource policies and the Kata agent policy all run here, on
+``regopy`` (rego-cpp). A policy is one Rego text in a known package, plus optional helper
+modules. It is compiled into a bundle (the query plan) once per distinct ``data`` document and
+set of rules, and the bundle is cached, so an evaluation only builds the input and runs the plan.
+
+``evaluate(input, data, rules)`` returns ``{rule: value}`` for the rules that are defined; an
+undefined rule is absent, and what that means (deny, error) is the caller's call. A policy that
+does not compile, an input that is not JSON, and an evaluation error (a conflict, a missing
+function) raise one-line errors naming the policy and the rules, or the line and column: a
+:class:`~coco.errors.RegoError`, or the error family the caller passes (e.g. ``AgentPolicyError``).
+Rego ``print()`` output is kept off our standard output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import regopy
+from regopy import rego_shared as _rs
+
+from coco.errors import CocoError, RegoError
+
+__all__ = ["RegoPolicy"]
+
+_PKG = re.compile(r"^\s*package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.M)
+_RULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ERRMSG = re.compile(rb"\(errormsg (\d+):")
+_ERRPOS = re.compile(r"\(error \d+:([^|\s]*)\|(\d+)\|")
+_MAIN = "policy.rego"
+_OUT = "coco_out.rego"
+_CACHE = 256
+
+_LIB = _rs.rego
+_OK = _rs.Code.OK
+_quiet_lock = threading.Lock()
+
+
+class RegoPolicy:
+    """One Rego policy text in package ``package``, queried for some of its rules.
+
+    ``where`` names the policy in every error (``"resource policy"``, a file path). ``rules`` is
+    the default rule set of :meth:`evaluate`; ``modules`` are helper modules (name to text)
+    compiled beside the policy. The policy is compiled at once, so a broken one is refused
+    before any input.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        where: str,
+        *,
+        package: str,
+        rules: Sequence[str] = (),
+        modules: Mapping[str, str] | None = None,
+        error: type[CocoError] = RegoError,
+    ) -> None:
+        self.text = text
+        self.where = where
+        self.package = package
+        self.rules = tuple(rules)
+        self.error = error
+        self.digest = hashlib.sha384(text.encode()).hexdigest()
+        found = _PKG.search(text)
+        if found is None:
+            raise error(f"{where}: expected a 'package {package}' declaration, found none")
+        if found.group(1) != package:
+            raise error(f"{where}: expected 'package {package}', found {found.group(1)!r}")
+        self._modules = {_MAIN: text, **(modules or {})}
+        self._prints = any("print(" in t for t in self._modules.values())
+        self._cache: OrderedDict[tuple[str, tuple[str, ...]], regopy.Bundle] = OrderedDict()
+        self._lock = threading.Lock()
+        if self.rules:
+            self._bundle("{}", self.rules)
+        else:  # nothing to plan yet: parse only
+            with self._compile_errors():
+                self._parsed()
+
+    def evaluate(
+        self, input_doc: Any, data: Mapping[str, Any] | None = None, rules: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The defined rules among ``rules`` (default: the policy's), given ``input_doc``."""
+        names = tuple(rules) or self.rules
+        if not names:
+            return {}
+        try:
+            data_json = json.dumps(data or {}, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as e:
+            raise self.error(f"{self.where}: data: expected a JSON document: {e}") from None
+        bundle = self._bundle(data_json, names)
+        runner = regopy.Interpreter()
+        runner.set_input(self._input(input_doc))
+        with self._quiet():
+            try:
+                out = _rs.rego_bundle_query(runner._impl, bundle._impl)
+            except _rs.RegoError as e:
+                raise self._failed(names, _messages(str(e))) from None
+        try:
+            ok, text = _rs.rego_output_ok(out), _rs.rego_output_string(out)
+        finally:
+            _rs.rego_free_output(out)
+        if not ok or text.startswith("(error"):
+            raise self._failed(names, _messages(text))
+        if text == "undefined":
+            return {}
+        value = json.loads(text).get("bindings", {}).get("x")
+        return value if isinstance(value, dict) else {}
+
+    def _failed(self, rules: tuple[str, ...], messages: list[str]) -> CocoError:
+        why = messages[0] if messages else "rego-cpp gave no reason (conflicting rule values?)"
+        what = f"rule {rules[0]}" if len(rules) == 1 else f"rules {', '.join(rules)}"
+        return self.error(f"{self.where}: {what}: evaluation failed: {why}")
+
+    def _bundle(self, data_json: str, rules: tuple[str, ...]) -> regopy.Bundle:
+        key = (data_json, rules)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        for r in rules:
+            if not _RULE.match(r):
+                raise self.error(f"{self.where}: expected a rule name, found {r!r}")
+        out = "package coco_out\n\n" + "".join(
+            f'out["{r}"] := data.{self.package}.{r}\n' for r in rules
+        )
+        with self._compile_errors():
+            interp = self._parsed()
+            interp.add_module(_OUT, out)
+            interp.add_data_json(data_json)
+            bundle = interp.build("x := data.coco_out.out", [])
+        with self._lock:
+            self._cache[key] = bundle
+            while len(self._cache) > _CACHE:
+                self._cache.popitem(last=False)
+        return bundle
+
+    def _parsed(self) -> regopy.Interpreter:
+        """An interpreter holding the policy's modules (parsing them raises syntax errors)."""
+        interp = regopy.Interpreter()
+        interp.log_level = _rs.LogLevel.NONE  # else rego-cpp prints its errors on stdout
+        for name, text in self._modules.items():
+            interp.add_module(name, text)
+        return interp
+
+    @contextlib.contextmanager
+    def _compile_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _rs.RegoError as e:
+            raise self.error(f"{self.where}: Rego does not compile: {self._position(e)}") from None
+
+    def _position(self, e: Exception) -> str:
+        """``line L column C: message`` (naming the module if not the policy) from rego-cpp."""
+        raw = str(e)
+        messages = _messages(raw)
+        if not messages:
+            return " ".join(raw.split())[:300]
+        pos = _ERRPOS.search(raw)
+        if pos is None or pos.group(1) not in self._modules:
+            return messages[0]
+        module, offset = pos.group(1), int(pos.group(2))
+        text = self._modules[module].encode()
+        line = text.count(b"\n", 0, offset) + 1
+        col = len(text[text.rfind(b"\n", 0, offset) + 1 : offset].decode(errors="replace")) + 1
+        name = "" if module == _MAIN else f"{module} "
+        return f"{name}line {line} column {col}: {messages[0]}"
+
+    def _input(self, value: Any) -> regopy.Input:
+        """The input document built with direct C calls (regopy's builder is several times slower)."""
+        p = _rs.rego_new_input()
+        lib = _LIB
+
+        def add(v: Any) -> int:
+            if v is True or v is False:
+                return lib.regoInputBoolean(p, v)
+            if isinstance(v, str):
+                return lib.regoInputString(p, v.encode("utf-8"))
+            if isinstance(v, dict):
+                for k, item in v.items():
+                    if add(k) != _OK or add(item) != _OK or lib.regoInputObjectItem(p) != _OK:
+                        return -1
+                return lib.regoInputObject(p, len(v))
+            if isinstance(v, list | tuple):
+                for item in v:
+                    if add(item) != _OK:
+                        return -1
+                return lib.regoInputArray(p, len(v))
+            if isinstance(v, int):
+                if -(1 << 63) <= v < 1 << 63:
+                    return lib.regoInputInt(p, v)
+                raise self.error(f"{self.where}: input: expected a 64-bit integer, found {v}")
+            if isinstance(v, float):
+                return lib.regoInputFloat(p, v)
+            if v is None:
+                return lib.regoInputNull(p)
+            raise self.error(f"{self.where}: input: expected JSON values, found {type(v).__name__}")
+
+        inp = regopy.Input.__new__(regopy.Input)
+        inp._impl = p  # freed by Input.__del__
+        if add(value) != _OK:
+            raise self.error(f"{self.where}: input: the Rego engine refused the input document")
+        return inp
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """Send Rego ``print()`` output (upstream agent rules print a lot) to nowhere."""
+        if not self._prints:
+            yield
+            return
+        with _quiet_lock:  # fd 1 is process-wide: one redirection at a time
+            sys.stdout.flush()
+            saved = os.dup(1)
+            sink = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(sink, 1)
+            os.close(sink)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+
+
+def _messages(raw: str) -> list[str]:
+    """The ``errormsg`` texts of a rego-cpp error tree (each is length-prefixed)."""
+    b = raw.encode()
+    return [
+        b[m.end() : m.end() + int(m.group(1))].decode(errors="replace") for m in _ERRMSG.finditer(b)
+    ]
