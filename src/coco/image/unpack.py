@@ -242,6 +242,7 @@ class _Unpacker:
         self.fresh: set[str] = set()  # implicit dirs that replaced a whiteout of this layer
         self.implicit: set[str] = {""}
         self.dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), applied at the end
+        self.current: str | None = None  # the entry being written (for truncation errors)
         self.written = 0  # bytes of regular files, as declared (sparse holes included)
         self._fds: OrderedDict[tuple[str, ...], int] = OrderedDict()  # LRU of directory fds
 
@@ -356,8 +357,10 @@ class _Unpacker:
 
     # -- entries -----------------------------------------------------------------------------
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        self.current = ti.name
         try:
             self._entry(tf, ti)
+            self.current = None
         except (OSError, ValueError) as e:
             raise UnpackError(
                 f"layer entry {self.stats.entries} {ti.name!r}: cannot create {_kind(ti)}: "
@@ -672,6 +675,38 @@ def _hasher(diff_id: str) -> hashlib._Hash:
     return hashlib.new(alg)
 
 
+def _untar(up: _Unpacker, reader: _Reader) -> None:
+    try:
+        tf: tarfile.TarFile | None = None
+        while True:
+            try:
+                if tf is None:  # opening parses the first header already
+                    tf = tarfile.open(fileobj=reader, mode="r:", tarinfo=_GuardedInfo)  # type: ignore[arg-type]  # noqa: SIM115
+                ti = tf.next()
+            except _HeaderLimit as e:
+                raise UnpackError(f"layer: after entry {up.stats.entries}: {e}") from None
+            except ValueError as e:  # a number field tarfile parses without a check
+                raise UnpackError(
+                    f"layer: expected a valid tar header after entry {up.stats.entries}, found {e}"
+                ) from None
+            if ti is None:
+                break
+            up.stats.bytes_read = reader.count
+            up.entry(tf, ti)
+            tf.members.clear()  # stream mode: keep memory flat
+    except (tarfile.TarError, EOFError) as e:
+        if isinstance(e, EOFError) or "unexpected end of data" in str(e):
+            n = up.stats.entries
+            where = f"after entry {n}" if up.current is None else f"in entry {n} {up.current!r}"
+            raise UnpackError(
+                f"layer: expected a complete tar stream, found it truncated {where}"
+            ) from None
+        raise UnpackError(
+            f"layer: expected a tar stream, found {e} after entry {up.stats.entries}"
+        ) from None
+    up.finish()
+
+
 def unpack_layer(
     stream: BinaryIO,
     dest_dir: str | os.PathLike[str],
@@ -693,35 +728,12 @@ def unpack_layer(
         raise UnpackError(f"unpack: expected an empty directory, found files in {dest}")
     up = _Unpacker(dest, limits)
     try:
-        try:
-            tf: tarfile.TarFile | None = None
-            while True:
-                try:
-                    if tf is None:  # opening parses the first header already
-                        tf = tarfile.open(fileobj=reader, mode="r:", tarinfo=_GuardedInfo)  # type: ignore[arg-type]  # noqa: SIM115
-                    ti = tf.next()
-                except _HeaderLimit as e:
-                    raise UnpackError(f"layer: after entry {up.stats.entries}: {e}") from None
-                except ValueError as e:  # a number field tarfile parses without a check
-                    raise UnpackError(
-                        f"layer: expected a valid tar header after entry {up.stats.entries}, "
-                        f"found {e}"
-                    ) from None
-                if ti is None:
-                    break
-                up.stats.bytes_read = reader.count
-                up.entry(tf, ti)
-                tf.members.clear()  # stream mode: keep memory flat
-        except tarfile.TarError as e:
-            raise UnpackError(
-                f"layer: expected a tar stream, found {e} after entry {up.stats.entries}"
-            ) from None
-        except EOFError:
-            raise UnpackError(
-                f"layer: expected a complete tar stream, found it truncated after entry "
-                f"{up.stats.entries}"
-            ) from None
-        up.finish()
+        _untar(up, reader)
+    except UnpackError as e:
+        msg = str(e)
+        if diff_id and msg.startswith("layer") and not msg.startswith(f"layer {diff_id}"):
+            raise UnpackError(f"layer {diff_id}{msg[len('layer') :]}") from None
+        raise
     finally:
         up.close()
     if hasher is not None:
