@@ -546,6 +546,32 @@ def test_hardlink_to_symlink_to_outside_stays_a_link(scene: Scene, flatten: bool
     contained(scene, [layer], flatten, check)
 
 
+@MODES
+def test_hardlink_first_copy_replaced_through_lower_symlink(scene: Scene, flatten: bool) -> None:
+    """Flattening walks a layer directory in name order, not tar order: a file reached through
+    a lower symlink (b -> a) may replace or remove the first copy of a hardlink group before
+    the other names are linked to it."""
+    low = tar([D("a/"), F("a/x", b"lower"), D("m/"), L("b", "a"), L("n", "m")])
+    top = tar(
+        [
+            F("a/x", b"X"),
+            H("c", "a/x"),  # a sequential untar links the "X" file
+            F("b/x", b"through b"),  # then replaces a/x through the symlink
+            F("m/y", b"Y"),
+            H("z", "m/y"),
+            T("n/.wh..wh..opq"),  # an opaque dir through a symlink: m/y goes
+        ]
+    )
+
+    def check(rootfs: Path) -> None:
+        assert _inside(rootfs, "c") == b"X"
+        assert _inside(rootfs, "z") == b"Y"
+        if flatten:
+            assert _inside(rootfs, "a/x") == b"through b"
+
+    contained(scene, [low, top], flatten, check)
+
+
 # -- entry types and metadata --------------------------------------------------------------------
 @MODES
 @pytest.mark.parametrize(

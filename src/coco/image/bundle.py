@@ -100,15 +100,18 @@ def _is_mount(path: Path) -> bool:
 
 
 # -- flattening --------------------------------------------------------------------------------
-def _remove_at(dfd: int, name: str) -> None:
+def _remove_at(dfd: int, name: str) -> bool | None:
+    """Remove what is at ``name``: True for a directory, False for anything else, None when
+    there was nothing."""
     try:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
-        return
+        return None
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=dfd)
-    else:
-        os.unlink(name, dir_fd=dfd)
+        return True
+    os.unlink(name, dir_fd=dfd)
+    return False
 
 
 def _copy_xattrs(src: int, dst: int) -> None:
@@ -131,6 +134,7 @@ class _Flattener:
         self.root_fd = root_fd
         self.layer = layer
         self.links: dict[int, tuple[str, str]] = {}  # layer inode -> (dir, name) of 1st copy
+        self.firsts: dict[str, int] = {}  # rootfs path of a first copy -> layer inode
         self.is_root = os.geteuid() == 0
 
     def run(self) -> None:
@@ -157,7 +161,7 @@ class _Flattener:
         with contextlib.suppress(OSError):
             if os.getxattr(lfd, OPAQUE_XATTR) == b"y":
                 for name in os.listdir(rfd):
-                    _remove_at(rfd, name)
+                    self._remove(rfd, rdir, name)
         with os.scandir(lfd) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
@@ -166,20 +170,22 @@ class _Flattener:
     def _entry(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
         st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
         if _is_whiteout(st):
-            _remove_at(rfd, name)
+            self._remove(rfd, rdir, name)
             return
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             self._subdir(lfd, rfd, name, rel, rdir)
             return
-        _remove_at(rfd, name)
+        self._remove(rfd, rdir, name)
         if stat.S_ISREG(mode):
-            if st.st_nlink > 1 and st.st_ino in self.links:
-                self._link(self.links[st.st_ino], rfd, name)
+            first = self.links.get(st.st_ino) if st.st_nlink > 1 else None
+            if first is not None:
+                self._link(first, rfd, name)
                 return
             self._copy_file(lfd, rfd, name, st)
             if st.st_nlink > 1:
                 self.links[st.st_ino] = (rdir, name)
+                self.firsts[f"{rdir}/{name}" if rdir else name] = st.st_ino
             return
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(name, dir_fd=lfd), name, dir_fd=rfd)
@@ -189,6 +195,20 @@ class _Flattener:
         if self.is_root:
             os.chown(name, st.st_uid, st.st_gid, dir_fd=rfd, follow_symlinks=False)
         os.utime(name, ns=(st.st_mtime_ns, st.st_mtime_ns), dir_fd=rfd, follow_symlinks=False)
+
+    def _remove(self, rfd: int, rdir: str, name: str) -> None:
+        """Remove a rootfs entry, forgetting the first copies of hardlinks it held: another
+        entry of the layer, applied through a lower symlink, may replace one before its links
+        are made (they then get a copy of their own, with the layer's content)."""
+        was_dir = _remove_at(rfd, name)
+        if not self.firsts or was_dir is None:
+            return
+        path = f"{rdir}/{name}" if rdir else name
+        gone = [path] if path in self.firsts else []
+        if was_dir:
+            gone += [p for p in self.firsts if p.startswith(path + "/")]
+        for p in gone:
+            self.links.pop(self.firsts.pop(p), None)
 
     def _link(self, first: tuple[str, str], rfd: int, name: str) -> None:
         """Hardlink to the first copy, reaching its directory without following symlinks."""
@@ -242,7 +262,7 @@ class _Flattener:
     def _subdir(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
         implicit = rel in self.layer.implicit_dirs
         if rel in self.layer.fresh_dirs:  # this layer whited the lower one out first
-            _remove_at(rfd, name)
+            self._remove(rfd, rdir, name)
         clfd = os.open(name, _DIR_FLAGS, dir_fd=lfd)
         try:
             try:
@@ -266,7 +286,7 @@ class _Flattener:
                 if implicit and _only_whiteouts(clfd, rel, self.layer.implicit_dirs):
                     return  # nothing to hide below, nothing to create (as umoci)
                 if rst is not None:
-                    _remove_at(rfd, name)
+                    self._remove(rfd, rdir, name)
                 os.mkdir(name, 0o700, dir_fd=rfd)
                 if implicit:
                     os.chmod(name, 0o755, dir_fd=rfd)
