@@ -178,7 +178,8 @@ class RegoPolicy:
 
     def _input(self, value: Any) -> regopy.Input:
         """The input document built with direct C calls (regopy's builder is several times slower)."""
-        p = _rs.rego_new_input()
+        inp = regopy.Input.__new__(regopy.Input)
+        inp._impl = p = _rs.rego_new_input()  # freed by Input.__del__, also on errors below
         lib = _LIB
 
         def add(v: Any) -> int:
@@ -206,8 +207,6 @@ class RegoPolicy:
                 return lib.regoInputNull(p)
             raise self.error(f"{self.where}: input: expected JSON values, found {type(v).__name__}")
 
-        inp = regopy.Input.__new__(regopy.Input)
-        inp._impl = p  # freed by Input.__del__
         if add(value) != _OK:
             raise self.error(f"{self.where}: input: the Rego engine refused the input document")
         return inp
