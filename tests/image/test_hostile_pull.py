@@ -48,12 +48,18 @@ def _request(method: str, url: str, body: bytes = b"", ctype: str = "") -> urlli
 
 
 def push_blobs(
-    reg: Registry, tars: Sequence[bytes], *, compression: str = "gzip", blobs: Sequence[bytes] = ()
+    reg: Registry,
+    tars: Sequence[bytes],
+    *,
+    compression: str = "gzip",
+    blobs: Sequence[bytes] = (),
+    config: dict[str, object] | None = None,
 ) -> str:
     """Push an image of ``tars`` (or of the given compressed ``blobs`` for them) straight through
     the registry API: the layer bytes reach the registry exactly as built (no tool re-encodes
     them). Returns the docker:// reference."""
-    manifest, config, built, _ = image_blobs(list(tars), compression=compression)
+    extra = {"config": config} if config else None
+    manifest, cfg, built, _ = image_blobs(list(tars), compression=compression, config_extra=extra)
     if blobs:  # same diff_ids, other compressed bytes: rebuild the manifest around them
         from coco.oci import mediatypes as mt
         from coco.oci.models import Descriptor, go_json
@@ -68,7 +74,7 @@ def push_blobs(
         manifest = go_json(man)
     repo = f"hostile/{uuid.uuid4().hex[:12]}"
     base = f"http://{reg.host}/v2/{repo}"
-    for blob in [config, *built]:
+    for blob in [cfg, *built]:
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         with urllib.request.urlopen(_request("POST", f"{base}/blobs/uploads/")) as r:
             loc = r.headers["Location"]
@@ -203,12 +209,13 @@ def refused(
     *,
     limits: UnpackLimits | None = None,
     ref: str | None = None,
+    names: str = "layer",
 ) -> str:
     before = s.snapshot()
     with pytest.raises(CocoError, match=match) as ei:
         _pull(s, ref or push_blobs(s.reg, layers), flatten, limits)
     msg = str(ei.value)
-    assert "\n" not in msg and "layer" in msg, msg
+    assert "\n" not in msg and names in msg, msg
     assert s.snapshot() == before
     assert not os.path.lexists(s.bundle)
     assert os.listdir(s.store.root / "layers") == []
@@ -735,6 +742,27 @@ def test_declared_size_longer_than_the_data(scene: Scene, flatten: bool) -> None
 )
 def test_header_bombs_refused(scene: Scene, flatten: bool, layer: bytes, match: str) -> None:
     refused(scene, [layer], flatten, match)
+
+
+@MODES
+@pytest.mark.timeout(120)  # a FIFO opened for reading blocks: the pull would hang
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "symlink-dir"])
+def test_config_user_lookup_never_leaves_the_rootfs(scene: Scene, flatten: bool, kind: str) -> None:
+    """The bundle's config.json resolves User in the image's /etc/passwd: a FIFO there must not
+    hang the pull, a symlink to the canary's passwd must not be read (the user exists only
+    there). The pull is refused, and takes back its layers and bundle."""
+    (scene.outside / "passwd").write_bytes(b"canaryuser:x:4242:4242::/:/bin/sh\n")
+    out = str(scene.outside)
+    layer = {
+        "fifo": tar(
+            [D("etc/"), T("etc/passwd", tarfile.FIFOTYPE), T("etc/group", tarfile.FIFOTYPE)]
+        ),
+        "symlink": tar([D("etc/"), L("etc/passwd", out + "/passwd")]),
+        "symlink-dir": tar([L("etc", out)]),
+    }[kind]
+    ref = push_blobs(scene.reg, [layer], config={"Cmd": ["/bin/sh"], "User": "canaryuser"})
+    match = r"^image config User 'canaryuser': expected user 'canaryuser' in the rootfs"
+    refused(scene, [], flatten, match, ref=ref, names="image config")
 
 
 # -- the CLI -------------------------------------------------------------------------------------

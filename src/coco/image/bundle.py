@@ -669,7 +669,11 @@ def _read_in_rootfs(rootfs: Path, rel: str, limit: int = 1 << 20) -> str | None:
             nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        # only a regular file is opened: a FIFO would block the pull, a device node could act
+        if not stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
+            return None
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        ffd = os.open(parts[-1], flags, dir_fd=fd)
         with os.fdopen(ffd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return None
