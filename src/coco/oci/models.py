@@ -13,7 +13,7 @@ byte-identical to skopeo's for the same content.
 from __future__ import annotations
 
 import json
-import platform as _platform
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -320,7 +320,7 @@ _DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7"}
 
 def host_arch() -> str:
     """The Go GOARCH name of this machine."""
-    m = _platform.machine().lower()
+    m = os.uname().machine.lower()
     return {
         "x86_64": "amd64",
         "amd64": "amd64",
