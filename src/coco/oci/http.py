@@ -9,8 +9,9 @@ a registry client needs on top:
 
 - a thread-safe pool of idle connections per (scheme, host, port), so parallel layer downloads
   each get a connection and sequential requests reuse one;
-- a request on a reused connection that the server had closed meanwhile is sent again once on a
-  fresh connection (when its body can be replayed);
+- an idle connection that the server closed meanwhile is dropped before use; a request on a
+  reused connection that fails before any answer is sent again once on a fresh connection (when
+  its body can be replayed);
 - chunked request bodies from iterators (``http.client`` frames them), ``Content-Length`` for bytes;
 - redirects for GET and HEAD (blob storage behind a registry), dropping ``Authorization`` when the
   redirect leaves the origin;
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import select
 import socket
 import ssl
 import threading
@@ -80,15 +82,22 @@ class Response:
             for i in range(0, len(self._content), chunk):
                 yield self._content[i : i + chunk]
             return
+        got = 0
         try:
             while True:
                 data = self._raw.read(chunk)
                 if not data:
                     break
+                got += len(data)
                 yield data
         except (http.client.HTTPException, OSError) as e:
             self._discard()
             raise TransportError(_text(e)) from None
+        if self._raw.length:  # http.client ends a short Content-Length body quietly
+            self._discard()
+            raise TransportError(
+                f"connection closed after {got} bytes, {self._raw.length} more expected"
+            )
         self._release()
 
     def read(self) -> bytes:
@@ -210,11 +219,15 @@ class Pool:
         return conn
 
     def _get(self, key: _Key) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                return idle.pop(), True
-        return self._new(key), False
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return self._new(key), False
+            if _alive(conn):
+                return conn, True
+            conn.close()
 
     def put(self, key: _Key, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -300,6 +313,18 @@ class Pool:
                 conn.close()
                 raise
             return Response(self, key, conn, raw, url)
+
+
+def _alive(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection is reusable if the peer has not closed it: nothing to read yet."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 def _origin(url: str) -> tuple[str, str]:
