@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 from coco.crypto.digest import sha256_digest
 from coco.errors import DigestMismatchError, UsageError
 from coco.oci.auth import AuthFile, Credentials, default_authfile
-from coco.oci.layout import LayoutTransaction, OciLayout
 from coco.oci.models import Descriptor
 from coco.oci.reference import DockerReference, ImageReference, LayoutReference
 
-if TYPE_CHECKING:  # httpx is imported only when a registry is used
+if TYPE_CHECKING:  # each transport's module loads only when it is used
     from coco.oci.registry import RegistryClient
 
 
@@ -110,6 +109,8 @@ class ImageDestination:
 class LayoutSource(ImageSource):
     def __init__(self, ref: LayoutReference) -> None:
         self.ref = ref
+        from coco.oci.layout import OciLayout
+
         self.layout = OciLayout.open(ref.path)
 
     def top_manifest(self) -> tuple[bytes, str | None]:
@@ -131,6 +132,8 @@ class LayoutDestination(ImageDestination):
         self._existed = path.exists()
         # A missing or empty directory becomes a layout now; abort() puts it back as it was.
         self._fresh = not self._existed or (path.is_dir() and not any(path.iterdir()))
+        from coco.oci.layout import LayoutTransaction, OciLayout
+
         self.layout = OciLayout.init(path)
         self._tx = LayoutTransaction(self.layout)
         self._top: Descriptor | None = None
