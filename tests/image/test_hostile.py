@@ -391,3 +391,24 @@ def test_sparse_file_within_limit(store: LayerStore) -> None:
     layer = _added(store, _gnu_sparse("sparse", b"s" * 512, 8192))
     content = (layer / "sparse").read_bytes()
     assert content == b"s" * 512 + b"\0" * (8192 - 512)
+
+
+def test_replacing_directories_stays_linear(tmp_path: Path) -> None:
+    """A layer that turns a directory into a file over and over must cost about what its
+    entries cost, not entries x layer size (each replacement used to rescan every path)."""
+    import time
+
+    base = [F(f"f{i}") for i in range(10_000)]
+    flips = [e for _ in range(2_000) for e in (D("d/"), F("d"))]
+
+    def timed(entries: list, name: str) -> float:
+        dest = tmp_path / name
+        dest.mkdir()
+        data = tar(entries)
+        t = time.perf_counter()
+        unpack_layer(io.BytesIO(data), dest)
+        return time.perf_counter() - t
+
+    plain = timed(base + [F(f"g{i}") for i in range(4_000)], "plain")  # as many entries
+    flipping = timed(base + flips, "flipping")
+    assert flipping < 2 * plain, (flipping, plain)

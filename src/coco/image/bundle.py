@@ -100,18 +100,15 @@ def _is_mount(path: Path) -> bool:
 
 
 # -- flattening --------------------------------------------------------------------------------
-def _remove_at(dfd: int, name: str) -> bool | None:
-    """Remove what is at ``name``: True for a directory, False for anything else, None when
-    there was nothing."""
+def _remove_at(dfd: int, name: str) -> None:
     try:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
-        return None
+        return
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=dfd)
-        return True
-    os.unlink(name, dir_fd=dfd)
-    return False
+    else:
+        os.unlink(name, dir_fd=dfd)
 
 
 def _copy_xattrs(src: int, dst: int) -> None:
@@ -200,15 +197,24 @@ class _Flattener:
         """Remove a rootfs entry, forgetting the first copies of hardlinks it held: another
         entry of the layer, applied through a lower symlink, may replace one before its links
         are made (they then get a copy of their own, with the layer's content)."""
-        was_dir = _remove_at(rfd, name)
-        if not self.firsts or was_dir is None:
+        if not self.firsts:
+            _remove_at(rfd, name)
             return
         path = f"{rdir}/{name}" if rdir else name
-        gone = [path] if path in self.firsts else []
-        if was_dir:
-            gone += [p for p in self.firsts if p.startswith(path + "/")]
+        gone = [path]
+        try:
+            st = os.stat(name, dir_fd=rfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):  # (fwalk opens its top: only ever a directory)
+            for top, _, files, _ in os.fwalk(name, dir_fd=rfd):  # never follows symlinks
+                rel = path + top[len(name) :]
+                gone += [f"{rel}/{n}" for n in files]
+        _remove_at(rfd, name)
         for p in gone:
-            self.links.pop(self.firsts.pop(p), None)
+            ino = self.firsts.pop(p, None)
+            if ino is not None:
+                self.links.pop(ino, None)
 
     def _link(self, first: tuple[str, str], rfd: int, name: str) -> None:
         """Hardlink to the first copy, reaching its directory without following symlinks."""

@@ -341,15 +341,19 @@ class _Unpacker:
             if keep_dir:
                 return True
             self._invalidate(path)
+            # forget what the tree held, in time proportional to it (not to the whole layer:
+            # a layer replacing directories over and over must not go quadratic)
+            gone = [path]
+            for top, dirs, files, _ in os.fwalk(name, dir_fd=dfd):  # never follows symlinks
+                rel = path + top[len(name) :]
+                gone += [f"{rel}/{n}" for n in (*dirs, *files)]
             shutil.rmtree(name, dir_fd=dfd)
-            prefix = path + "/"
-            self.created = {p for p in self.created if not p.startswith(prefix)}
-            self.whiteouts = {p for p in self.whiteouts if not p.startswith(prefix)}
-            self.implicit = {p for p in self.implicit if not p.startswith(prefix)}
-            self.implicit.discard(path)
-            self.fresh = {p for p in self.fresh if not p.startswith(prefix)}
-            for p in [p for p in self.dir_meta if p == path or p.startswith(prefix)]:
-                del self.dir_meta[p]
+            for p in gone:
+                self.created.discard(p)
+                self.whiteouts.discard(p)
+                self.implicit.discard(p)
+                self.fresh.discard(p)
+                self.dir_meta.pop(p, None)
         else:
             os.unlink(name, dir_fd=dfd)
         self.whiteouts.discard(path)
