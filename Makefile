@@ -1,6 +1,8 @@
 # Two entry points for a fresh Debian machine: `make demo` and `make test`.
 # Both set everything up first (Debian packages, then .venv with the package editable).
-PY ?= python3
+# Debian's python3 (built with PGO and LTO: a fifth fewer instructions than a plain source build,
+# which matters for a CLI whose short runs are mostly start-up); PY=... picks another.
+PY ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
