@@ -10,6 +10,7 @@ serialization.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -117,6 +118,13 @@ def _check_shape(obj: Any, where: str) -> None:
                 raise KeyUnwrapError(f"{where}: recipients[{i}]: unexpected shape")
 
 
+@functools.lru_cache(maxsize=32)
+def _private_jwk(key: PrivateKey) -> _jwk.JWK:
+    """One JWK per private key object: jwcrypto rebuilds (and re-validates, ~50 ms for RSA) the
+    key behind a new JWK, so every layer of a pull would pay for it again."""
+    return _jwk.JWK.from_pyca(key)
+
+
 def unwrap(private_keys: Sequence[PrivateKey], blob: bytes, where: str = "jwe") -> bytes:
     """Open a JWE with the first of ``private_keys`` that is one of its recipients."""
     try:
@@ -135,7 +143,7 @@ def unwrap(private_keys: Sequence[PrivateKey], blob: bytes, where: str = "jwe") 
         try:
             token = _jwe.JWE()
             token.allowed_algs = _UNWRAP_ALGS
-            token.deserialize(text, _jwk.JWK.from_pyca(key))
+            token.deserialize(text, _private_jwk(key))
             return bytes(token.payload)
         except (JWException, ValueError, TypeError, KeyError):
             continue
