@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from coco.errors import UnpackError
 from coco.image import LayerStore, UnpackLimits, create_bundle, remove_bundle
+from coco.image.bundle import _is_mount, _umount
 
 from ._util import L, diff_id, tar
 
@@ -137,4 +138,43 @@ def test_fuzz_tar_headers(outside: Path, layer: tuple[list, list]) -> None:
         assert _state() == before
         assert sorted(os.listdir(root)) == ["store"]
     finally:
+        shutil.rmtree(root)
+
+
+@settings(
+    max_examples=int(os.environ.get("COCO_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(stack=st.lists(st.lists(entries(), min_size=1, max_size=8), min_size=2, max_size=3))
+def test_fuzz_layer_stacks_bundle_in_both_modes(outside: Path, stack: list[list]) -> None:
+    """Several fuzzed layers over the escaping base: whatever the store commits must assemble
+    in overlay and in flatten mode (a bundle error there is a bug, not a refusal), and nothing
+    outside the store and bundle changes."""
+    before = _state()
+    root = Path(tempfile.mkdtemp(prefix="coco-fuzz-"))
+    try:
+        store = LayerStore(root / "store")
+        base = tar([L("a", str(outside)), L("b", "../../../../.." + str(outside)), L("c", "/")])
+        ids = [store.add_layer(diff_id(base), io.BytesIO(base)).diff_id]
+        limits = UnpackLimits(max_files=50, max_layer_size=1 << 20)
+        for items in stack:
+            data = tar(items)
+            try:
+                ids.append(store.add_layer(diff_id(data), io.BytesIO(data), limits=limits).diff_id)
+            except UnpackError as e:
+                assert "\n" not in str(e)
+        event(f"{len(ids) - 1} fuzzed layers committed")
+        for flatten in (True, False):
+            b = create_bundle(
+                store, ids, root / "bundle", image_config={"Cmd": ["x"]}, flatten=flatten
+            )
+            remove_bundle(store, b.path)
+            assert not b.path.exists()
+        assert os.listdir(store.root / "tmp") == []
+        assert _state() == before
+        assert sorted(os.listdir(root)) == ["store"]
+    finally:
+        if _is_mount(root / "bundle" / "rootfs"):
+            _umount(root / "bundle" / "rootfs")
         shutil.rmtree(root)
