@@ -398,7 +398,7 @@ def test_replacing_directories_stays_linear(tmp_path: Path) -> None:
     entries cost, not entries x layer size (each replacement used to rescan every path)."""
     import time
 
-    base = [F(f"f{i}") for i in range(10_000)]
+    base = [F(f"f{i}") for i in range(20_000)]
     flips = [e for _ in range(2_000) for e in (D("d/"), F("d"))]
 
     def timed(entries: list, name: str) -> float:
@@ -411,4 +411,4 @@ def test_replacing_directories_stays_linear(tmp_path: Path) -> None:
 
     plain = timed(base + [F(f"g{i}") for i in range(4_000)], "plain")  # as many entries
     flipping = timed(base + flips, "flipping")
-    assert flipping < 2 * plain, (flipping, plain)
+    assert flipping < 2.5 * plain, (flipping, plain)
