@@ -165,6 +165,16 @@ class _Flattener:
             self._entry(lfd, rfd, e.name, f"{rel}/{e.name}" if rel else e.name, rdir)
 
     def _entry(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
+        try:
+            self._apply(lfd, rfd, name, rel, rdir)
+        except OSError as e:  # the innermost entry names itself; outer ones pass it on
+            raise BundleError(
+                f"flatten: layer {self.layer.diff_id} entry {rel!r}: expected to apply it onto "
+                f"the rootfs at {(f'{rdir}/{name}' if rdir else name)!r}, found "
+                f"{e.strerror or e}"
+            ) from None
+
+    def _apply(self, lfd: int, rfd: int, name: str, rel: str, rdir: str) -> None:
         st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
         if _is_whiteout(st):
             self._remove(rfd, rdir, name)
