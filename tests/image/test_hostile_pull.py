@@ -678,6 +678,20 @@ def test_sparse_hole_counts_against_max_layer_size(scene: Scene, flatten: bool) 
     assert _inside(rootfs, "t") == b"a" * 512 + b"\0" * 3584 + b"b" * 512 + b"\0" * 3584
 
 
+@MODES
+def test_sparse_holes_stay_holes(scene: Scene, flatten: bool) -> None:
+    """Within the limit, a sparse member costs the disk its data, not its declared size."""
+    big = 64 << 20
+    layer = sparse10("s", big, [(0, 512), (big - 4096, 512)], b"a" * 512 + b"b" * 512) + END
+    rootfs = contained(scene, [layer], flatten)
+    st = (rootfs / "s").stat()
+    assert st.st_size == big and st.st_blocks * 512 < 1 << 20, st
+    with (rootfs / "s").open("rb") as f:
+        assert f.read(1024) == b"a" * 512 + b"\0" * 512
+        f.seek(big - 4096)
+        assert f.read() == b"b" * 512 + b"\0" * 3584
+
+
 # -- bombs ---------------------------------------------------------------------------------------
 @MODES
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])

@@ -259,12 +259,10 @@ class _Flattener:
                 dir_fd=rfd,
             )
             try:
-                left = st.st_size
-                while left > 0:
-                    n = os.copy_file_range(src, dst, min(left, 1 << 30))
-                    if n == 0:
-                        break
-                    left -= n
+                if st.st_blocks * 512 < st.st_size:  # sparse: copy the data, keep the holes
+                    _copy_sparse(src, dst, st.st_size)
+                else:
+                    _copy_range(src, dst, st.st_size)
                 if self.is_root:
                     os.fchown(dst, st.st_uid, st.st_gid)
                 os.fchmod(dst, stat.S_IMODE(st.st_mode))
@@ -321,6 +319,31 @@ class _Flattener:
                 os.close(crfd)
         finally:
             os.close(clfd)
+
+
+def _copy_range(src: int, dst: int, left: int) -> None:
+    while left > 0:
+        n = os.copy_file_range(src, dst, min(left, 1 << 30))
+        if n == 0:
+            break
+        left -= n
+
+
+def _copy_sparse(src: int, dst: int, size: int) -> None:
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        os.lseek(src, start, os.SEEK_SET)
+        os.lseek(dst, start, os.SEEK_SET)
+        _copy_range(src, dst, end - start)
+        pos = end
+    os.ftruncate(dst, size)
 
 
 def _join_in_root(root_fd: int, parent: str, name: str) -> str | None:

@@ -151,6 +151,9 @@ class _Reader:
     def tell(self) -> int:
         return self.count
 
+    def seekable(self) -> bool:  # forward only (see seek): what reading sparse members needs
+        return True
+
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0 or pos < self.count:
             raise UnpackError(
@@ -446,7 +449,9 @@ class _Unpacker:
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dfd)
             try:
                 src = tf.extractfile(ti)
-                if src is not None:
+                if src is not None and ti.sparse is not None:
+                    _write_sparse(src, fd, ti)
+                elif src is not None:
                     read, write = src.read, os.write
                     while True:
                         buf = read(_CHUNK)
@@ -631,6 +636,26 @@ class _Unpacker:
         self.stats.implicit_dirs = sorted(self.implicit)
         self.stats.fresh_dirs = sorted(self.fresh & self.implicit)
         self.stats.whiteout_dirs = sorted({p.rpartition("/")[0] for p in self.whiteouts})
+
+
+def _write_sparse(src: BinaryIO, fd: int, ti: tarfile.TarInfo) -> None:
+    """Write only the data extents of a sparse member (checked in order by _check_sparse):
+    its holes stay holes, so a small layer cannot fill the store's disk with zeros."""
+    for offset, length in ti.sparse or ():
+        if not length:
+            continue
+        src.seek(offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        left = length
+        while left:
+            buf = src.read(min(_CHUNK, left))
+            if not buf:
+                break
+            left -= len(buf)
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(fd, view) :]
+    os.ftruncate(fd, ti.size)
 
 
 def _check_sparse(ti: tarfile.TarInfo, where: str) -> None:
