@@ -234,13 +234,14 @@ class _Puller:
         options: PullOptions,
         ref: str,
         progress: _Progress | None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.source = source
         self.store = store
         self.o = options
         self.ref = ref
         self.progress = progress
-        self.cancel = threading.Event()
+        self.cancel = cancel or threading.Event()
         self.committed: list[str] = []  # layers this pull added to the store
         self.decryption: Any = None
 
@@ -355,6 +356,8 @@ class _Puller:
                 raise
         if errors:
             raise errors[0]
+        if self.cancel.is_set():
+            raise PullError(f"{self.ref}: the pull was cancelled")
         out = []
         for i, (desc, d) in enumerate(zip(m.layers, config.diff_ids, strict=True)):
             first = results[firsts[d]]
@@ -369,10 +372,12 @@ def pull_image(
     options: PullOptions | None = None,
     *,
     progress: _Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> PullResult:
     """Pull ``ref`` into ``store`` and assemble ``bundle_dir`` (which must not exist yet).
 
-    Raises a :class:`~coco.errors.CocoError` on any failure; nothing partial is left behind.
+    Raises a :class:`~coco.errors.CocoError` on any failure, and a PullError when ``cancel`` is
+    set before the bundle is made; nothing partial is left behind.
     """
     o = options or PullOptions()
     r = parse_reference(ref) if isinstance(ref, str) else ref
@@ -402,11 +407,13 @@ def pull_image(
         if not m.layers:
             raise PullError(f"{name}: expected at least one layer, found none")
         st = store if isinstance(store, LayerStore) else LayerStore(store)  # after the policy
-        puller = _Puller(source, st, o, name, progress)
+        puller = _Puller(source, st, o, name, progress, cancel)
         try:
             with st.session():
                 puller.prepare(m, config)
                 layers = puller.layers(m, config)
+                if puller.cancel.is_set():
+                    raise PullError(f"{name}: the pull was cancelled")
                 bundle = create_bundle(
                     st,
                     list(config.diff_ids),

@@ -1,0 +1,361 @@
+"""A long-running image pull service on a Unix socket, and its client.
+
+In a confidential guest the image puller is a service (upstream: image-rs inside the Confidential
+Data Hub, called by the agent for every container). A service keeps the interpreter, the imported
+code and its connection pools warm, so a pull whose layers are all in the store costs only the
+registry round trips and the bundle (tens of milliseconds) instead of a new Python process.
+
+``coco image serve`` runs :func:`serve`; ``coco image pull --service SOCKET`` (or
+``COCO_IMAGE_SERVICE=SOCKET``) sends the pull there with :func:`pull_via_service` instead of
+pulling in-process. The result is the same bundle, made by the same :func:`coco.image.pull.pull_image`.
+
+Wire format: one JSON object per line each way on a stream socket. The request carries the
+arguments of ``coco image pull`` with every path absolute (the service has its own working
+directory); the answer is ``{"ok": true, ...result...}`` or ``{"ok": false, "error": "..."}``.
+A client that disconnects before the answer cancels its pull, and a bundle finished after that is
+removed, so an interrupted ``coco image pull`` leaves nothing behind either way.
+
+Only a peer with the service's own user id (or root) is served; the socket is created mode 0600.
+This module imports only the standard library at load time: the client side must stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+from coco.errors import PullError
+
+MAX_REQUEST = 1 << 20
+_FIELDS = {
+    "ref": str,
+    "bundle": str,
+    "store": str,
+    "creds": (str, type(None)),
+    "authfile": (str, type(None)),
+    "tls_verify": bool,
+    "decryption_keys": list,
+    "policy": (str, type(None)),
+    "registries_d": (str, type(None)),
+    "jobs": int,
+    "flatten": bool,
+    "os": (str, type(None)),
+    "arch": (str, type(None)),
+    "variant": (str, type(None)),
+    "max_layer_size": (int, type(None)),
+    "max_files": (int, type(None)),
+}
+
+
+def default_socket() -> str:
+    """``/run/coco/image.sock`` as root, else under ``$XDG_RUNTIME_DIR`` (or /tmp)."""
+    if os.geteuid() == 0:
+        return "/run/coco/image.sock"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/coco-{os.geteuid()}"
+    return os.path.join(base, "coco", "image.sock")
+
+
+# -- client ------------------------------------------------------------------------------------
+def make_request(
+    ref: str,
+    bundle: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    *,
+    creds: str | None = None,
+    authfile: str | os.PathLike[str] | None = None,
+    tls_verify: bool = True,
+    decryption_keys: tuple[str, ...] | list[str] = (),
+    policy: str | os.PathLike[str] | None = None,
+    registries_d: str | os.PathLike[str] | None = None,
+    jobs: int = 3,
+    flatten: bool = False,
+    os_name: str | None = None,
+    arch: str | None = None,
+    variant: str | None = None,
+    max_layer_size: int | None = None,
+    max_files: int | None = None,
+) -> dict[str, Any]:
+    """The request for ``coco image pull`` arguments, with every path made absolute here (the
+    service has another working directory)."""
+
+    def absolute(p: str | os.PathLike[str] | None) -> str | None:
+        return None if p is None else os.path.abspath(p)
+
+    if authfile is None and creds is None:  # the caller's default, not the service's
+        from coco.oci.auth import default_authfile
+
+        found = default_authfile()
+        authfile = found if found is not None and found.is_file() else None
+    keys = []
+    for k in decryption_keys:
+        if k.startswith("provider:"):
+            keys.append(k)
+        else:  # FILE[:PASSWORD]
+            path, sep, rest = k.partition(":")
+            keys.append(os.path.abspath(path) + sep + rest)
+    return {
+        "ref": ref,
+        "bundle": os.path.abspath(bundle),
+        "store": os.path.abspath(store),
+        "creds": creds,
+        "authfile": absolute(authfile),
+        "tls_verify": tls_verify,
+        "decryption_keys": keys,
+        "policy": absolute(policy),
+        "registries_d": absolute(registries_d),
+        "jobs": jobs,
+        "flatten": flatten,
+        "os": os_name,
+        "arch": arch,
+        "variant": variant,
+        "max_layer_size": max_layer_size,
+        "max_files": max_files,
+    }
+
+
+def pull_via_service(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Send one pull to the service at ``path`` and wait for its answer (a PullError if refused)."""
+    where = f"image service {path}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            s.connect(path)
+        except OSError as e:
+            raise PullError(
+                f"{where}: expected a running `coco image serve`, cannot connect: {e.strerror or e}"
+            ) from None
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise PullError(f"{where}: the service closed the connection without an answer")
+            buf += chunk
+            if len(buf) > MAX_REQUEST:
+                raise PullError(f"{where}: answer larger than {MAX_REQUEST} bytes")
+    finally:
+        s.close()
+    try:
+        answer = json.loads(buf)
+    except ValueError:
+        raise PullError(f"{where}: expected a JSON answer, found {bytes(buf[:80])!r}") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        raise PullError(f"{where}: expected an object with 'ok', found {str(answer)[:80]}")
+    if not answer["ok"]:
+        raise PullError(str(answer.get("error") or "the service refused the pull"))
+    return answer
+
+
+# -- server ------------------------------------------------------------------------------------
+def check_request(req: Any) -> dict[str, Any]:
+    """The request as sent, checked field by field (unknown or mistyped fields are refused)."""
+    if not isinstance(req, dict):
+        raise PullError(f"image service: expected a JSON object, found {type(req).__name__}")
+    extra = sorted(set(req) - set(_FIELDS))
+    if extra:
+        raise PullError(f"image service: unknown request field {extra[0]!r}")
+    for name, kind in _FIELDS.items():
+        if name not in req:
+            raise PullError(f"image service: request field {name!r} is missing")
+        v = req[name]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise PullError(f"image service: request field {name!r} has the wrong type")
+    for name in ("bundle", "store", "authfile", "policy", "registries_d"):
+        if req[name] is not None and not os.path.isabs(req[name]):
+            raise PullError(f"image service: {name} must be an absolute path, found {req[name]!r}")
+    if not all(isinstance(k, str) for k in req["decryption_keys"]):
+        raise PullError("image service: decryption_keys must be strings")
+    return req
+
+
+def _run(req: dict[str, Any], cancel: Any) -> dict[str, Any]:
+    from pathlib import Path
+
+    from coco.image.pull import PullOptions, load_policy, pull_image
+    from coco.oci.auth import parse_creds
+    from coco.oci.transport import Access
+
+    keys = tuple(req["decryption_keys"])
+
+    def decryption() -> Any:
+        from coco.ocicrypt import decrypt_config
+
+        return decrypt_config(keys)
+
+    limits = None
+    if req["max_layer_size"] is not None or req["max_files"] is not None:
+        from coco.image.unpack import UnpackLimits
+
+        given = {"max_layer_size": req["max_layer_size"], "max_files": req["max_files"]}
+        limits = UnpackLimits(**{k: v for k, v in given.items() if v is not None})
+    creds = parse_creds(req["creds"], "--creds") if req["creds"] is not None else None
+    authfile = Path(req["authfile"]) if req["authfile"] else None
+    policy = None
+    if req["policy"] is not None:
+        rd = Path(req["registries_d"]) if req["registries_d"] else None
+        policy = load_policy(Path(req["policy"]), rd)
+    options = PullOptions(
+        access=Access(creds, authfile, req["tls_verify"]),
+        decryption=decryption if keys else None,
+        policy=policy,
+        jobs=req["jobs"],
+        flatten=req["flatten"],
+        os=req["os"],
+        arch=req["arch"],
+        variant=req["variant"],
+        limits=limits,
+    )
+    res = pull_image(req["ref"], req["bundle"], req["store"], options, cancel=cancel)
+    pulled = sum(1 for x in res.layers if x.action == "pulled")
+    return {
+        "ok": True,
+        "reference": res.reference,
+        "manifest_digest": res.manifest_digest,
+        "bundle": str(res.bundle.path),
+        "mode": res.bundle.mode,
+        "pulled": pulled,
+        "reused": len(res.layers) - pulled,
+    }
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _handle(conn: socket.socket) -> None:
+    import logging
+    import threading
+
+    from coco.errors import CocoError
+
+    log = logging.getLogger(__name__)
+    me = os.geteuid()
+    uid = _peer_uid(conn)
+    if uid not in (me, 0):
+        log.warning("refused a client with uid %d", uid)
+        _answer(conn, {"ok": False, "error": f"image service: uid {uid} may not use it"})
+        return
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            return
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            _answer(conn, {"ok": False, "error": f"image service: request over {MAX_REQUEST} B"})
+            return
+    cancel = threading.Event()
+
+    def watch() -> None:  # the client hanging up (Ctrl-C) cancels its pull
+        try:
+            while conn.recv(1 << 10):
+                pass
+        except OSError:
+            pass
+        cancel.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    req: dict[str, Any] | None = None
+    try:
+        req = check_request(json.loads(buf))
+        answer = _run(req, cancel)
+        log.info("pulled %s -> %s", req["ref"], req["bundle"])
+    except ValueError as e:
+        answer = {"ok": False, "error": f"image service: expected JSON: {e}"}
+    except CocoError as e:
+        answer = {"ok": False, "error": " ".join(str(e).split())}
+    except Exception as e:  # a bug: answer it, keep serving
+        log.exception("pull failed")
+        answer = {"ok": False, "error": f"image service: internal error: {type(e).__name__}: {e}"}
+    if answer.get("ok") and cancel.is_set() and req is not None:
+        _discard(req)  # nobody is waiting for this bundle any more
+        return
+    _answer(conn, answer)
+
+
+def _discard(req: dict[str, Any]) -> None:
+    from coco.image.bundle import remove_bundle
+    from coco.image.store import LayerStore
+
+    with contextlib.suppress(Exception):  # best effort: prune and a new pull cope with the rest
+        remove_bundle(LayerStore(req["store"]), req["bundle"])
+
+
+def _answer(conn: socket.socket, obj: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps(obj).encode() + b"\n")
+
+
+class PullService:
+    """The service bound to its socket; :meth:`serve_forever` in one thread, :meth:`shutdown`
+    from another."""
+
+    def __init__(self, path: str) -> None:
+        import socketserver
+
+        # load the pull machinery now, so that the first request is as warm as the next ones
+        import coco.image.pull
+        import coco.image.unpack
+        import coco.oci.registry  # noqa: F401
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                _handle(self.request)
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        if os.path.lexists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket of a service that is gone
+            else:
+                raise PullError(
+                    f"image service {path}: expected a free path, found a running service"
+                )
+            finally:
+                probe.close()
+        old = os.umask(0o177)
+        try:
+            self._srv = Server(path, Handler)
+        finally:
+            os.umask(old)
+
+    def serve_forever(self) -> None:
+        try:
+            self._srv.serve_forever(poll_interval=0.2)
+        finally:
+            self._srv.server_close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    def shutdown(self) -> None:
+        self._srv.shutdown()
+
+
+def serve(path: str) -> None:
+    """Serve pulls on the Unix socket ``path`` until SIGTERM or SIGINT."""
+    import signal
+    import threading
+
+    svc = PullService(path)
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=svc.shutdown, daemon=True).start()
+
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    prev = [signal.signal(s, stop) for s in sigs]
+    try:
+        svc.serve_forever()
+    finally:
+        for s, h in zip(sigs, prev, strict=True):
+            signal.signal(s, h)
