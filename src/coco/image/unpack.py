@@ -195,16 +195,16 @@ class _GuardedInfo(tarfile.TarInfo):
     name or a sparse map whole, and a chain of extension headers recursively."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        meta = self.type in _META_TYPES
+        if not meta and self.type != tarfile.GNUTYPE_SPARSE:  # a plain member: nothing to bound
+            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
         reader = tarfile_.fileobj
         assert isinstance(reader, _Reader)
-        meta = self.type in _META_TYPES
         if meta and not 0 <= self.size <= _MAX_HEADER_BYTES:
             raise _HeaderLimit(
                 f"expected an extension header of at most {_MAX_HEADER_BYTES} bytes, found "
                 f"{self.size} at offset {reader.count - tarfile.BLOCKSIZE}"
             )
-        if not meta and self.type != tarfile.GNUTYPE_SPARSE:
-            return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
         depth = getattr(tarfile_, "_coco_depth", 0)
         if depth >= _MAX_HEADER_CHAIN:
             raise _HeaderLimit(
@@ -393,9 +393,9 @@ class _Unpacker:
                 raise UnpackError(f"{where}: expected a {what} below 2^32-1, found {ident}")
         if ti.size < 0:
             raise UnpackError(f"{where}: expected a size of 0 or more, found {ti.size}")
-        for what, text in (("name", ti.name), ("link target", ti.linkname)):
-            if "\0" in text:
-                raise UnpackError(f"{where}: expected a {what} without NUL bytes, found {text!r}")
+        if "\0" in ti.name or "\0" in ti.linkname:
+            what, text = ("name", ti.name) if "\0" in ti.name else ("link target", ti.linkname)
+            raise UnpackError(f"{where}: expected a {what} without NUL bytes, found {text!r}")
         if ti.sparse is not None:
             _check_sparse(ti, where)
         if not parts:
