@@ -809,3 +809,37 @@ def test_cli_hostile_pull_one_line_and_nothing_left(
     assert cli(ok, str(scene.bundle)) == 0
     assert scene.snapshot() == before
     assert (scene.bundle / "rootfs" / "etc").is_symlink() or flatten is False
+
+
+@pytest.mark.parametrize("flatten", [True, False], ids=["flatten", "overlay"])
+def test_cli_bombs_past_the_limit_flags(
+    scene: Scene, flatten: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coco.cli.main import main
+
+    zeros = tar([F("zeros", b"\0" * (24 << 20))])
+    bomb = push_blobs(scene.reg, [zeros], blobs=[gzip.compress(zeros, 9)])
+    many = push_blobs(scene.reg, [tar([F("ok", b"1")]), tar([F(f"f{i}") for i in range(300)])])
+    sparse = push_blobs(scene.reg, [sparse10("s", 1 << 30, [(0, 512)], b"s" * 512) + END])
+    before = scene.snapshot()
+    args = ["image", "pull", "-q", "--tls-verify=false", "--store", str(scene.store.root)]
+    args += ["--flatten"] if flatten else []
+
+    def cli(*extra: str) -> int:
+        try:
+            main([*args, *extra, str(scene.bundle)])
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    for extra, expect in [
+        (["--max-layer-size", "8M", bomb], "max-layer-size"),
+        (["--max-layer-size", "8M", sparse], "'s': a 1073741824-byte file"),
+        (["--max-files", "100", many], "entry 101 'f100': more entries than --max-files"),
+    ]:
+        assert cli(*extra) == 1, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err and "layer sha256:" in err, err
+        assert not os.path.lexists(scene.bundle)
+        assert os.listdir(scene.store.root / "tmp") == [] and scene.store.layers() == []
+    assert scene.snapshot() == before
