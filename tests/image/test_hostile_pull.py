@@ -269,6 +269,35 @@ def test_lower_symlink_dir_to_outside_then_writes(scene: Scene, flatten: bool) -
 
 
 @MODES
+def test_host_paths_above_the_test_dir_untouched(scene: Scene, flatten: bool) -> None:
+    """The canary sits beside the bundle; these aim at the host's /tmp itself (absolute
+    symlinks, absolute names, long .. chains) and must never reach it."""
+    tag = uuid.uuid4().hex
+    sentinel = Path("/tmp") / f"coco-sentinel-{tag}"
+    sentinel.write_bytes(b"sentinel")
+    new = f"coco-new-{tag}"
+    try:
+        low = tar([L("t", "/tmp"), L("r", "/"), L("u", "../" * 12 + "tmp")])
+        top = tar(
+            [
+                F(f"t/{new}", b"x"),
+                F(f"r/tmp/{new}-2", b"x"),
+                F(f"u/{new}-3", b"x"),
+                F(f"/tmp/{new}-4", b"x"),
+                F("../" * 12 + f"tmp/{new}-5", b"x"),
+                T(f"t/.wh.{sentinel.name}"),
+                T(f"r/tmp/.wh.{sentinel.name}"),
+                T("u/.wh..wh..opq"),
+            ]
+        )
+        contained(scene, [low, top], flatten)
+        assert sentinel.read_bytes() == b"sentinel"
+        assert not any(p.name.startswith(new) for p in Path("/tmp").iterdir())
+    finally:
+        sentinel.unlink()
+
+
+@MODES
 def test_lower_symlink_chain_and_loops(scene: Scene, flatten: bool) -> None:
     out = str(scene.outside)
     low = tar(
