@@ -7,7 +7,10 @@ a docker-registry on loopback. Each round runs, alternating which goes first:
 - peer:  ``skopeo copy --decryption-key K docker://… oci:DIR:t`` then ``umoci unpack``
 
 and prints wall times, peak RSS (the largest process of each side) and the ratio coco/peer; then a
-second pull of the same image into a new bundle from the warm store, against the first pull.
+second pull of the same image into a new bundle from the warm store, against the first pull, in two
+ways: a new ``coco image pull`` process (mostly Python start-up), and ``coco image pull --service``
+through a running ``coco image serve`` (the guest's way: a long-running puller, as upstream's
+image-rs in CDH), whose first pull is timed the same way for its ratio.
 
     .venv/bin/python benchmarks/bench_pull.py [--size-mb 200] [--rounds 3] [--flatten]
 """
@@ -74,17 +77,6 @@ else:  # the same entries dealt into n layers
     layers = [b.getvalue() for b in bufs]
 img = write_image(Path(sys.argv[1]), layers, tag="t", compression="gzip")
 print(sum(map(len, layers)), sum(map(len, img.layers)))
-"""
-
-_WARM = r"""
-import sys, time
-from coco.image.pull import PullOptions, pull_image
-from coco.oci.transport import Access
-opts = PullOptions(access=Access(tls_verify=False))
-pull_image(sys.argv[1], sys.argv[2] + "-a", sys.argv[3], opts)  # imports, connections warm
-t = time.perf_counter()
-pull_image(sys.argv[1], sys.argv[2] + "-b", sys.argv[3], opts)
-print(time.perf_counter() - t)
 """
 
 
@@ -160,7 +152,14 @@ def main() -> None:
             coco_m: list[int] = []
             peer_m: list[int] = []
             second: list[float] = []
-            second_lib: list[float] = []
+            svc_first: list[float] = []
+            svc_second: list[float] = []
+            sock = str(tmp / "image.sock")
+            service = subprocess.Popen([*COCO, "image", "serve", "--socket", sock])
+            for _ in range(200):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.05)
             for r in range(args.rounds):
                 work = tmp / f"r{r}"
                 work.mkdir()
@@ -176,14 +175,11 @@ def main() -> None:
                     coco_m.append(mem)
                     dt2, _ = run([*cmd, ref, str(w / "bundle2")])
                     second.append(dt2)
-                    lib = subprocess.run(
-                        [sys.executable, "-c", _WARM, ref, str(w / "bundle3"), str(w / "store")],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                    )
-                    second_lib.append(float(lib.stdout))
-                    for b in ("bundle", "bundle2", "bundle3-a", "bundle3-b"):
+                    svc = [*cmd, "--service", sock]
+                    svc[svc.index("--store") + 1] = str(w / "svc-store")
+                    svc_first.append(run([*svc, ref, str(w / "bundle3")])[0])
+                    svc_second.append(run([*svc, ref, str(w / "bundle4")])[0])
+                    for b in ("bundle", "bundle2", "bundle3", "bundle4"):
                         umount_bundle(w / b)
 
                 def peer(w: Path = work) -> None:
@@ -200,17 +196,23 @@ def main() -> None:
                 print(
                     f"round {r + 1}: coco {coco_t[-1]:.2f}s ({coco_m[-1]} MB)  "
                     f"peer {peer_t[-1]:.2f}s ({peer_m[-1]} MB)  ratio {coco_t[-1] / peer_t[-1]:.2f}"
-                    f"  second pull {second[-1]:.2f}s (in a warm process {second_lib[-1] * 1000:.0f} ms)"
+                    f"  second pull {second[-1]:.3f}s; service: first {svc_first[-1]:.2f}s, "
+                    f"second {svc_second[-1]:.3f}s"
                 )
                 shutil.rmtree(work, ignore_errors=True)
+            service.terminate()
+            service.wait(10)
     c, p = statistics.median(coco_t), statistics.median(peer_t)
     s = statistics.median(second)
-    sl = statistics.median(second_lib)
+    f1, f2 = statistics.median(svc_first), statistics.median(svc_second)
     print(
         f"median: coco pull {c:.2f}s, skopeo+umoci {p:.2f}s, ratio {c / p:.2f} (goal <= 0.40); "
-        f"peak RSS coco {max(coco_m)} MB, peer {max(peer_m)} MB (goal coco < 100 MB); "
-        f"second pull {s:.2f}s = {s / c:.3f} of the first (goal < 0.10; a whole CLI process), "
-        f"in a warm process {sl * 1000:.0f} ms = {sl / c:.3f}"
+        f"peak RSS coco {max(coco_m)} MB, peer {max(peer_m)} MB (goal coco < 100 MB)"
+    )
+    print(
+        f"second pull (goal < 0.10 of the first): through `coco image serve` {f2 * 1000:.0f} ms = "
+        f"{f2 / f1:.3f} of its first pull ({f1:.2f}s); as a new process {s * 1000:.0f} ms = "
+        f"{s / c:.3f} of the first"
     )
 
 

@@ -168,3 +168,67 @@ def test_client_hanging_up_cancels_and_leaves_nothing(service: str, tmp_path: Pa
                 break
         assert not (tmp_path / "b").exists()
         assert leftovers(store) == ([], [])
+
+
+# -- the CLI: coco image serve / coco image pull --service ---------------------------------------
+_LEAN = """
+import sys
+from coco.cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    heavy = [m for m in ("coco.image.pull", "coco.oci.registry", "coco.oci.models", "http.client")
+             if m in sys.modules]
+    print("loaded:", ",".join(heavy), file=sys.stderr)
+"""
+
+
+def test_cli_serve_and_pull_through_it(tmp_path: Path, open_registry: Registry) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    ref, img = push(tmp_path, open_registry, [tar([F("cli", b"served\n")])])
+    sock = str(tmp_path / "svc.sock")
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "coco.cli.main", "image", "serve", "--socket", sock],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        args = ["image", "pull", "--tls-verify=false", "--store", str(tmp_path / "store")]
+        p = subprocess.run(
+            [sys.executable, "-c", _LEAN, *args, "--service", sock, ref, str(tmp_path / "b1")],
+            capture_output=True,
+            text=True,
+        )
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == img.manifest_digest
+        assert "1 pulled, 0 reused" in p.stderr and f"by {sock}" in p.stderr
+        assert "loaded: \n" in p.stderr  # the client imported none of the pull machinery
+        assert (tmp_path / "b1/rootfs/cli").read_bytes() == b"served\n"
+        # the environment variable works as the flag; errors are one line, exit 1
+        env = {**os.environ, "COCO_IMAGE_SERVICE": sock}
+        cmd = [sys.executable, "-m", "coco.cli.main", *args]
+        p = subprocess.run(
+            [*cmd, ref, str(tmp_path / "b2")], capture_output=True, text=True, env=env
+        )
+        assert p.returncode == 0 and "0 pulled, 1 reused" in p.stderr, p.stderr
+        bad = ref.replace(":v1", ":gone")
+        p = subprocess.run(
+            [*cmd, bad, str(tmp_path / "b3")], capture_output=True, text=True, env=env
+        )
+        assert p.returncode == 1 and p.stderr.count("\n") == 1 and "gone" in p.stderr, p.stderr
+        assert not (tmp_path / "b3").exists()
+        p = subprocess.run([*cmd, "--creds", "", ref, str(tmp_path / "b4")], capture_output=True,
+                           text=True, env=env)  # fmt: skip
+        assert p.returncode == 2, p.stderr
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(10) == 0
+    assert "serving image pulls on" in (srv.stderr.read() if srv.stderr else "")
+    assert not os.path.exists(sock)

@@ -17,17 +17,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from coco.errors import UsageError
-from coco.oci.auth import Credentials, parse_creds
-from coco.oci.reference import ImageReference, parse_reference
-from coco.oci.transport import Access
 
-if TYPE_CHECKING:  # the copier loads only for `copy`: a warm `pull` is mostly start-up
+if TYPE_CHECKING:  # modules load in the commands: `pull --service` needs almost none of them
+    from coco.oci.auth import Credentials
     from coco.oci.copy import CopyOptions, LayerTransform
+    from coco.oci.reference import ImageReference
 
 TransformFactory = Callable[[dict[str, Any]], "LayerTransform | None"]
 _FACTORIES: list[tuple[list[str], TransformFactory]] = []
-CopySigner = Callable[[ImageReference, Any, "CopyOptions"], None]
-SignerFactory = Callable[[dict[str, Any], ImageReference], "CopySigner | None"]
+CopySigner = Callable[["ImageReference", Any, "CopyOptions"], None]
+SignerFactory = Callable[[dict[str, Any], "ImageReference"], "CopySigner | None"]
 _SIGNERS: list[tuple[list[str], SignerFactory]] = []
 
 
@@ -64,6 +63,8 @@ def _tls_option(name: str, what: str) -> Callable[[Any], Any]:
 
 
 def _ref(text: str, param: str) -> ImageReference:
+    from coco.oci.reference import parse_reference
+
     try:
         return parse_reference(text)
     except UsageError as e:
@@ -71,6 +72,8 @@ def _ref(text: str, param: str) -> ImageReference:
 
 
 def _creds(text: str | None, flag: str) -> Credentials | None:
+    from coco.oci.auth import parse_creds
+
     if text is None:
         return None
     try:
@@ -229,6 +232,7 @@ def inspect_cmd(
 ) -> None:
     """Print the manifest and config of REF as JSON."""
     from coco.oci.inspect import inspect_image
+    from coco.oci.transport import Access
 
     r = _ref(ref, "REF")
     if raw and show_config:
@@ -325,6 +329,13 @@ _store_option = click.option(
     help="Refuse a layer with more tar entries (default 1000000).",
 )
 @_platform_options
+@click.option(
+    "--service",
+    metavar="SOCKET",
+    envvar="COCO_IMAGE_SERVICE",
+    help="Hand the pull to a running `coco image serve` on this socket (default: "
+    "$COCO_IMAGE_SERVICE; unset: pull in this process).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
 def pull_cmd(
     ref: str,
@@ -343,17 +354,39 @@ def pull_cmd(
     override_os: str | None,
     override_arch: str | None,
     override_variant: str | None,
+    service: str | None,
     quiet: bool,
 ) -> None:
     """Pull REF into the layer store and make BUNDLE_DIR (rootfs/ + config.json) for runc.
 
     Prints the manifest digest on stdout.
     """
-    from coco.image.pull import PullOptions, load_policy, pull_image
-
-    r = _ref(ref, "REF")
     if registries_d is not None and policy is None:
         raise click.UsageError("--registries.d needs --policy")
+    if service:  # the service checks REF and the rest; this process stays small
+        from coco.image.service import make_request, pull_via_service
+
+        _creds(creds, "--creds")  # a malformed value is a usage error here too
+        req = make_request(
+            ref, bundle_dir, store or _default_store(), creds=creds, authfile=authfile,
+            tls_verify=tls_verify, decryption_keys=decryption_key, policy=policy,
+            registries_d=registries_d, jobs=jobs, flatten=flatten, os_name=override_os,
+            arch=override_arch, variant=override_variant, max_layer_size=max_layer_size,
+            max_files=max_files,
+        )  # fmt: skip
+        answer = pull_via_service(service, req)
+        if not quiet:
+            click.echo(
+                f"pulled {answer['reference']} -> {answer['bundle']} ({answer['mode']}; layers: "
+                f"{answer['pulled']} pulled, {answer['reused']} reused) by {service}",
+                err=True,
+            )
+        click.echo(answer["manifest_digest"])
+        return
+    from coco.image.pull import PullOptions, load_policy, pull_image
+    from coco.oci.transport import Access
+
+    r = _ref(ref, "REF")
 
     def decryption() -> Any:  # keys are read only when an encrypted layer is to be fetched
         from coco.ocicrypt import decrypt_config
@@ -431,6 +464,33 @@ def _terminate_cleanly() -> Iterator[None]:
     finally:
         for sig, handler in zip(sigs, old, strict=True):
             signal.signal(sig, handler)
+
+
+@image.command("serve")
+@click.option(
+    "--socket",
+    "socket_path",
+    metavar="PATH",
+    help="Unix socket to listen on (default /run/coco/image.sock as root, else "
+    "$XDG_RUNTIME_DIR/coco/image.sock).",
+)
+def serve_cmd(socket_path: str | None) -> None:
+    """Serve `coco image pull --service SOCKET` until SIGTERM: a long-running puller whose
+    warm pulls skip Python's start-up (as the guest's image service does)."""
+    from coco.image.service import PullService, default_socket
+
+    path = socket_path or default_socket()
+    svc = PullService(path)
+    import signal
+    import threading
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=svc.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"coco: serving image pulls on {path}", err=True)
+    svc.serve_forever()
 
 
 @image.command("prune")

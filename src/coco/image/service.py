@@ -5,7 +5,7 @@ Data Hub, called by the agent for every container). A service keeps the interpre
 code and its connection pools warm, so a pull whose layers are all in the store costs only the
 registry round trips and the bundle (tens of milliseconds) instead of a new Python process.
 
-``coco image serve`` runs :func:`serve`; ``coco image pull --service SOCKET`` (or
+``coco image serve`` runs a :class:`PullService`; ``coco image pull --service SOCKET`` (or
 ``COCO_IMAGE_SERVICE=SOCKET``) sends the pull there with :func:`pull_via_service` instead of
 pulling in-process. The result is the same bundle, made by the same :func:`coco.image.pull.pull_image`.
 
@@ -340,22 +340,3 @@ class PullService:
 
     def shutdown(self) -> None:
         self._srv.shutdown()
-
-
-def serve(path: str) -> None:
-    """Serve pulls on the Unix socket ``path`` until SIGTERM or SIGINT."""
-    import signal
-    import threading
-
-    svc = PullService(path)
-
-    def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=svc.shutdown, daemon=True).start()
-
-    sigs = (signal.SIGTERM, signal.SIGINT)
-    prev = [signal.signal(s, stop) for s in sigs]
-    try:
-        svc.serve_forever()
-    finally:
-        for s, h in zip(sigs, prev, strict=True):
-            signal.signal(s, h)
