@@ -3,6 +3,7 @@ back as one line, a client that hangs up leaves nothing behind, strict requests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -129,8 +130,9 @@ def test_second_service_on_the_same_socket_is_refused(service: str) -> None:
         PullService(service)
 
 
-def test_client_hanging_up_cancels_and_leaves_nothing(service: str, tmp_path: Path) -> None:
-    """The layer download stalls; the client disconnects meanwhile: no bundle, no layer."""
+@contextlib.contextmanager
+def stalled_registry(tmp_path: Path) -> Iterator[tuple[str, threading.Event]]:
+    """A registry whose layer download starts only 1.5 s after it is asked for."""
     layer = tar([F("slow", b"s" * 1000)])
     img = write_image(tmp_path / "img", [layer], tag="t", compression="none")
     blobs = {img.config_digest: img.config, img.layer_digests[0]: img.layers[0]}
@@ -152,22 +154,56 @@ def test_client_hanging_up_cancels_and_leaves_nothing(service: str, tmp_path: Pa
             reply(h, 404)
 
     with serve(routes) as host:
-        req = make_request(f"docker://{host}/app:t", tmp_path / "b", tmp_path / "store",
-                           tls_verify=False, flatten=True)  # fmt: skip
+        yield f"docker://{host}/app:t", started
+
+
+def _nothing_left(tmp_path: Path) -> bool:
+    return leftovers(LayerStore(tmp_path / "store")) == ([], []) and not (tmp_path / "b").exists()
+
+
+def test_client_hanging_up_cancels_and_leaves_nothing(service: str, tmp_path: Path) -> None:
+    """The layer download stalls; the client disconnects meanwhile: no bundle, no layer."""
+    with stalled_registry(tmp_path) as (ref, started):
+        req = make_request(ref, tmp_path / "b", tmp_path / "store", tls_verify=False, flatten=True)
         s = socket.socket(socket.AF_UNIX)
         s.connect(service)
         s.sendall(json.dumps(req).encode() + b"\n")
         assert started.wait(10)
         s.close()  # Ctrl-C of the client
         deadline = time.monotonic() + 10
-        store = LayerStore(tmp_path / "store")
         while time.monotonic() < deadline:  # the service finishes the download, then gives up
             time.sleep(0.2)
-            if leftovers(store) == ([], []) and not (tmp_path / "b").exists():
+            if _nothing_left(tmp_path):
                 time.sleep(2)  # and it stays that way
                 break
-        assert not (tmp_path / "b").exists()
-        assert leftovers(store) == ([], [])
+        assert _nothing_left(tmp_path)
+
+
+def test_stopping_cancels_pulls_under_way(tmp_path: Path) -> None:
+    path = str(tmp_path / "svc.sock")
+    svc = PullService(path)
+    th = threading.Thread(target=svc.serve_forever)
+    th.start()
+    with stalled_registry(tmp_path) as (ref, started):
+        req = make_request(ref, tmp_path / "b", tmp_path / "store", tls_verify=False)
+        errors: list[str] = []
+
+        def client() -> None:
+            try:
+                pull_via_service(path, req)
+            except PullError as e:
+                errors.append(str(e))
+
+        c = threading.Thread(target=client)
+        c.start()
+        assert started.wait(10)
+        svc.shutdown()  # as on SIGTERM
+        th.join(15)
+        c.join(15)
+        assert not th.is_alive() and not c.is_alive()
+    assert len(errors) == 1 and ("cancelled" in errors[0] or "stopping" in errors[0]), errors
+    assert _nothing_left(tmp_path)
+    assert not os.path.exists(path)
 
 
 # -- the CLI: coco image serve / coco image pull --service ---------------------------------------
@@ -200,7 +236,14 @@ def test_cli_serve_and_pull_through_it(tmp_path: Path, open_registry: Registry) 
             if os.path.exists(sock):
                 break
             time.sleep(0.05)
-        args = ["image", "pull", "--tls-verify=false", "--store", str(tmp_path / "store")]
+        args = [
+            "image",
+            "pull",
+            "--flatten",
+            "--tls-verify=false",
+            "--store",
+            str(tmp_path / "store"),
+        ]
         p = subprocess.run(
             [sys.executable, "-c", _LEAN, *args, "--service", sock, ref, str(tmp_path / "b1")],
             capture_output=True,

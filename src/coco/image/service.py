@@ -227,7 +227,7 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def _handle(conn: socket.socket) -> None:
+def _handle(conn: socket.socket, active: Any) -> None:
     import logging
     import threading
 
@@ -242,14 +242,20 @@ def _handle(conn: socket.socket) -> None:
         return
     buf = bytearray()
     while not buf.endswith(b"\n"):
-        chunk = conn.recv(1 << 16)
+        try:
+            chunk = conn.recv(1 << 16)
+        except OSError:
+            return
         if not chunk:
             return
         buf += chunk
         if len(buf) > MAX_REQUEST:
             _answer(conn, {"ok": False, "error": f"image service: request over {MAX_REQUEST} B"})
             return
-    cancel = threading.Event()
+    cancel, gone = threading.Event(), threading.Event()
+    if not active.add(cancel):  # the service is stopping
+        _answer(conn, {"ok": False, "error": "image service: shutting down"})
+        return
 
     def watch() -> None:  # the client hanging up (Ctrl-C) cancels its pull
         try:
@@ -257,6 +263,7 @@ def _handle(conn: socket.socket) -> None:
                 pass
         except OSError:
             pass
+        gone.set()
         cancel.set()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -273,9 +280,11 @@ def _handle(conn: socket.socket) -> None:
         log.exception("pull failed")
         answer = {"ok": False, "error": f"image service: internal error: {type(e).__name__}: {e}"}
     if answer.get("ok") and cancel.is_set() and req is not None:
-        _discard(req)  # nobody is waiting for this bundle any more
-        return
-    _answer(conn, answer)
+        _discard(req)  # the client hung up, or the service is stopping: nobody gets this bundle
+        answer = {"ok": False, "error": f"image service: stopping; {req['ref']} was not pulled"}
+    if not gone.is_set():
+        _answer(conn, answer)
+    active.remove(cancel)
 
 
 def _discard(req: dict[str, Any]) -> None:
@@ -291,6 +300,34 @@ def _answer(conn: socket.socket, obj: dict[str, Any]) -> None:
         conn.sendall(json.dumps(obj).encode() + b"\n")
 
 
+class _Active:
+    """The cancel events of the pulls under way; once stopped, new pulls are refused."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._events: set[Any] = set()
+        self._stopped = False
+
+    def add(self, ev: Any) -> bool:
+        with self._lock:
+            if self._stopped:
+                return False
+            self._events.add(ev)
+            return True
+
+    def remove(self, ev: Any) -> None:
+        with self._lock:
+            self._events.discard(ev)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for ev in self._events:
+                ev.set()
+
+
 class PullService:
     """The service bound to its socket; :meth:`serve_forever` in one thread, :meth:`shutdown`
     from another."""
@@ -303,12 +340,15 @@ class PullService:
         import coco.image.unpack
         import coco.oci.registry  # noqa: F401
 
+        active = self._active = _Active()
+
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                _handle(self.request)
+                _handle(self.request, active)
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
+            daemon_threads = False
+            block_on_close = True  # server_close() waits for the pulls (cancelled) to clean up
 
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
@@ -339,4 +379,7 @@ class PullService:
                 os.unlink(self.path)
 
     def shutdown(self) -> None:
+        """Stop accepting, cancel the pulls under way (they remove what they started) and
+        return; :meth:`serve_forever` returns once they are done."""
+        self._active.stop()
         self._srv.shutdown()
