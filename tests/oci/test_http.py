@@ -3,6 +3,7 @@ answers, and proxies through a real ``tinyproxy``."""
 
 from __future__ import annotations
 
+import select
 import shutil
 import subprocess
 import threading
@@ -82,7 +83,13 @@ def test_keepalive_reuses_and_survives_a_server_that_closed() -> None:
         for path in ("/a", "/b", "/then-close"):
             assert pool.request("GET", f"http://{host}{path}").read() == b"ok"
         assert len(set(ports)) == 1  # one connection for all three
-        time.sleep(0.2)  # the server has closed it by now
+        (idle,) = [c for conns in pool._idle.values() for c in conns]
+        ready: list[object] = []
+        for _ in range(100):  # wait until the server's close has reached us (load can delay it)
+            ready = select.select([idle.sock], [], [], 0.1)[0]
+            if ready:
+                break
+        assert ready
         r = pool.request("PUT", f"http://{host}/after", content=iter([b"not ", b"replayable"]))
         assert r.read() == b"ok"
         assert len(set(ports)) == 2  # the dead connection was noticed before use

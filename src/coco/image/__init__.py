@@ -11,9 +11,11 @@ does not load the others.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing itself is a noticeable import for the pull service's client
 if TYPE_CHECKING:
+    from typing import Any
+
     from coco.image.bundle import Bundle, create_bundle, remove_bundle, runtime_config
     from coco.image.store import LayerInfo, LayerStore
     from coco.image.unpack import UnpackLimits, UnpackStats, unpack_layer

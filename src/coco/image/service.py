@@ -26,9 +26,12 @@ import json
 import os
 import socket
 import struct
-from typing import Any
 
 from coco.errors import PullError
+
+TYPE_CHECKING = False  # the client stays clear of typing (and of everything it can)
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_REQUEST = 1 << 20
 _FIELDS = {
@@ -48,6 +51,7 @@ _FIELDS = {
     "variant": (str, type(None)),
     "max_layer_size": (int, type(None)),
     "max_files": (int, type(None)),
+    "env": dict,
 }
 
 
@@ -85,11 +89,6 @@ def make_request(
     def absolute(p: str | os.PathLike[str] | None) -> str | None:
         return None if p is None else os.path.abspath(p)
 
-    if authfile is None and creds is None:  # the caller's default, not the service's
-        from coco.oci.auth import default_authfile
-
-        found = default_authfile()
-        authfile = found if found is not None and found.is_file() else None
     keys = []
     for k in decryption_keys:
         if k.startswith("provider:"):
@@ -114,7 +113,10 @@ def make_request(
         "variant": variant,
         "max_layer_size": max_layer_size,
         "max_files": max_files,
-    }
+        # where the caller's default auth.json is (the service has its own environment)
+        "env": {k: os.environ[k] for k in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "HOME")
+                if k in os.environ},
+    }  # fmt: skip
 
 
 def pull_via_service(path: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +171,8 @@ def check_request(req: Any) -> dict[str, Any]:
             raise PullError(f"image service: {name} must be an absolute path, found {req[name]!r}")
     if not all(isinstance(k, str) for k in req["decryption_keys"]):
         raise PullError("image service: decryption_keys must be strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in req["env"].items()):
+        raise PullError("image service: env must map names to strings")
     return req
 
 
@@ -192,8 +196,14 @@ def _run(req: dict[str, Any], cancel: Any) -> dict[str, Any]:
 
         given = {"max_layer_size": req["max_layer_size"], "max_files": req["max_files"]}
         limits = UnpackLimits(**{k: v for k, v in given.items() if v is not None})
+    from coco.oci.auth import AUTHFILE_ENV, default_authfile
+
     creds = parse_creds(req["creds"], "--creds") if req["creds"] is not None else None
     authfile = Path(req["authfile"]) if req["authfile"] else None
+    if authfile is None and creds is None:  # the caller's default, not the service's
+        env = {k: v for k, v in req["env"].items() if k in AUTHFILE_ENV}
+        found = default_authfile(env)
+        authfile = found if found is not None and found.is_file() else None
     policy = None
     if req["policy"] is not None:
         rd = Path(req["registries_d"]) if req["registries_d"] else None

@@ -12,6 +12,7 @@ import binascii
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +42,22 @@ def parse_creds(text: str, flag: str = "--creds") -> Credentials:
     return Credentials(user, password)
 
 
-def default_authfile() -> Path | None:
-    """$REGISTRY_AUTH_FILE, else ${XDG_RUNTIME_DIR}/containers/auth.json, else ~/.docker/config.json."""
-    env = os.environ.get("REGISTRY_AUTH_FILE")
+AUTHFILE_ENV = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "HOME")
+"""The environment variables :func:`default_authfile` looks at."""
+
+
+def default_authfile(environ: Mapping[str, str] | None = None) -> Path | None:
+    """$REGISTRY_AUTH_FILE, else ${XDG_RUNTIME_DIR}/containers/auth.json, else ~/.docker/config.json
+    (in ``environ``, by default this process's environment)."""
+    e = os.environ if environ is None else environ
+    env = e.get("REGISTRY_AUTH_FILE")
     if env:
         return Path(env)
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    xdg = e.get("XDG_RUNTIME_DIR")
     if xdg and (Path(xdg) / "containers" / "auth.json").exists():
         return Path(xdg) / "containers" / "auth.json"
-    docker = Path.home() / ".docker" / "config.json"
+    home = e.get("HOME")
+    docker = (Path(home) if home else Path.home()) / ".docker" / "config.json"
     if docker.exists():
         return docker
     return None
