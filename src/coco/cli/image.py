@@ -366,7 +366,8 @@ def pull_cmd(
     if service:  # the service checks REF and the rest; this process stays small
         from coco.image.service import make_request, pull_via_service
 
-        _creds(creds, "--creds")  # a malformed value is a usage error here too
+        if creds is not None:
+            _creds(creds, "--creds")  # a malformed value is a usage error here too
         req = make_request(
             ref, bundle_dir, store or _default_store(), creds=creds, authfile=authfile,
             tls_verify=tls_verify, decryption_keys=decryption_key, policy=policy,
