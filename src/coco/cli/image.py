@@ -57,7 +57,7 @@ def _tls_option(name: str, what: str) -> Callable[[Any], Any]:
         default=True,
         show_default=True,
         metavar="[=BOOL]",
-        help=f"Require HTTPS and verify certificates for the {what} registry "
+        help=f"Require HTTPS and verify certificates for the {what + ' ' if what else ''}registry "
         "(false: skip verification, fall back to plain HTTP).",
     )
 
