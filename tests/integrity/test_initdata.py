@@ -8,11 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from coco.cli.main import cli
 from coco.errors import InitdataError
 from coco.integrity import initdata
+from tests.cli.run import invoke
 
 from .conftest import run_main
 
@@ -45,7 +44,7 @@ def _sum(alg: str, path: Path) -> str:
 @pytest.mark.parametrize("alg", ["sha256", "sha384", "sha512"])
 def test_digest_and_fitted_forms(tmp_path, alg):
     p = _doc(tmp_path, alg, "# a comment changes the bytes, so the digest\n")
-    res = CliRunner().invoke(cli, ["initdata", "digest", str(p)])
+    res = invoke(["initdata", "digest", str(p)])
     assert res.exit_code == 0, res.output
     out = dict(line.split(" ", 1) for line in res.output.splitlines())
     full = _sum(alg, p)
@@ -54,20 +53,20 @@ def test_digest_and_fitted_forms(tmp_path, alg):
     assert out["mrconfigid"] == (full + "0" * 96)[:96]
     if alg == "sha256":
         assert out["mrconfigid"] == full + "00" * 16  # zero padded on the right
-    res = CliRunner().invoke(cli, ["initdata", "digest", str(p), "--format=json"])
+    res = invoke(["initdata", "digest", str(p), "--format=json"])
     assert json.loads(res.output)["mrconfigid"] == out["mrconfigid"]
 
 
 def test_encode_is_gzip_base64_and_decodes_with_coreutils(tmp_path):
     p = _doc(tmp_path, "sha384")
-    res = CliRunner().invoke(cli, ["initdata", "encode", str(p)])
+    res = invoke(["initdata", "encode", str(p)])
     assert res.exit_code == 0, res.output
     value = res.output.strip()
     peer = subprocess.run(
         f"echo '{value}' | base64 -d | gzip -d", shell=True, capture_output=True, check=True
     )
     assert peer.stdout == p.read_bytes()
-    res = CliRunner().invoke(cli, ["initdata", "encode", "--annotation", str(p)])
+    res = invoke(["initdata", "encode", "--annotation", str(p)])
     assert res.output.strip() == f"{initdata.ANNOTATION}={value}"
 
 
@@ -76,15 +75,15 @@ def test_decode_what_coreutils_encoded(tmp_path):
     enc = tmp_path / "value"
     subprocess.run(f"gzip -9 -c '{p}' | base64 -w 76 > '{enc}'", shell=True, check=True)
     out = tmp_path / "back.toml"
-    res = CliRunner().invoke(cli, ["initdata", "decode", str(enc), "-o", str(out)])
+    res = invoke(["initdata", "decode", str(enc), "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert out.read_bytes() == p.read_bytes()
-    res = CliRunner().invoke(cli, ["initdata", "digest", "--encoded", str(enc)])
+    res = invoke(["initdata", "digest", "--encoded", str(enc)])
     assert f"digest {_sum('sha512', p)}" in res.output.splitlines()
     # the annotation form (old key too) is accepted as input
     ann = tmp_path / "ann"
     ann.write_text(f"{initdata.ANNOTATION_LEGACY}={enc.read_text()}")
-    res = CliRunner().invoke(cli, ["initdata", "decode", str(ann)])
+    res = invoke(["initdata", "decode", str(ann)])
     assert res.exit_code == 0 and res.stdout_bytes == p.read_bytes()
 
 
@@ -147,7 +146,7 @@ def test_fit():
 def test_device_image(tmp_path):
     p = _doc(tmp_path, "sha256")
     img = tmp_path / "initdata.img"
-    res = CliRunner().invoke(cli, ["initdata", "encode", str(p), "--image", str(img)])
+    res = invoke(["initdata", "encode", str(p), "--image", str(img)])
     assert res.exit_code == 0, res.output
     blob = img.read_bytes()
     assert blob[:8] == b"initdata" and len(blob) % 512 == 0
@@ -155,7 +154,7 @@ def test_device_image(tmp_path):
     peer = subprocess.run(["gzip", "-dc"], input=blob[16 : 16 + n], capture_output=True, check=True)
     assert peer.stdout == p.read_bytes()
     assert blob[16 + n :].count(0) == len(blob) - 16 - n
-    res = CliRunner().invoke(cli, ["initdata", "decode", str(img)])
+    res = invoke(["initdata", "decode", str(img)])
     assert res.exit_code == 0 and res.stdout_bytes == p.read_bytes()
     bad = bytearray(blob)
     bad[8:16] = (len(blob)).to_bytes(8, "little")

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from click.testing import CliRunner
 
-from coco.cli.main import cli
 from coco.errors import TarIndexError
 from coco.integrity import tardev, tarindex
+from tests.cli.run import invoke
 
 from .conftest import VECTORS, ZERO_SALT, run_main, veritysetup
 
@@ -118,9 +117,7 @@ def test_convert_layer_file(tmp_path, name, version, compression):
 @pytest.mark.parametrize("name", ["t_gnu", "t_pax"])
 def test_index_only(tmp_path, name):
     out = tmp_path / "idx"
-    res = CliRunner().invoke(
-        cli, ["tardev", "convert", str(VECTORS / f"{name}.tar"), str(out), "--index-only"]
-    )
+    res = invoke(["tardev", "convert", str(VECTORS / f"{name}.tar"), str(out), "--index-only"])
     assert res.exit_code == 0, res.output
     assert res.output.strip() == README[(name, 2)]["verity_root"]
     assert out.read_bytes() == _ref(name, 2).read_bytes()
@@ -128,8 +125,7 @@ def test_index_only(tmp_path, name):
 
 def test_cli_v1(tmp_path):
     out = tmp_path / "idx"
-    res = CliRunner().invoke(
-        cli,
+    res = invoke(
         [
             "tardev",
             "convert",
@@ -176,7 +172,7 @@ def test_inspect_agrees_with_gnu_tar(tmp_path, name):
 def test_inspect_cli_json_and_text(tmp_path):
     out = tmp_path / "layer"
     tardev.convert(VECTORS / "t_gnu.tar", out)
-    res = CliRunner().invoke(cli, ["tardev", "inspect", str(out), "--format=json"])
+    res = invoke(["tardev", "inspect", str(out), "--format=json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["kind"] == "layer" and doc["tree_matches"] is True
@@ -187,7 +183,7 @@ def test_inspect_cli_json_and_text(tmp_path):
     assert by_path["/opq"]["opaque"] is True
     assert by_path["/dev/null"]["offset"] == (1 << 32) | 3
     assert by_path["/big"]["uid"] == 3000000
-    res = CliRunner().invoke(cli, ["tardev", "inspect", str(VECTORS / "t_gnu.tar.indexed")])
+    res = invoke(["tardev", "inspect", str(VECTORS / "t_gnu.tar.indexed")])
     assert res.exit_code == 0, res.output
     assert "indexed tar" in res.output and README[("t_gnu", 2)]["verity_root"] in res.output
     assert re.search(r" /bin/sh -> busybox$", res.output, re.M)
@@ -333,7 +329,7 @@ def test_gnu_tar_archives_read_back_as_gnu_tar_extracts_them(tmp_path, fmt):
 def test_inspect_prints_a_veritysetup_command_that_works(tmp_path):
     out = tmp_path / "layer"
     tardev.convert(VECTORS / "t_pax.tar", out)
-    res = CliRunner().invoke(cli, ["tardev", "inspect", str(out)])
+    res = invoke(["tardev", "inspect", str(out)])
     line = next(x for x in res.output.splitlines() if x.startswith("Check with: veritysetup "))
     args = line.split()[3:]
     assert veritysetup(*args).returncode == 0

@@ -7,12 +7,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from coco.cli.main import cli
 from coco.errors import VerityError, VerityMismatchError
 from coco.integrity import verity
 from coco.integrity.verity import VerityParams
+from tests.cli.run import invoke
 
 from .conftest import root_of, run_main, veritysetup
 
@@ -129,9 +128,7 @@ def test_tree_inside_the_data_file(tmp_path):
         "--data-blocks=200",
     )
     assert r.returncode == 0, r.stderr
-    res = CliRunner().invoke(
-        cli, ["verity", "format", str(data), "--no-superblock", f"--salt={'00' * 32}"]
-    )
+    res = invoke(["verity", "format", str(data), "--no-superblock", f"--salt={'00' * 32}"])
     assert res.exit_code == 0, res.output
     assert data.read_bytes() == ref.read_bytes()
     assert root_of(res.output) == root_of(r.stdout)
@@ -144,7 +141,7 @@ def test_cli_prints_what_veritysetup_prints(tmp_path, monkeypatch):
     args = ["--salt=0102", f"--uuid={UUID}", "--hash-block-size=1024"]
     r = veritysetup("format", data, ref, *args)
     monkeypatch.chdir(mine.parent)
-    res = CliRunner().invoke(cli, ["verity", "format", str(data), "h", *args])
+    res = invoke(["verity", "format", str(data), "h", *args])
     assert res.exit_code == 0, res.output
     assert res.output == r.stdout.replace(str(ref), "h")
     assert mine.read_bytes() == ref.read_bytes()
@@ -152,7 +149,7 @@ def test_cli_prints_what_veritysetup_prints(tmp_path, monkeypatch):
 
 def test_random_salt_and_uuid_by_default_like_veritysetup(tmp_path):
     data = _data(tmp_path, 9 * 4096, 5)
-    res = CliRunner().invoke(cli, ["verity", "format", str(data), str(tmp_path / "h")])
+    res = invoke(["verity", "format", str(data), str(tmp_path / "h")])
     assert res.exit_code == 0, res.output
     lines = dict(line.split(":", 1) for line in res.output.splitlines()[1:])
     salt, uid, root = lines["Salt"].strip(), lines["UUID"].strip(), lines["Root hash"].strip()
@@ -228,7 +225,7 @@ def test_verify_single_block(tmp_path):
 
 def test_cli_verify(tmp_path):
     data, h, root = _formatted(tmp_path, 20)
-    res = CliRunner().invoke(cli, ["verity", "verify", str(data), str(h), root])
+    res = invoke(["verity", "verify", str(data), str(h), root])
     assert res.exit_code == 0 and "Verification succeeded" in res.output
     _flip(data, 5 * 4096)
     from coco.cli.main import main
@@ -328,8 +325,7 @@ def test_root_hash_file_like_veritysetup(tmp_path):
         f"--root-hash-file={tmp_path / 'r1'}",
     )
     assert r.returncode == 0, r.stderr
-    res = CliRunner().invoke(
-        cli,
+    res = invoke(
         [
             "verity",
             "format",
@@ -344,8 +340,7 @@ def test_root_hash_file_like_veritysetup(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r1").read_bytes() == (tmp_path / "r2").read_bytes()
     assert (tmp_path / "r2").stat().st_mode & 0o777 == 0o600
-    res = CliRunner().invoke(
-        cli,
+    res = invoke(
         [
             "verity",
             "verify",
@@ -359,7 +354,7 @@ def test_root_hash_file_like_veritysetup(tmp_path):
 
 def test_verify_tree_inside_data_without_superblock(tmp_path):
     data = _data(tmp_path, 64 * 4096, 13)
-    res = CliRunner().invoke(cli, ["verity", "format", str(data), "--no-superblock", "-s", "-"])
+    res = invoke(["verity", "format", str(data), "--no-superblock", "-s", "-"])
     root = root_of(res.output)
     r = veritysetup(
         "verify",
@@ -374,7 +369,7 @@ def test_verify_tree_inside_data_without_superblock(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     ok = ["verity", "verify", str(data), root, "--no-superblock", "-s", "-", "--data-blocks=64"]
-    assert CliRunner().invoke(cli, ok).exit_code == 0
+    assert invoke(ok).exit_code == 0
     _flip(data, 64 * 4096 + 7)  # a byte of the (single) hash block
     code, err = run_main(ok)
     assert code == 1 and "(level 0, the top) does not match the root hash" in err
@@ -395,12 +390,12 @@ def test_tree_with_superblock_inside_the_data_file(tmp_path):
         f"--uuid={UUID}",
     )
     assert r.returncode == 0, r.stderr
-    res = CliRunner().invoke(cli, ["verity", "format", str(data), "-s", "77", f"--uuid={UUID}"])
+    res = invoke(["verity", "format", str(data), "-s", "77", f"--uuid={UUID}"])
     assert res.exit_code == 0, res.output
     assert res.output == r.stdout.replace(str(ref), str(data))
     assert data.read_bytes() == ref.read_bytes()
     ok = ["verity", "verify", str(data), root_of(r.stdout), f"--hash-offset={33 * 4096}"]
-    assert CliRunner().invoke(cli, ok).exit_code == 0
+    assert invoke(ok).exit_code == 0
 
 
 def test_verify_short_hash_file(tmp_path):
@@ -415,7 +410,7 @@ def test_header_line_names_the_hash_file_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _data(tmp_path, 3 * 4096, 3).rename(tmp_path / "d")
     r = veritysetup("format", "./d", "./h1", "-s", "-", f"--uuid={UUID}")
-    res = CliRunner().invoke(cli, ["verity", "format", "./d", "./h1", "-s", "-", f"--uuid={UUID}"])
+    res = invoke(["verity", "format", "./d", "./h1", "-s", "-", f"--uuid={UUID}"])
     assert res.output == r.stdout and r.stdout.startswith("VERITY header information for ./h1\n")
 
 
@@ -423,7 +418,7 @@ def test_data_must_be_a_file_or_block_device(tmp_path):
     with pytest.raises(VerityError, match="expected a regular file or a block device"):
         verity.format_file(tmp_path, tmp_path / "h", VerityParams())
     code, _ = run_main(["verity", "format", str(tmp_path), str(tmp_path / "h")])
-    assert code == 2  # click refuses a directory before we see it
+    assert code == 2  # the parser refuses a directory before the command sees it
     code, err = run_main(["verity", "format", str(tmp_path / "missing"), str(tmp_path / "h")])
     assert code == 1 and "cannot read it: No such file or directory" in err
     assert not (tmp_path / "h").exists()

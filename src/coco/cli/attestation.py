@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
-import click
-
+from coco.cli._args import Commands, Parser, path, run_group
 from coco.errors import UsageError
+
+DESCRIPTION = "Attestation Service tools."
 
 
 def _hex(value: str | None, opt: str) -> bytes | None:
@@ -18,19 +21,23 @@ def _hex(value: str | None, opt: str) -> bytes | None:
         raise UsageError(f"{opt}: expected hex, found {value[:40]!r}") from None
 
 
-@click.group("attestation")
-def attestation() -> None:
-    """Attestation Service tools."""
+def _build_verify(p: Parser) -> None:
+    p.description = "Verify EVIDENCE_FILE (the TEE's evidence JSON); print the claims as JSON."
+    p.add_argument("--tee", required=True, help="TEE wire name: sample, tpm, snp, tdx, ...")
+    p.add_argument(
+        "evidence_file",
+        metavar="EVIDENCE_FILE",
+        type=path(exists=True, dir_okay=False, as_path=False),
+    )
+    p.add_argument("--expected-report-data", help="Hex of the report data the evidence must carry.")
+    p.add_argument(
+        "--expected-init-data", help="Hex of the init-data digest the evidence must carry."
+    )
+    p.set_defaults(func=verify)
 
 
-@attestation.command("verify")
-@click.option("--tee", required=True, help="TEE wire name: sample, tpm, snp, tdx, ...")
-@click.argument("evidence_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--expected-report-data", help="Hex of the report data the evidence must carry.")
-@click.option("--expected-init-data", help="Hex of the init-data digest the evidence must carry.")
 def verify(tee: str, evidence_file: str, expected_report_data: str | None,
            expected_init_data: str | None) -> None:  # fmt: skip
-    """Verify EVIDENCE_FILE (the TEE's evidence JSON); print the claims as JSON."""
     from coco.tee import get_verifier
 
     rd = _hex(expected_report_data, "--expected-report-data")
@@ -39,4 +46,13 @@ def verify(tee: str, evidence_file: str, expected_report_data: str | None,
         evidence = f.read()
     result = get_verifier(tee).verify(evidence, rd, init)
     # The claims object itself, as upstream's verifier returns it (scripts read its keys directly).
-    click.echo(json.dumps(result.claims, indent=2, sort_keys=True))
+    print(json.dumps(result.claims, indent=2, sort_keys=True))
+
+
+COMMANDS: Commands = {
+    "verify": ("Verify an evidence file; print the claims as JSON.", _build_verify),
+}
+
+
+def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return run_group(group, argv, COMMANDS)

@@ -1,65 +1,52 @@
 """``coco image``: copy and inspect OCI images (``oci:PATH[:TAG]``, ``docker://HOST/REPO[:TAG]``).
 
-Other packages add options to ``coco image copy`` that turn into a layer transform (``coco
-ocicrypt`` adds the encryption and decryption keys) through :func:`add_copy_transform`.
+Other modules add options to ``coco image copy`` that turn into a layer transform (the ocicrypt
+keys, :mod:`coco.cli.image_crypt`) through :func:`add_copy_transform`, or into a signer run after
+the copy (:mod:`coco.cli.image_sign`) through :func:`add_copy_signer`. They are imported only when
+``copy`` is the command, so other commands (a warm ``pull`` above all) do not pay for the
+cryptography stack.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import click
-
+from coco.cli._args import (
+    Commands,
+    Parser,
+    Usage,
+    add_authfile,
+    add_tls_verify,
+    int_range,
+    path,
+    run_group,
+    shown,
+    size,
+)
 from coco.errors import UsageError
 
+TYPE_CHECKING = False  # typing and pathlib stay unloaded: `pull --service` needs neither
 if TYPE_CHECKING:  # modules load in the commands: `pull --service` needs almost none of them
+    from pathlib import Path
+    from typing import Any
+
     from coco.oci.auth import Credentials
     from coco.oci.copy import CopyOptions, LayerTransform
     from coco.oci.reference import ImageReference
 
-TransformFactory = Callable[[dict[str, Any]], "LayerTransform | None"]
-_FACTORIES: list[tuple[list[str], TransformFactory]] = []
-CopySigner = Callable[["ImageReference", Any, "CopyOptions"], None]
-SignerFactory = Callable[[dict[str, Any], "ImageReference"], "CopySigner | None"]
-_SIGNERS: list[tuple[list[str], SignerFactory]] = []
+    AddArguments = Callable[[Parser], None]
+    TransformFactory = Callable[[dict[str, Any]], LayerTransform | None]
+    CopySigner = Callable[[ImageReference, Any, CopyOptions], None]
+    SignerFactory = Callable[[dict[str, Any], ImageReference], CopySigner | None]
+
+_FACTORIES: list[tuple[AddArguments, TransformFactory]] = []
+_SIGNERS: list[tuple[AddArguments, SignerFactory]] = []
 
 
-class _ImageGroup(click.Group):
-    """Loads the plug-ins of ``copy`` (the ocicrypt options) only when ``copy`` is used, so other
-    commands (a warm ``pull`` above all) do not pay for importing the cryptography stack."""
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name == "copy":
-            from coco.cli import (
-                image_crypt,  # noqa: F401  (registers through add_copy_transform)
-                image_sign,  # noqa: F401  (registers through add_copy_signer)
-            )
-        return super().get_command(ctx, name)
-
-
-@click.group(cls=_ImageGroup)
-def image() -> None:
-    """Copy, inspect and pull OCI images."""
-
-
-def _tls_option(name: str, what: str) -> Callable[[Any], Any]:
-    return click.option(
-        name,
-        type=click.BOOL,
-        is_flag=False,
-        flag_value=True,
-        default=True,
-        show_default=True,
-        metavar="[=BOOL]",
-        help=f"Require HTTPS and verify certificates for the {what + ' ' if what else ''}registry "
-        "(false: skip verification, fall back to plain HTTP).",
-    )
+DESCRIPTION = "Copy, inspect and pull OCI images."
 
 
 def _ref(text: str, param: str) -> ImageReference:
@@ -68,7 +55,7 @@ def _ref(text: str, param: str) -> ImageReference:
     try:
         return parse_reference(text)
     except UsageError as e:
-        raise click.BadParameter(str(e), param_hint=param) from None
+        raise Usage(f"{param}: {e}") from None
 
 
 def _creds(text: str | None, flag: str) -> Credentials | None:
@@ -79,35 +66,66 @@ def _creds(text: str | None, flag: str) -> Credentials | None:
     try:
         return parse_creds(text, flag)
     except UsageError as e:
-        raise click.BadParameter(str(e), param_hint=flag) from None
+        raise Usage(str(e)) from None
 
 
-_authfile_option = click.option(
-    "--authfile",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="auth.json with registry credentials (default: $REGISTRY_AUTH_FILE, "
-    "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json).",
-)
+def _platform_options(p: Parser) -> None:
+    """--override-os/-arch/-variant: which image of an index (copy, inspect, pull)."""
+    p.add_argument(
+        "--override-os", metavar="OS", help="Pick this OS from an index (default linux)."
+    )
+    p.add_argument("--override-arch", metavar="ARCH", help="Pick this arch (default: this host's).")
+    p.add_argument("--override-variant", metavar="VARIANT", help="Pick this variant from an index.")
 
 
-@image.command("copy")
-@click.argument("src")
-@click.argument("dst")
-@click.option("--src-creds", metavar="USER[:PASS]", help="Credentials for the source registry.")
-@click.option("--dest-creds", metavar="USER[:PASS]", help="Credentials for the destination.")
-@_authfile_option
-@_tls_option("--src-tls-verify", "source")
-@_tls_option("--dest-tls-verify", "destination")
-@click.option("--all", "all_platforms", is_flag=True, help="Copy every image of an index.")
-@click.option("--override-os", metavar="OS", help="Pick this OS from an index (default linux).")
-@click.option("--override-arch", metavar="ARCH", help="Pick this arch (default: this host's).")
-@click.option("--override-variant", metavar="VARIANT", help="Pick this variant from an index.")
-@click.option(
-    "--digestfile",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the digest of the copied manifest to this file.",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
+def _source_options(p: Parser, *, as_path: bool = True) -> None:
+    """--creds, --authfile, --tls-verify: how to read one image (inspect, pull)."""
+    p.add_argument("--creds", metavar="USER[:PASS]", help="Registry credentials.")
+    add_authfile(p, as_path=as_path)
+    add_tls_verify(p, "--tls-verify", "")
+
+
+def _quiet(p: Parser, text: str = "No progress or summary output.") -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=text)
+
+
+def _build_copy(p: Parser) -> None:
+    from coco.cli import (
+        image_crypt,  # noqa: F401  (registers through add_copy_transform)
+        image_sign,  # noqa: F401  (registers through add_copy_signer)
+    )
+
+    p.description = (
+        "Copy an image from SRC to DST (oci:PATH[:TAG] or docker://HOST[:PORT]/REPO[:TAG|@DIGEST])."
+        "\n\nPrints the digest of the written manifest on stdout."
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument(
+        "--src-creds", metavar="USER[:PASS]", help="Credentials for the source registry."
+    )
+    p.add_argument("--dest-creds", metavar="USER[:PASS]", help="Credentials for the destination.")
+    add_authfile(p)
+    add_tls_verify(p, "--src-tls-verify", "source")
+    add_tls_verify(p, "--dest-tls-verify", "destination")
+    p.add_argument(
+        "--all", dest="all_platforms", action="store_true", help="Copy every image of an index."
+    )
+    _platform_options(p)
+    p.add_argument(
+        "--digestfile",
+        type=path(dir_okay=False),
+        metavar="FILE",
+        help="Write the digest of the copied manifest to this file.",
+    )
+    _quiet(p)
+    for add_arguments, _ in _FACTORIES:
+        add_arguments(p)
+    for add_arguments, _ in _SIGNERS:
+        add_arguments(p)
+    p.set_defaults(func=copy_cmd)
+
+
 def copy_cmd(
     src: str,
     dst: str,
@@ -124,10 +142,6 @@ def copy_cmd(
     quiet: bool,
     **extra: Any,
 ) -> None:
-    """Copy an image from SRC to DST (oci:PATH[:TAG] or docker://HOST[:PORT]/REPO[:TAG|@DIGEST]).
-
-    Prints the digest of the written manifest on stdout.
-    """
     from coco.oci.copy import CopyOptions, copy_image
 
     src_ref = _ref(src, "SRC")
@@ -143,8 +157,9 @@ def copy_cmd(
         override_arch=override_arch,
         override_variant=override_variant,
     )
-    transform = _make_transform(extra)
-    signers = [sg for names, f in _SIGNERS if (sg := f({n: extra.get(n) for n in names}, dst_ref))]
+    values = {"src": src, "dst": dst, **extra}
+    transform = _make_transform(values)
+    signers = [sg for _, factory in _SIGNERS if (sg := factory(values, dst_ref))]
     if not quiet and sys.stderr.isatty():
         from coco.oci.progress import RichProgress  # rich only on a terminal
 
@@ -163,62 +178,53 @@ def copy_cmd(
         for layer in result.layers:
             counts[layer.action] = counts.get(layer.action, 0) + 1
         summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) or "no layers"
-        click.echo(f"copied {src_ref} -> {dst_ref} (layers: {summary})", err=True)
-    click.echo(result.manifest_digest)
+        print(f"copied {src_ref} -> {dst_ref} (layers: {summary})", file=sys.stderr)
+    print(result.manifest_digest)
 
 
-def _make_transform(extra: dict[str, Any]) -> LayerTransform | None:
+def _make_transform(values: dict[str, Any]) -> LayerTransform | None:
     chosen: list[LayerTransform] = []
-    for names, factory in _FACTORIES:
-        t = factory({n: extra.get(n) for n in names})
+    for _, factory in _FACTORIES:
+        t = factory(values)
         if t is not None:
             chosen.append(t)
     if len(chosen) > 1:
-        raise click.UsageError("these copy options cannot be combined (more than one transform)")
+        raise Usage("these copy options cannot be combined (more than one transform)")
     return chosen[0] if chosen else None
 
 
-def add_copy_signer(params: list[click.Parameter], factory: SignerFactory) -> None:
-    """Add ``params`` to ``coco image copy``; ``factory`` gets their values and the destination
-    (before the copy: it checks its keys then) and returns a signer called with the destination,
-    the CopyResult and the CopyOptions once the image is written, or None when unused."""
-    copy_cmd.params.extend(params)
-    _SIGNERS.append(([p.name for p in params if p.name], factory))
+def add_copy_signer(add_arguments: AddArguments, factory: SignerFactory) -> None:
+    """``add_arguments(parser)`` adds options to ``coco image copy``; ``factory`` gets the parsed
+    values (by dest, with ``src`` and ``dst``) and the destination before the copy (it checks its
+    keys then) and returns a signer called with the destination, the CopyResult and the
+    CopyOptions once the image is written, or None when its options were not used."""
+    _SIGNERS.append((add_arguments, factory))
 
 
-def add_copy_transform(params: list[click.Parameter], factory: TransformFactory) -> None:
-    """Add ``params`` to ``coco image copy``; ``factory`` gets their values (by parameter name)
-    and returns a LayerTransform, or None when the options were not used."""
-    copy_cmd.params.extend(params)
-    _FACTORIES.append(([p.name for p in params if p.name], factory))
+def add_copy_transform(add_arguments: AddArguments, factory: TransformFactory) -> None:
+    """``add_arguments(parser)`` adds options to ``coco image copy``; ``factory`` gets the parsed
+    values (by dest, with ``src`` and ``dst``) and returns a LayerTransform, or None when its
+    options were not used. It raises :class:`~coco.cli._args.Usage` for a bad combination."""
+    _FACTORIES.append((add_arguments, factory))
 
 
-def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--creds, --authfile, --tls-verify: how to read one image (inspect, pull)."""
-    f = _tls_option("--tls-verify", "")(f)
-    f = _authfile_option(f)
-    return click.option("--creds", metavar="USER[:PASS]", help="Registry credentials.")(f)
+def _build_inspect(p: Parser) -> None:
+    p.description = "Print the manifest and config of REF as JSON."
+    p.add_argument("ref", metavar="REF")
+    _source_options(p)
+    p.add_argument(
+        "--raw", action="store_true", help="Print the manifest (or index) bytes as stored."
+    )
+    p.add_argument(
+        "--config",
+        dest="show_config",
+        action="store_true",
+        help="Print the config bytes as stored.",
+    )
+    _platform_options(p)
+    p.set_defaults(func=inspect_cmd)
 
 
-def _platform_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--override-os/-arch/-variant: which image of an index (inspect, pull)."""
-    for name, metavar, text in reversed(
-        [
-            ("--override-os", "OS", "Pick this OS from an index (default linux)."),
-            ("--override-arch", "ARCH", "Pick this arch (default: this host's)."),
-            ("--override-variant", "VARIANT", "Pick this variant from an index."),
-        ]
-    ):
-        f = click.option(name, metavar=metavar, help=text)(f)
-    return f
-
-
-@image.command("inspect")
-@click.argument("ref")
-@_source_options
-@click.option("--raw", is_flag=True, help="Print the manifest (or index) bytes as stored.")
-@click.option("--config", "show_config", is_flag=True, help="Print the config bytes as stored.")
-@_platform_options
 def inspect_cmd(
     ref: str,
     creds: str | None,
@@ -230,13 +236,14 @@ def inspect_cmd(
     override_arch: str | None,
     override_variant: str | None,
 ) -> None:
-    """Print the manifest and config of REF as JSON."""
+    import json
+
     from coco.oci.inspect import inspect_image
     from coco.oci.transport import Access
 
     r = _ref(ref, "REF")
     if raw and show_config:
-        raise click.UsageError("--raw and --config cannot be combined")
+        raise Usage("--raw and --config cannot be combined")
     info = inspect_image(
         r,
         Access(_creds(creds, "--creds"), authfile, tls_verify),
@@ -263,90 +270,105 @@ def inspect_cmd(
         "Manifest": json.loads(info.manifest.raw),
         "Config": json.loads(info.config.raw),
     }
-    click.echo(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
 
 
-def _default_store() -> Path:
+def _default_store() -> str:
     if os.geteuid() == 0:
-        return Path("/var/lib/coco/store")
+        return "/var/lib/coco/store"
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(base) / "coco" / "store"
+    return os.path.join(base, "coco", "store")
 
 
-_store_option = click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Layer store directory (default /var/lib/coco/store as root, else "
-    "$XDG_DATA_HOME/coco/store).",
-)
+def _store_option(p: Parser, *, as_path: bool = True) -> None:
+    p.add_argument(
+        "--store",
+        type=path(file_okay=False, as_path=as_path),
+        metavar="DIRECTORY",
+        help="Layer store directory (default /var/lib/coco/store as root, else "
+        "$XDG_DATA_HOME/coco/store).",
+    )
 
 
-@image.command("pull")
-@click.argument("ref")
-@click.argument("bundle_dir", type=click.Path(path_type=Path))
-@_source_options
-@click.option(
-    "--decryption-key",
-    multiple=True,
-    metavar="KEY[:PASSWORD]",
-    help="Decrypt layers with this private key, certificate or provider:NAME[:VALUE] (repeatable).",
-)
-@click.option(
-    "--policy",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="containers-policy.json the image's signatures must satisfy (checked before any layer "
-    "is fetched).",
-)
-@click.option(
-    "--registries.d",
-    "registries_d",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of registries.d YAML files (signature lookaside locations).",
-)
-@_store_option
-@click.option(
-    "--jobs",
-    type=click.IntRange(1, 64),
-    default=3,
-    show_default=True,
-    help="Layers pulled in parallel.",
-)
-@click.option(
-    "--flatten", is_flag=True, help="Copy the layers into rootfs/ instead of mounting an overlay."
-)
-@click.option(
-    "--max-layer-size",
-    metavar="SIZE",
-    callback=lambda ctx, param, v: None if v is None else _size(v, "--max-layer-size"),
-    help="Refuse a layer whose uncompressed tar is larger (bytes, or with a K/M/G/T suffix in "
-    "powers of 1024; default 32G).",
-)
-@click.option(
-    "--max-files",
-    type=click.IntRange(1),
-    metavar="N",
-    help="Refuse a layer with more tar entries (default 1000000).",
-)
-@_platform_options
-@click.option(
-    "--service",
-    metavar="SOCKET",
-    envvar="COCO_IMAGE_SERVICE",
-    help="Hand the pull to a running `coco image serve` on this socket (default: "
-    "$COCO_IMAGE_SERVICE; unset: pull in this process).",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress or summary output.")
+def _build_pull(p: Parser) -> None:
+    p.description = (
+        "Pull REF into the layer store and make BUNDLE_DIR (rootfs/ + config.json) for runc."
+        "\n\nPrints the manifest digest on stdout."
+    )
+    p.add_argument("ref", metavar="REF")
+    # paths stay strings here (pathlib is not loaded for `--service`); pull_cmd converts them
+    p.add_argument("bundle_dir", metavar="BUNDLE_DIR", type=path(as_path=False))
+    _source_options(p, as_path=False)
+    p.add_argument(
+        "--decryption-key",
+        action="append",
+        default=[],
+        metavar="KEY[:PASSWORD]",
+        help="Decrypt layers with this private key, certificate or provider:NAME[:VALUE] "
+        "(repeatable).",
+    )
+    p.add_argument(
+        "--policy",
+        type=path(dir_okay=False, as_path=False),
+        metavar="FILE",
+        help="containers-policy.json the image's signatures must satisfy (checked before any "
+        "layer is fetched).",
+    )
+    p.add_argument(
+        "--registries.d",
+        dest="registries_d",
+        type=path(file_okay=False, as_path=False),
+        metavar="DIRECTORY",
+        help="Directory of registries.d YAML files (signature lookaside locations).",
+    )
+    _store_option(p, as_path=False)
+    p.add_argument(
+        "--jobs",
+        type=int_range(1, 64),
+        default=3,
+        metavar="INTEGER RANGE",
+        help=shown("Layers pulled in parallel.", "3; 1<=x<=64"),
+    )
+    p.add_argument(
+        "--flatten",
+        action="store_true",
+        help="Copy the layers into rootfs/ instead of mounting an overlay.",
+    )
+    p.add_argument(
+        "--max-layer-size",
+        type=size,
+        metavar="SIZE",
+        help="Refuse a layer whose uncompressed tar is larger (bytes, or with a K/M/G/T suffix "
+        "in powers of 1024; default 32G).",
+    )
+    p.add_argument(
+        "--max-files",
+        type=int_range(1),
+        metavar="N",
+        help="Refuse a layer with more tar entries (default 1000000).  [x>=1]",
+    )
+    _platform_options(p)
+    p.add_argument(
+        "--service",
+        metavar="SOCKET",
+        default=os.environ.get("COCO_IMAGE_SERVICE") or None,
+        help="Hand the pull to a running `coco image serve` on this socket (default: "
+        "$COCO_IMAGE_SERVICE; unset: pull in this process).",
+    )
+    _quiet(p)
+    p.set_defaults(func=pull_cmd)
+
+
 def pull_cmd(
     ref: str,
-    bundle_dir: Path,
+    bundle_dir: str,
     creds: str | None,
-    authfile: Path | None,
+    authfile: str | None,
     tls_verify: bool,
-    decryption_key: tuple[str, ...],
-    policy: Path | None,
-    registries_d: Path | None,
-    store: Path | None,
+    decryption_key: list[str],
+    policy: str | None,
+    registries_d: str | None,
+    store: str | None,
     jobs: int,
     flatten: bool,
     max_layer_size: int | None,
@@ -357,12 +379,8 @@ def pull_cmd(
     service: str | None,
     quiet: bool,
 ) -> None:
-    """Pull REF into the layer store and make BUNDLE_DIR (rootfs/ + config.json) for runc.
-
-    Prints the manifest digest on stdout.
-    """
     if registries_d is not None and policy is None:
-        raise click.UsageError("--registries.d needs --policy")
+        raise Usage("--registries.d needs --policy")
     if service:  # the service checks REF and the rest; this process stays small
         from coco.image.service import make_request, pull_via_service
 
@@ -370,29 +388,33 @@ def pull_cmd(
             _creds(creds, "--creds")  # a malformed value is a usage error here too
         req = make_request(
             ref, bundle_dir, store or _default_store(), creds=creds, authfile=authfile,
-            tls_verify=tls_verify, decryption_keys=decryption_key, policy=policy,
+            tls_verify=tls_verify, decryption_keys=tuple(decryption_key), policy=policy,
             registries_d=registries_d, jobs=jobs, flatten=flatten, os_name=override_os,
             arch=override_arch, variant=override_variant, max_layer_size=max_layer_size,
             max_files=max_files,
         )  # fmt: skip
         answer = pull_via_service(service, req)
         if not quiet:
-            click.echo(
+            print(
                 f"pulled {answer['reference']} -> {answer['bundle']} ({answer['mode']}; layers: "
                 f"{answer['pulled']} pulled, {answer['reused']} reused) by {service}",
-                err=True,
+                file=sys.stderr,
             )
-        click.echo(answer["manifest_digest"])
+        print(answer["manifest_digest"])
         return
+    from pathlib import Path
+
     from coco.image.pull import PullOptions, load_policy, pull_image
     from coco.oci.transport import Access
 
     r = _ref(ref, "REF")
+    auth = Path(authfile) if authfile is not None else None
+    regd = Path(registries_d) if registries_d is not None else None
 
     def decryption() -> Any:  # keys are read only when an encrypted layer is to be fetched
         from coco.ocicrypt import decrypt_config
 
-        return decrypt_config(decryption_key)
+        return decrypt_config(tuple(decryption_key))
 
     limits = None
     if max_layer_size is not None or max_files is not None:
@@ -401,9 +423,9 @@ def pull_cmd(
         given = {"max_layer_size": max_layer_size, "max_files": max_files}
         limits = UnpackLimits(**{k: v for k, v in given.items() if v is not None})
     options = PullOptions(
-        access=Access(_creds(creds, "--creds"), authfile, tls_verify),
+        access=Access(_creds(creds, "--creds"), auth, tls_verify),
         decryption=decryption if decryption_key else None,
-        policy=load_policy(policy, registries_d) if policy is not None else None,
+        policy=load_policy(Path(policy), regd) if policy is not None else None,
         jobs=jobs,
         flatten=flatten,
         os=override_os,
@@ -411,42 +433,24 @@ def pull_cmd(
         variant=override_variant,
         limits=limits,
     )
-    store_dir = store or _default_store()
+    store_dir = Path(store or _default_store())
+    bundle = Path(bundle_dir)
     with _terminate_cleanly():
         if not quiet and sys.stderr.isatty():
             from coco.oci.progress import RichProgress  # rich only on a terminal
 
             with RichProgress() as progress:
-                result = pull_image(r, bundle_dir, store_dir, options, progress=progress)
+                result = pull_image(r, bundle, store_dir, options, progress=progress)
         else:
-            result = pull_image(r, bundle_dir, store_dir, options)
+            result = pull_image(r, bundle, store_dir, options)
     if not quiet:
         pulled = sum(1 for x in result.layers if x.action == "pulled")
-        click.echo(
+        print(
             f"pulled {result.reference} -> {result.bundle.path} ({result.bundle.mode}; layers: "
             f"{pulled} pulled, {len(result.layers) - pulled} reused)",
-            err=True,
+            file=sys.stderr,
         )
-    click.echo(result.manifest_digest)
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def _size(text: str, flag: str) -> int:
-    """``1048576``, ``512K``, ``100M``, ``2GiB``, ``1.5G`` -> bytes (powers of 1024)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1:] if t[-1:] in _UNITS else ""
-    try:
-        n = float(t[: len(t) - len(unit)]) * _UNITS[unit]
-    except ValueError:
-        n = -1
-    if not n >= 1 or n != n or n == float("inf"):
-        raise click.BadParameter(
-            f"expected a positive size such as 1048576, 512K, 100M or 2G, found {text!r}",
-            param_hint=flag,
-        )
-    return int(n)
+    print(result.manifest_digest)
 
 
 @contextlib.contextmanager
@@ -467,17 +471,22 @@ def _terminate_cleanly() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-@image.command("serve")
-@click.option(
-    "--socket",
-    "socket_path",
-    metavar="PATH",
-    help="Unix socket to listen on (default /run/coco/image.sock as root, else "
-    "$XDG_RUNTIME_DIR/coco/image.sock).",
-)
+def _build_serve(p: Parser) -> None:
+    p.description = (
+        "Serve `coco image pull --service SOCKET` until SIGTERM: a long-running puller whose "
+        "warm pulls skip Python's start-up (as the guest's image service does)."
+    )
+    p.add_argument(
+        "--socket",
+        dest="socket_path",
+        metavar="PATH",
+        help="Unix socket to listen on (default /run/coco/image.sock as root, else "
+        "$XDG_RUNTIME_DIR/coco/image.sock).",
+    )
+    p.set_defaults(func=serve_cmd)
+
+
 def serve_cmd(socket_path: str | None) -> None:
-    """Serve `coco image pull --service SOCKET` until SIGTERM: a long-running puller whose
-    warm pulls skip Python's start-up (as the guest's image service does)."""
     from coco.image.service import PullService, default_socket
 
     path = socket_path or default_socket()
@@ -490,22 +499,42 @@ def serve_cmd(socket_path: str | None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    click.echo(f"coco: serving image pulls on {path}", err=True)
+    print(f"coco: serving image pulls on {path}", file=sys.stderr, flush=True)
     svc.serve_forever()
 
 
-@image.command("prune")
-@_store_option
-@click.option("-q", "--quiet", is_flag=True, help="Do not list the removed layers.")
+def _build_prune(p: Parser) -> None:
+    p.description = (
+        "Remove the layers of the store that no bundle uses (bundles deleted since are forgotten)."
+    )
+    _store_option(p)
+    _quiet(p, "Do not list the removed layers.")
+    p.set_defaults(func=prune_cmd)
+
+
 def prune_cmd(store: Path | None, quiet: bool) -> None:
-    """Remove the layers of the store that no bundle uses (bundles deleted since are forgotten)."""
+    from pathlib import Path
+
     from coco.image.store import LayerStore
 
-    store_dir = store or _default_store()
+    store_dir = store or Path(_default_store())
     if not store_dir.is_dir():
         raise UsageError(f"--store {store_dir}: expected a layer store directory, found none")
     removed = LayerStore(store_dir).prune()
     if not quiet:
         for d in removed:
-            click.echo(d)
-        click.echo(f"removed {len(removed)} layer(s)", err=True)
+            print(d)
+        print(f"removed {len(removed)} layer(s)", file=sys.stderr)
+
+
+COMMANDS: Commands = {
+    "copy": ("Copy an image from SRC to DST.", _build_copy),
+    "inspect": ("Print the manifest and config of REF as JSON.", _build_inspect),
+    "prune": ("Remove the layers of the store that no bundle uses.", _build_prune),
+    "pull": ("Pull REF into the layer store and make BUNDLE_DIR for runc.", _build_pull),
+    "serve": ("Serve `coco image pull --service SOCKET` until SIGTERM.", _build_serve),
+}
+
+
+def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return run_group(group, argv, COMMANDS)

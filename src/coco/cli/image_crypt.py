@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import click
-
+from coco.cli._args import Parser, Usage, integer
 from coco.cli.image import add_copy_transform
 from coco.oci.copy import LayerTransform
 from coco.ocicrypt import DecryptLayers, EncryptLayers, decrypt_config, encrypt_config
@@ -21,11 +20,10 @@ def _factory(values: dict[str, Any]) -> LayerTransform | None:
     layers = tuple(values.get("encrypt_layer") or ())
     dec = tuple(values.get("decryption_key") or ())
     if enc and dec:
-        raise click.UsageError("--encryption-key and --decryption-key cannot be combined")
+        raise Usage("--encryption-key and --decryption-key cannot be combined")
     if layers and not enc:
-        raise click.UsageError("--encrypt-layer needs --encryption-key")
-    ctx = click.get_current_context(silent=True)
-    image = str(ctx.params.get("src")) if ctx is not None and ctx.params.get("src") else "image"
+        raise Usage("--encrypt-layer needs --encryption-key")
+    image = str(values.get("src") or "image")
     if enc:
         return EncryptLayers(encrypt_config(enc), layers or None, image=image)
     if dec:
@@ -33,34 +31,28 @@ def _factory(values: dict[str, Any]) -> LayerTransform | None:
     return None
 
 
-def register() -> None:
-    add_copy_transform(
-        [
-            click.Option(
-                ["--encryption-key"],
-                multiple=True,
-                metavar="PROTOCOL:KEY",
-                help="Encrypt layers to this recipient: jwe:PUBKEY, pkcs7:CERT or "
-                "provider:NAME[:VALUE] (repeatable).",
-            ),
-            click.Option(
-                ["--encrypt-layer"],
-                multiple=True,
-                type=int,
-                metavar="N",
-                help="Encrypt only layer N (0-based, negative from the end; repeatable; "
-                "default: all).",
-            ),
-            click.Option(
-                ["--decryption-key"],
-                multiple=True,
-                metavar="KEY[:PASSWORD]",
-                help="Decrypt layers with this private key, certificate or "
-                "provider:NAME[:VALUE] (repeatable).",
-            ),
-        ],
-        _factory,
+def _add_arguments(p: Parser) -> None:
+    p.add_argument(
+        "--encryption-key",
+        action="append",
+        metavar="PROTOCOL:KEY",
+        help="Encrypt layers to this recipient: jwe:PUBKEY, pkcs7:CERT or provider:NAME[:VALUE] "
+        "(repeatable).",
+    )
+    p.add_argument(
+        "--encrypt-layer",
+        action="append",
+        type=integer,
+        metavar="N",
+        help="Encrypt only layer N (0-based, negative from the end; repeatable; default: all).",
+    )
+    p.add_argument(
+        "--decryption-key",
+        action="append",
+        metavar="KEY[:PASSWORD]",
+        help="Decrypt layers with this private key, certificate or provider:NAME[:VALUE] "
+        "(repeatable).",
     )
 
 
-register()
+add_copy_transform(_add_arguments, _factory)

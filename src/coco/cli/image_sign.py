@@ -7,40 +7,45 @@ KEY`` (a cosign-format ``sha256-HEX.sig`` attachment pushed next to the image), 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import click
-
-from coco.cli.image import CopySigner, add_copy_signer
+from coco.cli._args import Parser, Usage, path
+from coco.cli.image import add_copy_signer
 from coco.errors import SignatureError
 from coco.oci.reference import DockerReference, ImageReference
 
-_PARAMS: list[click.Parameter] = [
-    click.Option(
-        ["--sign-by"],
+if TYPE_CHECKING:
+    from coco.cli.image import CopySigner
+
+
+def _add_arguments(p: Parser) -> None:
+    p.add_argument(
+        "--sign-by",
         metavar="FINGERPRINT",
         help="Sign the copied manifest with this GPG key (simple signing; GNUPGHOME keyring), "
         "into the destination's registries.d lookaside-staging.",
-    ),
-    click.Option(
-        ["--sign-by-sigstore-private-key", "sign_by_sigstore_private_key"],
-        type=click.Path(dir_okay=False, path_type=Path),
+    )
+    p.add_argument(
+        "--sign-by-sigstore-private-key",
+        type=path(dir_okay=False),
         metavar="KEY",
         help="Sign with this ECDSA P-256 PEM private key (cosign format, pushed as "
         "sha256-<hex>.sig in the destination repository).",
-    ),
-    click.Option(
-        ["--sign-passphrase-file", "sign_passphrase_file"],
-        type=click.Path(dir_okay=False, path_type=Path),
+    )
+    p.add_argument(
+        "--sign-passphrase-file",
+        type=path(dir_okay=False),
+        metavar="FILE",
         help="Passphrase of the signing key (first line of the file).",
-    ),
-    click.Option(
-        ["--registries.d", "registries_d"],
-        type=click.Path(file_okay=False, path_type=Path),
+    )
+    p.add_argument(
+        "--registries.d",
+        dest="registries_d",
+        type=path(file_okay=False),
+        metavar="DIRECTORY",
         help="registries.d directory giving the lookaside(-staging) for --sign-by "
         "(default /etc/containers/registries.d).",
-    ),
-]
+    )
 
 
 def _factory(values: dict[str, Any], dst: ImageReference) -> CopySigner | None:
@@ -49,13 +54,13 @@ def _factory(values: dict[str, Any], dst: ImageReference) -> CopySigner | None:
     pfile: Path | None = values.get("sign_passphrase_file")
     if not fpr and not key:
         if values.get("registries_d") or pfile:
-            raise click.UsageError(
+            raise Usage(
                 "--registries.d / --sign-passphrase-file need --sign-by or "
                 "--sign-by-sigstore-private-key"
             )
         return None
     if not isinstance(dst, DockerReference):
-        raise click.UsageError(f"signing needs a docker:// destination, found {dst}")
+        raise Usage(f"signing needs a docker:// destination, found {dst}")
     from coco.image.signature import RegistriesD, sign_sigstore, sign_simple, write_lookaside
     from coco.image.signature.policy import canonical
     from coco.image.signature.sigstore import load_private_key
@@ -120,4 +125,4 @@ def _push_sigstore(dst, identity, digest, pem, passphrase, options, sign_sigstor
         client.put_manifest(dst.repository, sm.tag, sm.manifest, MANIFEST_MEDIA_TYPE, what)
 
 
-add_copy_signer(_PARAMS, _factory)
+add_copy_signer(_add_arguments, _factory)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import click
-
+from coco.cli._args import Commands, Parser, path, run_group, shown
 from coco.errors import InitdataError
 from coco.integrity import initdata
+
+DESCRIPTION = "Initdata documents: the TOML whose digest the TEE measures."
 
 
 def _read(path: str) -> bytes:
@@ -26,23 +29,28 @@ def _where(path: str) -> str:
     return "stdin" if path == "-" else path
 
 
-@click.group("initdata")
-def initdata_group() -> None:
-    """Initdata documents: the TOML whose digest the TEE measures."""
+def _build_digest(p: Parser) -> None:
+    p.description = (
+        "Print the digest of FILE and its HOST_DATA (32 bytes) and MRCONFIGID (48 bytes) forms."
+        "\n\nText output is one `name value` pair a line: algorithm, digest, host_data (hex), "
+        "host_data_base64 (as QEMU's host-data takes it), mrconfigid (hex)."
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--encoded", action="store_true", help="FILE holds the annotation value (base64 gzip)."
+    )
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["text", "json"],
+        default="text",
+        metavar="[text|json]",
+        help=shown("Output format.", "text"),
+    )
+    p.set_defaults(func=digest_cmd)
 
 
-@initdata_group.command("digest")
-@click.argument("file")
-@click.option("--encoded", is_flag=True, help="FILE holds the annotation value (base64 gzip).")
-@click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
 def digest_cmd(file: str, encoded: bool, fmt: str) -> None:
-    """Print the digest of FILE and its HOST_DATA (32 bytes) and MRCONFIGID (48 bytes) forms.
-
-    Text output is one `name value` pair a line: algorithm, digest, host_data (hex),
-    host_data_base64 (as QEMU's host-data takes it), mrconfigid (hex).
-    """
     raw = _read(file)
     doc = (
         initdata.decode(raw, _where(file))
@@ -58,32 +66,37 @@ def digest_cmd(file: str, encoded: bool, fmt: str) -> None:
         "mrconfigid": doc.mrconfigid().hex(),
     }
     if fmt == "json":
-        click.echo(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2))
     else:
         for k, v in out.items():
-            click.echo(f"{k} {v}")
+            print(f"{k} {v}")
 
 
-@initdata_group.command("encode")
-@click.argument("file")
-@click.option(
-    "--annotation",
-    is_flag=True,
-    help=f"Print '{initdata.ANNOTATION}=<value>' instead of the value alone.",
-)
-@click.option(
-    "--image",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the block-device image the runtime attaches to the guest.",
-)
+def _build_encode(p: Parser) -> None:
+    p.description = (
+        "Print the annotation value for FILE: base64(gzip(TOML)), after checking the document."
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--annotation",
+        action="store_true",
+        help=f"Print '{initdata.ANNOTATION}=<value>' instead of the value alone.",
+    )
+    p.add_argument(
+        "--image",
+        type=path(dir_okay=False),
+        metavar="FILE",
+        help="Also write the block-device image the runtime attaches to the guest.",
+    )
+    p.set_defaults(func=encode_cmd)
+
+
 def encode_cmd(file: str, annotation: bool, image: Path | None) -> None:
-    """Print the annotation value for FILE: base64(gzip(TOML)), after checking the document."""
     raw = _read(file)
     value = initdata.encode(raw, _where(file))
     if image is not None:
         _write(image, initdata.encode_image(raw, _where(file)))
-    click.echo(f"{initdata.ANNOTATION}={value}" if annotation else value)
+    print(f"{initdata.ANNOTATION}={value}" if annotation else value)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -96,21 +109,24 @@ def _write(path: Path, data: bytes) -> None:
         raise InitdataError(f"{path}: cannot write it: {e.strerror}") from None
 
 
-@initdata_group.command("decode")
-@click.argument("file")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the TOML here instead of standard output.",
-)
-def decode_cmd(file: str, output: Path | None) -> None:
-    """Decode the annotation value in FILE ('-': stdin) back to the TOML, checking it.
+def _build_decode(p: Parser) -> None:
+    p.description = (
+        "Decode the annotation value in FILE ('-': stdin) back to the TOML, checking it.\n\n"
+        "A leading 'io.katacontainers.config.{hypervisor,runtime}.cc_init_data=' is accepted, "
+        "and so is an initdata block-device image."
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=path(dir_okay=False),
+        metavar="FILE",
+        help="Write the TOML here instead of standard output.",
+    )
+    p.set_defaults(func=decode_cmd)
 
-    A leading 'io.katacontainers.config.{hypervisor,runtime}.cc_init_data=' is accepted, and so
-    is an initdata block-device image.
-    """
+
+def decode_cmd(file: str, output: Path | None) -> None:
     raw = _read(file)
     if raw.startswith(initdata.IMAGE_MAGIC):
         doc = initdata.decode_image(raw, _where(file))
@@ -125,3 +141,14 @@ def decode_cmd(file: str, output: Path | None) -> None:
         sys.stdout.buffer.flush()
         return
     _write(output, doc.raw)
+
+
+COMMANDS: Commands = {
+    "decode": ("Decode an annotation value (or image) back to the TOML.", _build_decode),
+    "digest": ("Print the digest of FILE and its HOST_DATA and MRCONFIGID forms.", _build_digest),
+    "encode": ("Print the annotation value for FILE: base64(gzip(TOML)).", _build_encode),
+}
+
+
+def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return run_group(group, argv, COMMANDS)

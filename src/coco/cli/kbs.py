@@ -2,59 +2,89 @@
 
 from __future__ import annotations
 
-import click
+from collections.abc import Callable
+from typing import Any
 
+from coco.cli._args import Commands, Parser, env_default, integer, path, run_group, shown
 from coco.errors import UsageError
 
-
-@click.group("kbs")
-def kbs() -> None:
-    """The Key Broker Service (owner side)."""
+DESCRIPTION = "The Key Broker Service (owner side)."
 
 
-@kbs.command("serve")
-@click.option(
-    "--config",
-    "-c",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    envvar="KBS_CONFIG_FILE",
-    help="kbs-config.toml (upstream shape).",
-)
-@click.option("--listen", help="HOST:PORT to listen on (quick form).")
-@click.option("--insecure-http", is_flag=True, help="Serve plain HTTP (INSECURE).")
-@click.option("--private-key", type=click.Path(exists=True, dir_okay=False), help="TLS key (PEM).")
-@click.option(
-    "--certificate", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM)."
-)
-@click.option(
-    "--storage", help="sqlite:///path/kbs.db, postgresql://user@host:port/db or memory://."
-)
-@click.option(
-    "--workers", type=int, default=1, show_default=True, help="Worker processes (pre-forked)."
-)
-@click.option(
-    "--session-storage",
-    help="Where sessions live (default: memory with SQLite storage, else the storage).",
-)
-@click.option(
-    "--admin-public-key",
-    type=click.Path(exists=True, dir_okay=False),
-    help="PEM key of the admin token issuer (AuthenticatedAuthorization, role 'admin').",
-)
-@click.option("--deny-admin", is_flag=True, help="Refuse every admin call (DenyAll).")
-@click.option(
-    "--insecure-header-jwk",
-    is_flag=True,
-    help="Trust any token that carries its own key (INSECURE, testing).",
-)
-@click.option("--session-timeout", type=int, default=5, show_default=True, help="Session minutes.")
-@click.option(
-    "--max-body-mb", type=int, default=2, show_default=True, help="Request body limit (MiB)."
-)
-@click.option(
-    "--max-header-kb", type=int, default=256, show_default=True, help="Request header limit (KiB)."
-)
+def _build_serve(p: Parser) -> None:
+    p.description = (
+        "Serve KBS protocol 0.4.0. Either --config FILE, or the quick form:\n\n"
+        "coco kbs serve --listen 127.0.0.1:8080 --insecure-http --storage sqlite:///tmp/kbs.db"
+        "\n\nThe quick form's admin API is open (InsecureAllowAll, with a warning) unless "
+        "--admin-public-key or --deny-admin is given."
+    )
+    existing = path(exists=True, dir_okay=False, as_path=False)
+    p.add_argument(
+        "--config",
+        "-c",
+        dest="config_file",
+        type=path(dir_okay=False, as_path=False),
+        default=env_default("KBS_CONFIG_FILE"),
+        metavar="FILE",
+        help="kbs-config.toml (upstream shape).",
+    )
+    p.add_argument("--listen", metavar="TEXT", help="HOST:PORT to listen on (quick form).")
+    p.add_argument("--insecure-http", action="store_true", help="Serve plain HTTP (INSECURE).")
+    p.add_argument("--private-key", type=existing, metavar="FILE", help="TLS key (PEM).")
+    p.add_argument("--certificate", type=existing, metavar="FILE", help="TLS certificate (PEM).")
+    p.add_argument(
+        "--storage",
+        metavar="TEXT",
+        help="sqlite:///path/kbs.db, postgresql://user@host:port/db or memory://.",
+    )
+    p.add_argument(
+        "--workers",
+        type=integer,
+        default=1,
+        metavar="INTEGER",
+        help=shown("Worker processes (pre-forked).", 1),
+    )
+    p.add_argument(
+        "--session-storage",
+        metavar="TEXT",
+        help="Where sessions live (default: memory with SQLite storage, else the storage).",
+    )
+    p.add_argument(
+        "--admin-public-key",
+        type=existing,
+        metavar="FILE",
+        help="PEM key of the admin token issuer (AuthenticatedAuthorization, role 'admin').",
+    )
+    p.add_argument("--deny-admin", action="store_true", help="Refuse every admin call (DenyAll).")
+    p.add_argument(
+        "--insecure-header-jwk",
+        action="store_true",
+        help="Trust any token that carries its own key (INSECURE, testing).",
+    )
+    p.add_argument(
+        "--session-timeout",
+        type=integer,
+        default=5,
+        metavar="INTEGER",
+        help=shown("Session minutes.", 5),
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=integer,
+        default=2,
+        metavar="INTEGER",
+        help=shown("Request body limit (MiB).", 2),
+    )
+    p.add_argument(
+        "--max-header-kb",
+        type=integer,
+        default=256,
+        metavar="INTEGER",
+        help=shown("Request header limit (KiB).", 256),
+    )
+    p.set_defaults(func=serve)
+
+
 def serve(
     config_file: str | None,
     listen: str | None,
@@ -71,13 +101,6 @@ def serve(
     max_body_mb: int,
     max_header_kb: int,
 ) -> None:
-    """Serve KBS protocol 0.4.0. Either --config FILE, or the quick form:
-
-    coco kbs serve --listen 127.0.0.1:8080 --insecure-http --storage sqlite:///tmp/kbs.db
-
-    The quick form's admin API is open (InsecureAllowAll, with a warning) unless
-    --admin-public-key or --deny-admin is given.
-    """
     from coco.trustee.config import AdminIdp, KbsConfig
     from coco.trustee.kbs.server import serve as run
 
@@ -119,3 +142,12 @@ def _default_db() -> str:
     import os
 
     return os.path.abspath("kbs.db")
+
+
+COMMANDS: Commands = {
+    "serve": ("Serve KBS protocol 0.4.0 (--config FILE, or the quick form).", _build_serve),
+}
+
+
+def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return run_group(group, argv, COMMANDS)

@@ -2,103 +2,167 @@
 
 Exit codes: 0 success, 1 a :class:`~coco.errors.CocoError` (one line on stderr, the traceback only
 with ``--debug``), 2 a usage error, 130 interrupted.
+
+Start-up is kept small: argparse (not click), a group's module is imported only when the group is
+used, and :mod:`logging` only when something logs or ``-v``/``--debug`` asks for it.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import logging
 import os
 import sys
-import traceback
-
-import click
 
 from coco import __version__
+from coco.cli._args import Parser, Usage, dispatch
 from coco.errors import CocoError
 
-_state = {"debug": False}
+TYPE_CHECKING = False  # typing is not loaded at run time: start-up stays small
+if TYPE_CHECKING:
+    from typing import Any
+
+_state: dict[str, Any] = {"debug": False, "prog": "coco"}
 
 # httpx imports its own command line (click, rich, pygments: ~80 ms) unless that import fails. The
 # `coco` process never uses it, and every registry or KBS command pays for it at start-up, so the
 # CLI marks it absent before anything imports httpx (httpx then installs a stub `main`).
 sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 
-
-# `coco <name>` -> "module:attribute"; a group's module is imported only when it is used, so
-# `coco verity ...` does not pay for the OCI client or the KBS server at start-up.
-_GROUPS: dict[str, str] = {
-    "image": "coco.cli.image:image",
-    "verity": "coco.cli.verity:verity_group",
-    "tardev": "coco.cli.tardev:tardev_group",
-    "initdata": "coco.cli.initdata:initdata_group",
-    "kbs": "coco.cli.kbs:kbs",
-    "kbs-client": "coco.cli.kbs_client:kbs_client",
-    "attestation": "coco.cli.attestation:attestation",
-    "policy": "coco.cli.policy:policy",
+# `coco <name>` -> (module, one-line help). The module's `build(parser, argv)` parses the rest of
+# the command line and returns the function to run; `coco --help` lists this table without
+# importing any of the modules.
+_GROUPS: dict[str, tuple[str, str]] = {
+    "attestation": ("coco.cli.attestation", "Attestation Service tools."),
+    "image": ("coco.cli.image", "Copy, inspect and pull OCI images."),
+    "initdata": (
+        "coco.cli.initdata",
+        "Initdata documents: the TOML whose digest the TEE measures.",
+    ),
+    "kbs": ("coco.cli.kbs", "The Key Broker Service (owner side)."),
+    "kbs-client": (
+        "coco.cli.kbs_client",
+        "Talk to a KBS: configure it, or attest and fetch a resource.",
+    ),
+    "policy": (
+        "coco.cli.policy",
+        "Agent policies: generate them from pod YAML, evaluate agent requests against them.",
+    ),
+    "tardev": (
+        "coco.cli.tardev",
+        "tardev layer files: the tarfs index and dm-verity tree the guest mounts.",
+    ),
+    "verity": ("coco.cli.verity", "dm-verity hash trees, compatible with veritysetup."),
 }
 
-
-class _LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(_GROUPS))
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in _GROUPS and name not in self.commands:
-            module, _, attr = _GROUPS[name].partition(":")
-            self.add_command(getattr(importlib.import_module(module), attr), name)
-        return super().get_command(ctx, name)
+_LOG_FORMAT = "coco: %(levelname)s: %(message)s"
 
 
-@click.group(
-    cls=_LazyGroup,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-)
-@click.version_option(__version__, "--version", prog_name="coco")
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
-def cli(debug: bool, verbose: bool) -> None:
-    """Confidential Containers: images, encryption, attestation and integrity."""
-    _state["debug"] = debug or _state["debug"]
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="coco: %(levelname)s: %(message)s")
+def _parser() -> Parser:
+    p = Parser("coco", "Confidential Containers: images, encryption, attestation and integrity.")
+    p.add_argument("--version", action=_Version, help="Show the version and exit.")
+    p.add_argument("--debug", action="store_true", help="Show tracebacks and debug logs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="Log what is being done.")
+    return p
+
+
+class _Version(argparse.Action):
+    """``--version``: print ``coco, version X`` (no help formatter, so no textwrap) and exit 0."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        sys.stdout.write(f"coco, version {__version__}\n")
+        parser.exit(0)
+
+
+def _run(argv: list[str]) -> None:
+    top = _parser()
+    commands = {name: (text, _no_builder) for name, (_, text) in _GROUPS.items()}
+    opts, name, rest = dispatch(top, argv, commands)
+    _state["debug"] = opts.debug or _state["debug"]
+    level = 10 if opts.debug else 20 if opts.verbose else 30  # DEBUG, INFO, WARNING
+    _setup_logging(level)
+    _state["prog"] = f"coco {name}"
+    module = importlib.import_module(_GROUPS[name][0])
+    group = Parser(f"coco {name}", module.DESCRIPTION)
+    func, kwargs = module.build(group, rest)
+    _state["prog"] = kwargs.pop("_prog", _state["prog"])
+    func(**kwargs)
+
+
+def _no_builder(parser: Parser) -> None:  # the groups are built by their modules' build()
+    raise AssertionError("unreachable")
+
+
+def _setup_logging(level: int) -> None:
+    """Configure logging now if it is loaded or wanted, else when something first imports it."""
+    if "logging" in sys.modules or level < 30:
+        import logging
+
+        logging.basicConfig(level=level, format=_LOG_FORMAT)
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _LoggingOnImport)]
+    sys.meta_path.insert(0, _LoggingOnImport(level))  # type: ignore[arg-type]
+
+
+class _LoggingOnImport:
+    """Meta-path hook: the first ``import logging`` (by whichever module logs) gets coco's format,
+    so a process that never logs does not import logging at all."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        sys.meta_path.remove(self)  # type: ignore[arg-type]
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, level = spec.loader, self.level
+        real = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            real(module)
+            module.basicConfig(level=level, format=_LOG_FORMAT)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
     _state["debug"] = "--debug" in args or os.environ.get("COCO_DEBUG") == "1"
+    _state["prog"] = "coco"
     try:
-        cli.main(args=args, prog_name="coco", standalone_mode=False)
-    except click.exceptions.UsageError as e:
-        e.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("coco: interrupted", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        _run(args)
+    except Usage as e:
+        _error(f"{_state['prog']}: error: {_one_line(str(e))}", 2)
     except KeyboardInterrupt:
-        click.echo("coco: interrupted", err=True)
-        sys.exit(130)
-    except CocoError as e:
-        if _state["debug"]:
-            traceback.print_exc()
-        click.echo(f"coco: error: {_one_line(str(e))}", err=True)
-        sys.exit(1)
-    except (OSError, ValueError) as e:
-        if _state["debug"]:
-            traceback.print_exc()
-        click.echo(f"coco: error: {_one_line(str(e))}", err=True)
-        sys.exit(1)
+        _error("coco: interrupted", 130)
+    except (CocoError, OSError, ValueError) as e:
+        _error(f"coco: error: {_one_line(str(e))}", 1, e)
     except Exception as e:  # a bug: still one line unless --debug
-        if _state["debug"]:
-            traceback.print_exc()
-        click.echo(
+        _error(
             f"coco: internal error: {type(e).__name__}: {_one_line(str(e))} "
             "(run with --debug for the traceback)",
-            err=True,
+            1,
+            e,
         )
-        sys.exit(1)
+
+
+def _error(line: str, code: int, exc: BaseException | None = None) -> None:
+    if exc is not None and _state["debug"]:
+        import traceback
+
+        traceback.print_exception(exc)
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.exit(code)
 
 
 def _one_line(msg: str) -> str:

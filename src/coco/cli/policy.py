@@ -7,65 +7,83 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import click
-
+from coco.cli._args import Commands, Parser, Usage, boolean, path, run_group, shown
 from coco.errors import AgentPolicyError, GenpolicyError
 
-
-@click.group("policy")
-def policy() -> None:
-    """Agent policies: generate them from pod YAML, evaluate agent requests against them."""
+DESCRIPTION = "Agent policies: generate them from pod YAML, evaluate agent requests against them."
+_FILE = path(dir_okay=False, as_path=False)
 
 
-@policy.command("generate")
-@click.argument("yaml_file", type=click.Path(dir_okay=False))
-@click.option(
-    "-o", "--output", help="Write the annotated YAML here ('-': stdout). Default: in place."
-)
-@click.option(
-    "--layers-cache", type=click.Path(dir_okay=False), help="Layer cache JSON (by diff_id)."
-)
-@click.option("--settings", type=click.Path(dir_okay=False), help="genpolicy settings JSON.")
-@click.option("--rules", type=click.Path(dir_okay=False), help="Rego rules (default: coco's own).")
-@click.option(
-    "--config-file",
-    multiple=True,
-    type=click.Path(dir_okay=False),
-    help="More YAML with ConfigMaps/Secrets.",
-)
-@click.option(
-    "--src-tls-verify", type=bool, default=True, show_default=True, help="Verify registry TLS."
-)
-@click.option("--authfile", type=click.Path(dir_okay=False), help="containers auth.json.")
-@click.option(
-    "--allow-exec",
-    multiple=True,
-    metavar="CMD",
-    help="Allow ExecProcessRequest for this command line.",
-)
-@click.option("--allow-logs", is_flag=True, help="Allow ReadStreamRequest (container logs).")
-@click.option("--raw-out", type=click.Path(dir_okay=False), help="Also write the policy text here.")
+def _build_generate(p: Parser) -> None:
+    p.description = "Add the agent policy annotation to every workload in YAML_FILE."
+    p.add_argument("yaml_file", metavar="YAML_FILE", type=_FILE)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="TEXT",
+        help="Write the annotated YAML here ('-': stdout). Default: in place.",
+    )
+    p.add_argument(
+        "--layers-cache", type=_FILE, metavar="FILE", help="Layer cache JSON (by diff_id)."
+    )
+    p.add_argument("--settings", type=_FILE, metavar="FILE", help="genpolicy settings JSON.")
+    p.add_argument("--rules", type=_FILE, metavar="FILE", help="Rego rules (default: coco's own).")
+    p.add_argument(
+        "--config-file",
+        action="append",
+        default=[],
+        type=_FILE,
+        metavar="FILE",
+        help="More YAML with ConfigMaps/Secrets.",
+    )
+    p.add_argument(
+        "--src-tls-verify",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="[=BOOL]",
+        help=shown("Verify registry TLS.", True),
+    )
+    p.add_argument("--authfile", type=_FILE, metavar="FILE", help="containers auth.json.")
+    p.add_argument(
+        "--allow-exec",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="Allow ExecProcessRequest for this command line.",
+    )
+    p.add_argument(
+        "--allow-logs", action="store_true", help="Allow ReadStreamRequest (container logs)."
+    )
+    p.add_argument("--raw-out", type=_FILE, metavar="FILE", help="Also write the policy text here.")
+    p.set_defaults(func=generate_cmd)
+
+
 def generate_cmd(
     yaml_file: str,
     output: str | None,
     layers_cache: str | None,
     settings: str | None,
     rules: str | None,
-    config_file: tuple[str, ...],
+    config_file: list[str],
     src_tls_verify: bool,
     authfile: str | None,
-    allow_exec: tuple[str, ...],
+    allow_exec: list[str],
     allow_logs: bool,
     raw_out: str | None,
 ) -> None:
-    """Add the agent policy annotation to every workload in YAML_FILE."""
     from coco.integrity import genpolicy
     from coco.oci.transport import Access
 
     if not src_tls_verify:
-        click.echo("coco: warning: --src-tls-verify=false: registry TLS is not verified", err=True)
+        print(
+            "coco: warning: --src-tls-verify=false: registry TLS is not verified", file=sys.stderr
+        )
     try:
         text = Path(yaml_file).read_text(encoding="utf-8")
     except OSError as e:
@@ -75,8 +93,8 @@ def generate_cmd(
         rules=rules,
         layers_cache=layers_cache,
         access=Access(authfile=Path(authfile) if authfile else None, tls_verify=src_tls_verify),
-        config_files=config_file,
-        allow_exec=allow_exec,
+        config_files=tuple(config_file),
+        allow_exec=tuple(allow_exec),
         allow_logs=allow_logs,
     )
     result = genpolicy.generate(text, yaml_file, opts)
@@ -105,26 +123,38 @@ def _write(path: str, text: str) -> None:
         raise
 
 
-@policy.command("evaluate")
-@click.option(
-    "--policy",
-    "policy_file",
-    type=click.Path(dir_okay=False),
-    help="Rego policy text, or YAML with the policy annotation.",
-)
-@click.option(
-    "--policy-data",
-    type=click.Path(dir_okay=False),
-    help="policy_data JSON (evaluated with coco's rules).",
-)
-@click.option(
-    "--rules",
-    type=click.Path(dir_okay=False),
-    help="Rules for --policy-data (default: coco's own).",
-)
-@click.option("--all", "show_all", is_flag=True, help="On denial, list every failed check.")
-@click.argument("request_name")
-@click.argument("request_json", type=click.Path(dir_okay=False))
+def _build_evaluate(p: Parser) -> None:
+    p.description = (
+        "Evaluate agent request REQUEST_NAME (body in REQUEST_JSON) the way the agent does.\n\n"
+        "Prints 'allowed' (exit 0) or 'denied: ...' naming the rule and field (exit 1)."
+    )
+    p.add_argument(
+        "--policy",
+        dest="policy_file",
+        type=_FILE,
+        metavar="FILE",
+        help="Rego policy text, or YAML with the policy annotation.",
+    )
+    p.add_argument(
+        "--policy-data",
+        type=_FILE,
+        metavar="FILE",
+        help="policy_data JSON (evaluated with coco's rules).",
+    )
+    p.add_argument(
+        "--rules",
+        type=_FILE,
+        metavar="FILE",
+        help="Rules for --policy-data (default: coco's own).",
+    )
+    p.add_argument(
+        "--all", dest="show_all", action="store_true", help="On denial, list every failed check."
+    )
+    p.add_argument("request_name", metavar="REQUEST_NAME")
+    p.add_argument("request_json", metavar="REQUEST_JSON", type=_FILE)
+    p.set_defaults(func=evaluate_cmd)
+
+
 def evaluate_cmd(
     policy_file: str | None,
     policy_data: str | None,
@@ -133,14 +163,10 @@ def evaluate_cmd(
     request_name: str,
     request_json: str,
 ) -> None:
-    """Evaluate agent request REQUEST_NAME (body in REQUEST_JSON) the way the agent does.
-
-    Prints 'allowed' (exit 0) or 'denied: ...' naming the rule and field (exit 1).
-    """
     from coco.integrity.agent_policy import AgentPolicy
 
     if (policy_file is None) == (policy_data is None):
-        raise click.UsageError("give exactly one of --policy and --policy-data")
+        raise Usage("give exactly one of --policy and --policy-data")
     body = _load_json(request_json, "request")
     if policy_data is not None:
         data = _load_json(policy_data, "policy_data")
@@ -157,10 +183,10 @@ def evaluate_cmd(
             text = policy_from_annotation(text, policy_file)
         pol = AgentPolicy(text, policy_file)
     decision = pol.evaluate(request_name, body)
-    click.echo(decision.message())
+    print(decision.message())
     if show_all:
         for v in decision.violations[1:]:
-            click.echo(f"  also: {v}")
+            print(f"  also: {v}")
     if not decision.allowed:
         sys.exit(1)
 
@@ -180,3 +206,13 @@ def _load_json(path: str, what: str) -> object:
         return json.loads(text)
     except ValueError as e:
         raise AgentPolicyError(f"{what} {path}: not valid JSON: {e}") from None
+
+
+COMMANDS: Commands = {
+    "evaluate": ("Evaluate an agent request against a policy.", _build_evaluate),
+    "generate": ("Add the agent policy annotation to the workloads in YAML.", _build_generate),
+}
+
+
+def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return run_group(group, argv, COMMANDS)

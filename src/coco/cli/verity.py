@@ -6,14 +6,16 @@ import contextlib
 import os
 import re
 import sys
-import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import click
-
+from coco.cli._args import Commands, Parser, Usage, int_range, integer, path, run_group, shown
 from coco.errors import UsageError
 from coco.integrity import verity
+
+if TYPE_CHECKING:
+    import uuid as uuidlib
 
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -41,59 +43,68 @@ def _uuid(text: str | None) -> uuidlib.UUID | None:
         raise UsageError(
             f"--uuid: expected the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, found {text[:80]!r}"
         )
+    import uuid as uuidlib  # only when given: uuid is slow to import
+
     return uuidlib.UUID(text)
 
 
-def _params_options(f):
-    opts = [
-        click.option(
-            "--hash",
-            "hash_name",
-            default="sha256",
-            show_default=True,
-            type=click.Choice(verity.HASH_ALGORITHMS),
-            help="Hash algorithm.",
-        ),
-        click.option(
-            "--data-block-size",
-            default=4096,
-            show_default=True,
-            type=int,
-            help="Data block size in bytes.",
-        ),
-        click.option(
-            "--hash-block-size",
-            default=4096,
-            show_default=True,
-            type=int,
-            help="Hash block size in bytes.",
-        ),
-        click.option(
-            "--data-blocks",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Number of data blocks (default: all whole blocks of DATA).",
-        ),
-        click.option(
-            "--hash-offset",
-            type=click.IntRange(min=0),
-            default=None,
-            help="Byte offset of the hash area (superblock) in the hash file "
-            "[default: 0, or the data size when the tree goes into DATA].",
-        ),
-        click.option(
-            "--format",
-            "hash_type",
-            type=click.IntRange(0, 1),
-            default=1,
-            show_default=True,
-            help="1: normal, 0: original Chrome OS.",
-        ),
-        click.option("--no-superblock", is_flag=True, help="Do not write/read a superblock."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+DESCRIPTION = "dm-verity hash trees, compatible with veritysetup."
+
+
+def _params_options(p: Parser) -> None:
+    p.add_argument(
+        "--hash",
+        dest="hash_name",
+        default="sha256",
+        choices=verity.HASH_ALGORITHMS,
+        metavar="[" + "|".join(verity.HASH_ALGORITHMS) + "]",
+        help=shown("Hash algorithm.", "sha256"),
+    )
+    p.add_argument(
+        "--data-block-size",
+        default=4096,
+        type=integer,
+        metavar="INTEGER",
+        help=shown("Data block size in bytes.", 4096),
+    )
+    p.add_argument(
+        "--hash-block-size",
+        default=4096,
+        type=integer,
+        metavar="INTEGER",
+        help=shown("Hash block size in bytes.", 4096),
+    )
+    p.add_argument(
+        "--data-blocks",
+        type=int_range(1),
+        metavar="INTEGER RANGE",
+        help="Number of data blocks (default: all whole blocks of DATA).  [x>=1]",
+    )
+    p.add_argument(
+        "--hash-offset",
+        type=int_range(0),
+        metavar="INTEGER RANGE",
+        help="Byte offset of the hash area (superblock) in the hash file "
+        "[default: 0, or the data size when the tree goes into DATA].  [x>=0]",
+    )
+    p.add_argument(
+        "--format",
+        dest="hash_type",
+        type=int_range(0, 1),
+        default=1,
+        metavar="INTEGER RANGE",
+        help=shown("1: normal, 0: original Chrome OS.", "1; 0<=x<=1"),
+    )
+    p.add_argument("--no-superblock", action="store_true", help="Do not write/read a superblock.")
+
+
+def _jobs_option(p: Parser) -> None:
+    p.add_argument(
+        "--jobs",
+        type=int_range(1),
+        metavar="INTEGER RANGE",
+        help="Processes hashing a large file [default: one per core].  [x>=1]",
+    )
 
 
 @contextlib.contextmanager
@@ -118,31 +129,33 @@ def _single_file_offset(data: Path, dbs: int, data_blocks: int | None) -> int:
     return size // dbs * dbs
 
 
-@click.group("verity")
-def verity_group() -> None:
-    """dm-verity hash trees, compatible with veritysetup."""
+def _build_format(p: Parser) -> None:
+    p.description = (
+        "Write the hash tree of DATA to HASH_FILE (or into DATA after its data) and print the "
+        "root.\n\nThe tree bytes and the printed lines are those of `veritysetup format` with "
+        "the same options."
+    )
+    p.add_argument("data", metavar="DATA", type=path(dir_okay=False, as_path=False))
+    p.add_argument(
+        "hash_file", metavar="HASH_FILE", nargs="?", type=path(dir_okay=False, as_path=False)
+    )
+    _params_options(p)
+    p.add_argument(
+        "-s", "--salt", metavar="TEXT", help="Salt as hex, '-' for none [default: 32 random bytes]."
+    )
+    p.add_argument(
+        "--root-hash-file",
+        type=path(dir_okay=False),
+        metavar="FILE",
+        help="Also write the root hash (hex, no newline) to this file.",
+    )
+    p.add_argument(
+        "--uuid", dest="uuid_text", metavar="TEXT", help="UUID stored in the superblock."
+    )
+    _jobs_option(p)
+    p.set_defaults(func=format_cmd)
 
 
-@verity_group.command("format")
-@click.argument("data", type=click.Path(dir_okay=False))
-@click.argument("hash_file", required=False, type=click.Path(dir_okay=False))
-@_params_options
-@click.option(
-    "-s", "--salt", default=None, help="Salt as hex, '-' for none [default: 32 random bytes]."
-)
-@click.option(
-    "--root-hash-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the root hash (hex, no newline) to this file.",
-)
-@click.option("--uuid", "uuid_text", default=None, help="UUID stored in the superblock.")
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Processes hashing a large file [default: one per core].",
-)
 def format_cmd(
     data: str,
     hash_file: str | None,
@@ -158,10 +171,6 @@ def format_cmd(
     uuid_text: str | None,
     jobs: int | None,
 ) -> None:
-    """Write the hash tree of DATA to HASH_FILE (or into DATA after its data) and print the root.
-
-    The tree bytes and the printed lines are those of `veritysetup format` with the same options.
-    """
     if hash_file is None and hash_offset is None:
         hash_offset = _single_file_offset(Path(data), data_block_size, data_blocks)
     if hash_file is None and data_blocks is None:
@@ -183,7 +192,7 @@ def format_cmd(
         tree = verity.format_file(data, target, params, workers=jobs)
     if root_hash_file is not None:
         _write_root(root_hash_file, tree.root_hash.hex())
-    click.echo(verity.report(tree, target), nl=False)  # the path as given, like veritysetup
+    sys.stdout.write(verity.report(tree, target))  # the path as given, like veritysetup
 
 
 def _write_root(path: Path, text: str) -> None:
@@ -202,26 +211,32 @@ def _read_root(path: Path) -> str:
         raise UsageError(f"--root-hash-file {path}: cannot read it: {e.strerror}") from None
 
 
-@verity_group.command("verify")
-@click.argument("files", nargs=-1, required=True)
-@_params_options
-@click.option(
-    "-s", "--salt", default=None, help="Salt as hex, '-' for none (needed with --no-superblock)."
-)
-@click.option(
-    "--root-hash-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Read the root hash from this file instead of the ROOT_HASH argument.",
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Processes hashing a large file [default: one per core].",
-)
+def _build_verify(p: Parser) -> None:
+    p.description = (
+        "Check DATA [HASH_FILE] ROOT_HASH; name the first block that does not match.\n\n"
+        "With a superblock (the default) the parameters are read from it. Without HASH_FILE the "
+        "tree is read from DATA at --hash-offset (default: right after the data)."
+    )
+    p.add_argument("files", metavar="FILES", nargs="+")
+    _params_options(p)
+    p.add_argument(
+        "-s",
+        "--salt",
+        metavar="TEXT",
+        help="Salt as hex, '-' for none (needed with --no-superblock).",
+    )
+    p.add_argument(
+        "--root-hash-file",
+        type=path(dir_okay=False),
+        metavar="FILE",
+        help="Read the root hash from this file instead of the ROOT_HASH argument.",
+    )
+    _jobs_option(p)
+    p.set_defaults(func=verify_cmd)
+
+
 def verify_cmd(
-    files: tuple[str, ...],
+    files: list[str],
     hash_name: str,
     data_block_size: int,
     hash_block_size: int,
@@ -233,15 +248,10 @@ def verify_cmd(
     root_hash_file: Path | None,
     jobs: int | None,
 ) -> None:
-    """Check DATA [HASH_FILE] ROOT_HASH; name the first block that does not match.
-
-    With a superblock (the default) the parameters are read from it. Without HASH_FILE the tree
-    is read from DATA at --hash-offset (default: right after the data).
-    """
     if root_hash_file is not None:
-        files = (*files, _read_root(root_hash_file))
+        files = [*files, _read_root(root_hash_file)]
     if len(files) not in (2, 3):
-        raise click.UsageError(
+        raise Usage(
             f"expected DATA [HASH_FILE] ROOT_HASH (or --root-hash-file), found {len(files)} "
             "arguments"
         )
@@ -273,7 +283,17 @@ def verify_cmd(
     )
     with busy(f"verifying {data}"):
         used = verity.verify(data, hash_file, bytes.fromhex(root_text), params, workers=jobs)
-    click.echo(
+    print(
         f"Verification succeeded: {data}: {used.data_blocks} data blocks match root hash "
         f"{root_text.lower()}"
     )
+
+
+COMMANDS: Commands = {
+    "format": ("Write the hash tree of DATA and print the root hash.", _build_format),
+    "verify": ("Check DATA [HASH_FILE] ROOT_HASH.", _build_verify),
+}
+
+
+def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return run_group(group, argv, COMMANDS)
