@@ -59,6 +59,35 @@ def _check_diff_id(diff_id: str) -> str:
     return hexpart
 
 
+def open_root(root: Path) -> None:
+    """Make sure ``root`` may hold a store: an existing store (it has ``layers/``) is kept, a
+    missing directory is created with its parents, an empty one is adopted; anything else (a file,
+    ``/``, ``/etc``, any other non-empty directory) is refused, so that a mistyped ``--store``
+    never fills a directory with ``layers/`` and ``tmp/``."""
+    where = f"layer store {root}"
+    if not os.path.lexists(root):
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise LayerStoreError(
+                f"{where}: cannot create the directory: {e.strerror or e}"
+            ) from None
+    if not root.is_dir():
+        raise LayerStoreError(f"{where}: expected a directory, found something else")
+    if (root / "layers").is_dir():
+        return
+    try:
+        with os.scandir(root) as entries:
+            found = next(entries, None)
+    except OSError as e:
+        raise LayerStoreError(f"{where}: cannot list the directory: {e.strerror or e}") from None
+    if found is not None:
+        raise LayerStoreError(
+            f"{where}: expected a layer store (with layers/) or an empty directory, found a "
+            f"directory that holds other things (such as {found.name!r})"
+        )
+
+
 class LayerStore:
     """Layers by diff_id under ``root``; see the module docstring for layout and locking."""
 
@@ -66,7 +95,8 @@ class LayerStore:
         self.root = Path(root).absolute()
         self._layers = self.root / "layers"
         self._tmp = self.root / "tmp"
-        for d in (self.root, self._layers, self._tmp):
+        open_root(self.root)
+        for d in (self._layers, self._tmp):
             d.mkdir(mode=0o700, exist_ok=True)
 
     # -- locks -------------------------------------------------------------------------------
