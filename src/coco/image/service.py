@@ -25,9 +25,11 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import struct
 
 from coco.errors import PullError
+from coco.jsonio import loads
 
 TYPE_CHECKING = False  # the client stays clear of typing (and of everything it can)
 if TYPE_CHECKING:
@@ -141,10 +143,7 @@ def pull_via_service(path: str, request: dict[str, Any]) -> dict[str, Any]:
                 raise PullError(f"{where}: answer larger than {MAX_REQUEST} bytes")
     finally:
         s.close()
-    try:
-        answer = json.loads(buf)
-    except ValueError:
-        raise PullError(f"{where}: expected a JSON answer, found {bytes(buf[:80])!r}") from None
+    answer = loads(bytes(buf), what=f"{where}: answer", error=PullError)
     if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
         raise PullError(f"{where}: expected an object with 'ok', found {str(answer)[:80]}")
     if not answer["ok"]:
@@ -279,11 +278,9 @@ def _handle(conn: socket.socket, active: Any) -> None:
     threading.Thread(target=watch, daemon=True).start()
     req: dict[str, Any] | None = None
     try:
-        req = check_request(json.loads(buf))
+        req = check_request(loads(bytes(buf), what="image service: request", error=PullError))
         answer = _run(req, cancel)
         log.info("pulled %s -> %s", req["ref"], req["bundle"])
-    except ValueError as e:
-        answer = {"ok": False, "error": f"image service: expected JSON: {e}"}
     except CocoError as e:
         answer = {"ok": False, "error": " ".join(str(e).split())}
     except Exception as e:  # a bug: answer it, keep serving
@@ -338,6 +335,48 @@ class _Active:
                 ev.set()
 
 
+# sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+_MAX_SOCKET_PATH = 107
+
+
+def _free_socket_path(path: str) -> None:
+    """Make ``path`` ready to bind: its directory is created, a stale socket (one that refuses
+    connections: its service is gone) is removed; anything else there (a file, a directory, a
+    live service) is left untouched and refused."""
+    where = f"image service {path}"
+    n = len(os.fsencode(path))
+    if n > _MAX_SOCKET_PATH:
+        raise PullError(
+            f"{where}: expected a socket path of at most {_MAX_SOCKET_PATH} bytes, found {n} bytes"
+        )
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise PullError(f"{where}: cannot prepare the socket: {e.strerror or e}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "file that is not a socket"
+        raise PullError(f"{where}: expected a free path or a stale socket, found a {kind}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # a stale socket of a service that is gone
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise PullError(f"{where}: cannot remove the stale socket: {e.strerror or e}") from None
+        return
+    except OSError as e:
+        raise PullError(f"{where}: cannot probe the existing socket: {e.strerror or e}") from None
+    finally:
+        probe.close()
+    raise PullError(f"{where}: expected a free path, found a running service")
+
+
 class PullService:
     """The service bound to its socket; :meth:`serve_forever` in one thread, :meth:`shutdown`
     from another."""
@@ -361,22 +400,12 @@ class PullService:
             block_on_close = True  # server_close() waits for the pulls (cancelled) to clean up
 
         self.path = path
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        if os.path.lexists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # a stale socket of a service that is gone
-            else:
-                raise PullError(
-                    f"image service {path}: expected a free path, found a running service"
-                )
-            finally:
-                probe.close()
+        _free_socket_path(path)
         old = os.umask(0o177)
         try:
             self._srv = Server(path, Handler)
+        except OSError as e:
+            raise PullError(f"image service {path}: cannot listen: {e.strerror or e}") from None
         finally:
             os.umask(old)
 
