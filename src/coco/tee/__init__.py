@@ -21,6 +21,8 @@ _VERIFIERS: dict[str, str] = {
 }
 _ATTESTERS: dict[str, str] = {
     "sample": "coco.tee.sample.attester:SampleAttester",
+    "snp": "coco.tee.snp.attester:SnpAttester",
+    "tdx": "coco.tee.tdx.attester:TdxAttester",
     "tpm": "coco.tee.tpm.attester:TpmAttester",
 }
 

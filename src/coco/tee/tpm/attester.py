@@ -120,6 +120,21 @@ class TpmAttester(Attester):
         with tempfile.TemporaryDirectory(prefix="coco-tpm-") as tmp:
             self._run("tpm2_pcrextend", f"{INITDATA_PCR}:sha256={value}", cwd=Path(tmp))
 
+    runtime_measurement_algorithm = "sha256"
+
+    def measurement_register(self, pcr: int) -> int:
+        return pcr
+
+    def extend_runtime_measurement(self, digest: bytes, pcr: int) -> None:
+        """Extend PCR ``pcr`` (SHA-256 bank) with a 32-byte ``digest`` (AA runtime measurements)."""
+        if len(digest) != 32 or not 0 <= pcr < 24:
+            raise AttestationError(
+                f"tpm attester: PCR extend: expected PCR 0-23 and a 32-byte digest, got PCR {pcr} "
+                f"and {len(digest)} bytes"
+            )
+        with tempfile.TemporaryDirectory(prefix="coco-tpm-") as tmp:
+            self._run("tpm2_pcrextend", f"{pcr}:sha256={digest.hex()}", cwd=Path(tmp))
+
     def get_evidence(self, report_data: bytes) -> dict[str, Any]:
         nonce = fit(report_data, NONCE_SIZE)
         with tempfile.TemporaryDirectory(prefix="coco-tpm-") as tmp:
