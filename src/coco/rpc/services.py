@@ -1,0 +1,23 @@
+"""The ttRPC services this project speaks, each declared once from its .proto.
+
+Names on the wire are upstream's: ``attestation_agent.AttestationAgentService``, the CDH's
+``api.*`` services (all five on the CDH socket, with ``keyprovider.KeyProviderService``).
+"""
+
+from __future__ import annotations
+
+from coco.rpc.protos import attestation_agent_pb2, confidential_data_hub_pb2, keyprovider_pb2
+from coco.rpc.service import Service
+
+ATTESTATION_AGENT = Service.from_proto(attestation_agent_pb2, "AttestationAgentService")
+
+SEALED_SECRET = Service.from_proto(confidential_data_hub_pb2, "SealedSecretService")
+GET_RESOURCE = Service.from_proto(confidential_data_hub_pb2, "GetResourceService")
+SECURE_MOUNT = Service.from_proto(confidential_data_hub_pb2, "SecureMountService")
+IMAGE_PULL = Service.from_proto(confidential_data_hub_pb2, "ImagePullService")
+
+KEY_PROVIDER = Service.from_proto(keyprovider_pb2, "KeyProviderService")
+
+# upstream default sockets
+AA_SOCKET = "unix:///run/confidential-containers/attestation-agent/attestation-agent.sock"
+CDH_SOCKET = "unix:///run/confidential-containers/cdh.sock"
