@@ -69,3 +69,58 @@ def test_bad_limit_values_are_usage_errors(
     args = ["image", "pull", "-q", "--tls-verify=false", "--store", str(store.root), *flags]
     assert _cli([*args, ref, str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--max-files", "5"], "--max-files"), (["--max-layer-size", "100K"], "--max-layer-size")],
+)
+@pytest.mark.parametrize("flatten", [False, True])
+def test_limits_apply_to_stored_layers(
+    tmp_path: Path,
+    store: LayerStore,
+    open_registry: Registry,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    needle: str,
+    flatten: bool,
+) -> None:
+    """A layer in the store from a pull without limits is held to the next pull's limits: the
+    pull fails with the line a fresh store gives, and the stored layer stays for others."""
+    files = [F(f"d/f{i:03d}", b"x" * 100) for i in range(302)]  # 302 entries, ~310 kB of tar
+    ref = push(tmp_path, open_registry, [tar(files)])[0]
+    args = ["image", "pull", "--tls-verify=false", *(["--flatten"] if flatten else [])]
+    assert _cli([*args, "--store", str(store.root), ref, str(tmp_path / "b1")]) == 0
+    (held,) = store.layers()
+    assert (store.get(held).entries, store.get(held).file_bytes) == (302, 30200)
+    capsys.readouterr()
+    assert _cli([*args, "--store", str(tmp_path / "fresh"), *flags, ref, str(tmp_path / "f")]) == 1
+    fresh = capsys.readouterr().err
+    assert _cli([*args, "--store", str(store.root), *flags, ref, str(tmp_path / "b2")]) == 1
+    err = capsys.readouterr().err
+    assert err == fresh and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "b2").exists()
+    assert leftovers(store) == ([held], [])
+    # limits it fits in: reused
+    fits = ["--max-files", "302", "--max-layer-size", "1M"]
+    assert _cli([*args, "--store", str(store.root), *fits, ref, str(tmp_path / "b3")]) == 0
+    assert "0 pulled, 1 reused" in capsys.readouterr().err
+
+
+def test_stored_sparse_layer_counts_its_file_sizes(
+    tmp_path: Path, store: LayerStore, open_registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-layer-size bounds the declared file sizes too (a sparse hole), also when stored."""
+    from .test_hostile import _gnu_sparse
+
+    ref = push(tmp_path, open_registry, [_gnu_sparse("hole", b"s" * 512, 4 << 20)])[0]
+    args = ["image", "pull", "--tls-verify=false", "--flatten", "--store", str(store.root)]
+    assert _cli([*args, ref, str(tmp_path / "b1")]) == 0
+    (held,) = store.layers()
+    info = store.get(held)
+    assert info.size < 1 << 20 and info.file_bytes == 4 << 20
+    capsys.readouterr()
+    assert _cli([*args, "--max-layer-size", "1M", ref, str(tmp_path / "b2")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-layer-size" in err, err
+    assert not (tmp_path / "b2").exists()

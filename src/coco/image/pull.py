@@ -1,8 +1,8 @@
 """``coco image pull``: one pass per layer from the registry into the layer store, then a bundle.
 
-For every layer of the platform's manifest that the store does not hold yet (keyed by diff_id),
-the bytes flow once through a chain of threads with bounded queues between them, so both cores
-work and no layer is ever held whole in memory::
+For every layer of the platform's manifest that the store cannot give (keyed by diff_id; see
+:meth:`coco.image.store.LayerStore.reusable`), the bytes flow once through a chain of threads with
+bounded queues between them, so both cores work and no layer is ever held whole in memory::
 
     registry stream + sha256 (manifest digest)            reader thread
       -> AES-CTR (when +encrypted)                         decrypt worker (coco.ocicrypt.cipher)
@@ -14,6 +14,12 @@ the store and committed only after all of them passed (blob digest and size, HMA
 digest, diff_id, no trailing bytes). Layers run in a thread pool (``jobs``); the first failure
 cancels the others. A pull that fails removes its temporary layers and the bundle directory (only
 ever created by :func:`coco.image.bundle.create_bundle` once all layers are in the store).
+
+A layer in the store is reused only when its record fits the pull's limits and, if the layer is
+encrypted in this manifest or was first stored from an encrypted one, when this pull proves the
+key: the layer's wrapped key is unwrapped with the keys given (one private-key operation, no data
+touched) and must be one the store saw decrypt that layer. Otherwise the layer is fetched as if
+the store lacked it, so a pull without the key fails exactly as it would on a fresh store.
 
 A signature policy (containers-policy.json) is evaluated on the manifest before any layer or the
 config is fetched; a refused image writes nothing.
@@ -54,6 +60,7 @@ if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither thread
     from concurrent.futures import Future
 
     from coco.image.unpack import UnpackLimits
+    from coco.ocicrypt.images import DecryptLayers, PrivateOptions
 
 __all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_image"]
 
@@ -168,21 +175,14 @@ class _ChunkReader(io.RawIOBase):
 def _plaintext(
     desc: Descriptor,
     chunks: Iterator[bytes],
-    decryption: Any,
+    decrypter: DecryptLayers,
+    private: PrivateOptions,
     index: int,
     total: int,
-    image: str,
     where: str,
 ) -> Iterator[bytes]:
     """Decrypt an encrypted layer (HMAC and the private options' digest checked at the end)."""
-    if decryption is None or not decryption:
-        raise PullError(
-            f"{where}: the layer is encrypted ({desc.media_type}); expected a "
-            "--decryption-key that can open it, found none given"
-        )
-    from coco.ocicrypt import DecryptLayers  # ocicrypt only when a layer is encrypted
-
-    tl = DecryptLayers(decryption, image).apply(index, total, desc, chunks)
+    tl = decrypter.apply(index, total, desc, chunks, private)
     reader = HashingReader(tl.chunks, what=f"{where}: decrypted layer")
     yield from reader
     assert reader.digest is not None
@@ -243,21 +243,47 @@ class _Puller:
         self.progress = progress
         self.cancel = cancel or threading.Event()
         self.committed: list[str] = []  # layers this pull added to the store
-        self.decryption: Any = None
+        self.decrypter: DecryptLayers | None = None
+        self.private: dict[int, PrivateOptions] = {}  # unwrapped key options by layer index
+        if options.limits is None:
+            from coco.image.unpack import UnpackLimits
 
-    def prepare(self, m: Manifest, config: ImageConfig) -> None:
-        """Load the decryption keys if a layer to fetch needs them (errors before any download)."""
-        todo = [d for d, i in zip(m.layers, config.diff_ids, strict=True) if not self.store.has(i)]
+            self.limits = UnpackLimits()
+        else:
+            self.limits = options.limits
+
+    def prepare(self, m: Manifest) -> None:
+        """Load the decryption keys if a layer is encrypted: in the store or not, its key must be
+        proven (errors before any download)."""
+        encrypted = [d for d in m.layers if mt.is_encrypted(d.media_type)]
+        if not encrypted:
+            return
         dec = self.o.decryption
-        encrypted = [d for d in todo if mt.is_encrypted(d.media_type)]
-        if encrypted and not dec:
+        if not dec:
             raise PullError(
                 f"{self.ref}: layer {encrypted[0].digest} is encrypted ({encrypted[0].media_type});"
                 " expected a --decryption-key that can open it, found none given"
             )
-        if callable(dec) and encrypted:
-            dec = dec()
-        self.decryption = dec
+        from coco.ocicrypt import DecryptLayers  # ocicrypt only when a layer is encrypted
+
+        self.decrypter = DecryptLayers(dec() if callable(dec) else dec, self.ref)
+
+    def _unwrap(self, i: int, total: int, desc: Descriptor) -> PrivateOptions:
+        """The layer's private options (fails as decrypting it would when no key unwraps them)."""
+        private = self.private.get(i)
+        if private is None:
+            assert self.decrypter is not None  # prepare() made it
+            private = self.private[i] = self.decrypter.unwrap(i, total, desc)
+        return private
+
+    def reusable(self, i: int, total: int, desc: Descriptor, diff_id: str) -> bool:
+        """Whether the store may give this layer (see LayerStore.reusable)."""
+        if not self.store.has(diff_id):
+            return False
+        key = None
+        if mt.is_encrypted(desc.media_type):
+            key = self._unwrap(i, total, desc).to_bytes()
+        return self.store.reusable(diff_id, self.limits, key)
 
     def _open(self, desc: Descriptor, where: str) -> Iterator[bytes]:
         """The blob (digest checked at its end), in chunks small enough that the queues of every
@@ -272,11 +298,15 @@ class _Puller:
         where = f"{self.ref}: layer {i + 1}/{total} {desc.digest}"
         if self.cancel.is_set():
             raise Cancelled
-        if self.store.has(diff_id):
+        if self.reusable(i, total, desc, diff_id):
             return LayerPull(desc.digest, diff_id, "reused")
         base = desc.media_type.removesuffix(mt.ENCRYPTED_SUFFIX)
         if not mt.is_layer(desc.media_type) or base.startswith("application/vnd.oci.empty"):
             raise PullError(f"{where}: expected a layer media type, found {desc.media_type!r}")
+        private = None
+        if mt.is_encrypted(desc.media_type):
+            private = self._unwrap(i, total, desc)  # before any download
+        stored = self.store.has(diff_id)  # fetched again: not this pull's to take back
         task = None
         if self.progress is not None:
             task = self.progress.task(f"layer {i + 1}/{total} {desc.short}", desc.size)
@@ -284,8 +314,9 @@ class _Puller:
         chunks: Iterator[bytes] = prefetch(
             self._open(desc, where), self.cancel, task, stop=stop, depth=_QUEUE_DEPTH
         )
-        if mt.is_encrypted(desc.media_type):
-            chunks = _plaintext(desc, chunks, self.decryption, i, total, self.ref, where)
+        if private is not None:
+            assert self.decrypter is not None
+            chunks = _plaintext(desc, chunks, self.decrypter, private, i, total, where)
         raw = _ChunkReader(chunks)
         from coco.image.unpack import unpack_layer
 
@@ -302,8 +333,10 @@ class _Puller:
                         f"{where}: expected the layer to end with its compressed stream, "
                         f"found {extra} trailing bytes"
                     )
-                self.store.commit(diff_id, tmp, stats)
-                self.committed.append(diff_id)
+                key = None if private is None else private.to_bytes()
+                self.store.commit(diff_id, tmp, stats, key)
+                if not stored:
+                    self.committed.append(diff_id)
         except Cancelled:
             raise
         except Exception as e:
@@ -323,14 +356,14 @@ class _Puller:
 
     def layers(self, m: Manifest, config: ImageConfig) -> list[LayerPull]:
         total = len(m.layers)
-        if all(self.store.has(d) for d in config.diff_ids):
+        firsts: dict[str, int] = {}  # a layer repeated is pulled (or proven) once
+        for i, d in enumerate(config.diff_ids):
+            firsts.setdefault(d, i)
+        if all(self.reusable(i, total, m.layers[i], d) for d, i in firsts.items()):
             pairs = zip(m.layers, config.diff_ids, strict=True)
             return [LayerPull(x.digest, d, "reused") for x, d in pairs]
         from concurrent.futures import ThreadPoolExecutor
 
-        firsts: dict[str, int] = {}
-        for i, d in enumerate(config.diff_ids):
-            firsts.setdefault(d, i)
         results: dict[int, LayerPull] = {}
         errors: list[BaseException] = []
         lock = threading.Lock()
@@ -410,7 +443,7 @@ def pull_image(
         puller = _Puller(source, st, o, name, progress, cancel)
         try:
             with st.session():
-                puller.prepare(m, config)
+                puller.prepare(m)
                 layers = puller.layers(m, config)
                 if puller.cancel.is_set():
                     raise PullError(f"{name}: the pull was cancelled")

@@ -3,23 +3,37 @@
 Layout under the store root::
 
     layers/<hex>/fs/         the layer directory (overlay lower-layer form, see coco.image.unpack)
-    layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs",
-                             "whiteout_dirs", "entries", "bytes"}
+    layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs", "whiteout_dirs",
+                             "entries", "bytes", "file_bytes", "encrypted", "keys"}
     tmp/<random>/            unpacks in progress; renamed into layers/ only on success
     index.json               {"version": 1, "bundles": {"/abs/bundle": {"layers": [diff_id...]}}}
+    secret                   32 random bytes (mode 0600) keying the key proofs
     gc.lock, index.lock      flock files
 
 Concurrency: pulls and bundle creation hold ``gc.lock`` shared for their whole duration, ``prune``
 holds it exclusive, so a layer is never pruned between its commit and its bundle registration, and
 a temp dir seen by ``prune`` is always stale. Two pulls of the same layer unpack into separate temp
 dirs; the first commit wins and the other is discarded. ``index.lock`` serialises index updates
-(written to a temp file and renamed).
+and meta.json updates (written to a temp file and renamed).
+
+Reuse (:meth:`LayerStore.reusable`): a pull takes a layer from the store instead of fetching it
+only when the record says it stays within the pull's ``UnpackLimits`` (``entries``, ``bytes`` of
+tar stream, ``file_bytes`` of declared file sizes) and, when the pull's descriptor is encrypted or
+the layer was first stored from an encrypted one (``encrypted``), when the pull holds a key that
+opened it: ``keys`` lists HMAC-SHA256(secret, diff_id NUL private options) for every set of
+private options (symmetric key, nonce, blob digest) that decrypted to this layer, and the pull
+presents the options it unwrapped from its own manifest. Anything else (no key, another image's
+key, a record from before these fields) is not reusable: the pull fetches the layer as if the
+store lacked it, which fails where a fresh store fails, or completes the record at
+:meth:`LayerStore.commit`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -35,6 +49,7 @@ from coco.image.unpack import UnpackLimits, UnpackStats, unpack_layer
 __all__ = ["LayerInfo", "LayerStore"]
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
+_SECRET_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,18 @@ class LayerInfo:
     size: int
     fresh_dirs: frozenset[str] = frozenset()
     whiteout_dirs: frozenset[str] = frozenset()
+    file_bytes: int | None = None  # None: stored before it was recorded
+    encrypted: bool | None = None  # first stored from an encrypted layer; None: not recorded
+    keys: frozenset[str] = frozenset()  # key proofs (see the module docstring)
+
+    def within(self, limits: UnpackLimits) -> bool:
+        """Whether a fresh unpack under ``limits`` accepts this layer (unknown: no)."""
+        if self.file_bytes is None:
+            return False
+        return (
+            self.entries <= limits.max_files
+            and max(self.size, self.file_bytes) <= limits.max_layer_size
+        )
 
 
 def _check_diff_id(diff_id: str) -> str:
@@ -98,6 +125,7 @@ class LayerStore:
         open_root(self.root)
         for d in (self._layers, self._tmp):
             d.mkdir(mode=0o700, exist_ok=True)
+        self._secret_key: bytes | None = None
 
     # -- locks -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -133,6 +161,7 @@ class LayerStore:
                 f"layer store: {d}/meta.json: expected diff_id {diff_id}, "
                 f"found {meta.get('diff_id')!r}"
             )
+        file_bytes, encrypted = meta.get("file_bytes"), meta.get("encrypted")
         return LayerInfo(
             diff_id,
             d / "fs",
@@ -141,7 +170,53 @@ class LayerStore:
             int(meta.get("bytes", 0)),
             frozenset(meta.get("fresh_dirs", [])),
             frozenset(meta.get("whiteout_dirs", [])),
+            file_bytes if isinstance(file_bytes, int) else None,
+            encrypted if isinstance(encrypted, bool) else None,
+            frozenset(meta.get("keys", [])),
         )
+
+    def reusable(self, diff_id: str, limits: UnpackLimits, key: bytes | None) -> bool:
+        """Whether a pull may take layer ``diff_id`` from the store instead of fetching it;
+        ``key``: the private options the pull unwrapped from its descriptor (None: the
+        descriptor is not encrypted). See the module docstring."""
+        if not self.has(diff_id):
+            return False
+        info = self.get(diff_id)
+        if info.encrypted is None or not info.within(limits):
+            return False
+        if key is None:
+            return not info.encrypted
+        return self._proof(diff_id, key) in info.keys
+
+    def _proof(self, diff_id: str, key: bytes) -> str:
+        msg = diff_id.encode() + b"\0" + key
+        return hmac.new(self._secret(), msg, hashlib.sha256).hexdigest()
+
+    def _secret(self) -> bytes:
+        """The key-proof secret, made on first use (linked into place, so that two pulls
+        making it at once agree on one)."""
+        if self._secret_key is None:
+            path = self.root / "secret"
+            if not path.exists():
+                fd, tmp = tempfile.mkstemp(prefix="secret-", dir=self._tmp)  # mode 0600
+                try:
+                    os.write(fd, os.urandom(_SECRET_SIZE))
+                    os.fsync(fd)
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, path)
+                finally:
+                    os.close(fd)
+                    os.unlink(tmp)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise LayerStoreError(f"layer store: {path}: unreadable: {e.strerror}") from None
+            if len(data) != _SECRET_SIZE:
+                raise LayerStoreError(
+                    f"layer store: {path}: expected {_SECRET_SIZE} bytes, found {len(data)}"
+                )
+            self._secret_key = data
+        return self._secret_key
 
     def layers(self) -> list[str]:
         out = []
@@ -164,8 +239,12 @@ class LayerStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def commit(self, diff_id: str, tmp: Path, stats: UnpackStats) -> LayerInfo:
-        """Move a finished unpack into place; if the layer appeared meanwhile, keep that one."""
+    def commit(
+        self, diff_id: str, tmp: Path, stats: UnpackStats, key: bytes | None = None
+    ) -> LayerInfo:
+        """Move a finished unpack into place; ``key``: the private options that decrypted it
+        (None: it was not encrypted). If the layer is there already, that one stays and its
+        record gains the key proof (a record from before sizes and keys is completed)."""
         target = self._dir(diff_id)
         meta = {
             "diff_id": diff_id,
@@ -174,6 +253,9 @@ class LayerStore:
             "whiteout_dirs": stats.whiteout_dirs,
             "entries": stats.entries,
             "bytes": stats.bytes_read,
+            "file_bytes": stats.file_bytes,
+            "encrypted": key is not None,
+            "keys": [] if key is None else [self._proof(diff_id, key)],
         }
         try:
             (tmp / "meta.json").write_text(json.dumps(meta))
@@ -182,7 +264,26 @@ class LayerStore:
             shutil.rmtree(tmp, ignore_errors=True)
             if not self.has(diff_id):
                 raise
+            self._complete(diff_id, meta)
         return self.get(diff_id)
+
+    def _complete(self, diff_id: str, new: dict[str, Any]) -> None:
+        """Merge what another verified unpack of a stored layer learnt into its record."""
+        path = self._dir(diff_id) / "meta.json"
+        with self._flock("index.lock", fcntl.LOCK_EX):
+            old = json.loads(path.read_text())
+            if isinstance(old.get("encrypted"), bool) and isinstance(old.get("keys"), list):
+                keys = sorted(set(old["keys"]) | set(new["keys"]))
+                if keys == sorted(old["keys"]):
+                    return
+                meta = {**old, "keys": keys}
+            else:  # recorded before sizes and keys were: this unpack's record stands for it
+                fields = ("entries", "bytes", "file_bytes", "encrypted", "keys")
+                meta = {**old, **{k: new[k] for k in fields}}
+            fd, tmp = tempfile.mkstemp(prefix="meta-", dir=self._tmp)
+            with os.fdopen(fd, "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, path)
 
     def add_layer(
         self,

@@ -102,6 +102,7 @@ class UnpackStats:
 
     entries: int = 0
     bytes_read: int = 0
+    file_bytes: int = 0  # regular files' declared sizes (sparse holes included)
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
@@ -771,5 +772,6 @@ def unpack_layer(
         if got != diff_id:
             raise UnpackError(f"layer {diff_id}: diff_id mismatch: expected {diff_id}, got {got}")
     up.stats.bytes_read = reader.count
+    up.stats.file_bytes = up.written
     up.stats.diff_id = diff_id or ""
     return up.stats

@@ -243,15 +243,26 @@ class DecryptLayers:
     def wants(self, index: int, total: int, layer: Descriptor) -> bool:
         return mt.is_encrypted(layer.media_type)
 
-    def apply(
-        self, index: int, total: int, layer: Descriptor, chunks: Iterator[bytes]
-    ) -> TransformedLayer:
+    def unwrap(self, index: int, total: int, layer: Descriptor) -> PrivateOptions:
+        """The layer's private options, unwrapped with the keys given, without touching its data
+        (what proves a key for a layer already decrypted once); fails as :meth:`apply` would."""
         where = _layer_name(self.image, index, total, layer)
-        pub_b64 = layer.annotations.get(ANN_PUBOPTS)
-        if pub_b64 is None:
-            raise DecryptionError(f"{where}: encrypted layer without the {ANN_PUBOPTS} annotation")
-        public = PublicOptions.parse(pub_b64, where)
-        private = PrivateOptions.parse(self._unwrap(layer, where), public.nonce, where)
+        public = self._public(layer, where)
+        return PrivateOptions.parse(self._unwrap(layer, where), public.nonce, where)
+
+    def apply(
+        self,
+        index: int,
+        total: int,
+        layer: Descriptor,
+        chunks: Iterator[bytes],
+        private: PrivateOptions | None = None,
+    ) -> TransformedLayer:
+        """Decrypt ``chunks``; ``private`` is what :meth:`unwrap` gave for this layer, if known."""
+        where = _layer_name(self.image, index, total, layer)
+        public = self._public(layer, where)
+        if private is None:
+            private = PrivateOptions.parse(self._unwrap(layer, where), public.nonce, where)
         plain = cipher.decrypt(chunks, private.symkey, private.nonce, public.hmac, where)
 
         def descriptor(digest: str, size: int) -> Descriptor:
@@ -268,6 +279,13 @@ class DecryptLayers:
             )
 
         return TransformedLayer(plain, descriptor)
+
+    @staticmethod
+    def _public(layer: Descriptor, where: str) -> PublicOptions:
+        pub_b64 = layer.annotations.get(ANN_PUBOPTS)
+        if pub_b64 is None:
+            raise DecryptionError(f"{where}: encrypted layer without the {ANN_PUBOPTS} annotation")
+        return PublicOptions.parse(pub_b64, where)
 
     def _unwrap(self, layer: Descriptor, where: str) -> bytes:
         c = self.config
