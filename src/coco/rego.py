@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -113,8 +114,49 @@ class RegoPolicy:
             raise self._failed(names, _messages(text))
         if text == "undefined":
             return {}
-        value = json.loads(text).get("bindings", {}).get("x")
+        try:
+            value = json.loads(text).get("bindings", {}).get("x")
+        except ValueError:  # rego-cpp does not escape '"' in some computed strings
+            raise self._failed(
+                names, [f"the engine's result is not JSON: {text[:200]!r}"]
+            ) from None
         return value if isinstance(value, dict) else {}
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this policy elsewhere (another process): ``RegoPolicy(**spec)``-shaped."""
+        return {
+            "text": self.text,
+            "where": self.where,
+            "package": self.package,
+            "rules": list(self.rules),
+            "modules": {k: v for k, v in self._modules.items() if k != _MAIN},
+        }
+
+    def check_recursion(self) -> None:
+        """Refuse a policy whose rules or functions depend on themselves (``x := y; y := x``).
+
+        rego-cpp finds recursion only while evaluating; this plans the whole package and looks
+        for a cycle among the planned rules, so a policy is refused before it is ever used.
+        """
+        with self._compile_errors():
+            interp = self._parsed()
+            bundle = interp.build(f"x := data.{self.package}", [])
+            with tempfile.TemporaryDirectory(prefix="coco-rego-") as d:
+                interp.save_bundle(os.path.join(d, "b"), bundle)
+                with open(os.path.join(d, "b", "plan.json"), "rb") as f:
+                    plan = json.load(f)
+        calls: dict[str, set[str]] = {}
+        for func in plan.get("funcs", {}).get("funcs", []):
+            found: set[str] = set()
+            _calls(func.get("blocks"), found)
+            calls[func["name"]] = found
+        cycle = _cycle(calls)
+        if cycle:
+            names = " -> ".join(c.removeprefix("g0.data.") for c in cycle)
+            raise self.error(
+                f"{self.where}: expected rules that do not depend on themselves, found the "
+                f"recursion {names}"
+            )
 
     def _failed(self, rules: tuple[str, ...], messages: list[str]) -> CocoError:
         why = messages[0] if messages else "rego-cpp gave no reason (conflicting rule values?)"
@@ -228,6 +270,44 @@ class RegoPolicy:
             finally:
                 os.dup2(saved, 1)
                 os.close(saved)
+
+
+def _calls(node: Any, out: set[str]) -> None:
+    """The functions a plan fragment calls (``CallStmt``), added to ``out``."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            if n.get("type") == "CallStmt" and isinstance(n.get("stmt"), dict):
+                out.add(str(n["stmt"].get("func")))
+            stack.extend(n.values())
+        elif isinstance(n, list):
+            stack.extend(n)
+
+
+def _cycle(calls: dict[str, set[str]]) -> list[str]:
+    """One cycle of the call graph ``calls`` (first node repeated at the end), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(calls):
+        if state.get(root):
+            continue
+        path = [root]
+        todo = [iter(sorted(calls[root]))]
+        state[root] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+                continue
+            if nxt not in calls or state.get(nxt) == 2:
+                continue
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            state[nxt] = 1
+            path.append(nxt)
+            todo.append(iter(sorted(calls[nxt])))
+    return []
 
 
 def _messages(raw: str) -> list[str]:

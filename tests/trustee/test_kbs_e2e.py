@@ -192,7 +192,9 @@ def test_default_resource_policy_refuses_sample(open_kbs: KbsProcess) -> None:
     assert r.status_code == 401
     assert r.json() == {
         "type": "https://github.com/confidential-containers/kbs/errors/PolicyDeny",
-        "detail": "Access denied by policy: resource default/test/secret",
+        "detail": "Access denied by policy: resource default/test/secret: refused by the KBS "
+        "resource policy: the token was issued for the INSECURE sample TEE (upload a resource "
+        "policy that allows it, for tests only)",
     }
 
 

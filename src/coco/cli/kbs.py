@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from typing import Any
 
-from coco.cli._args import Commands, Parser, env_default, integer, path, run_group, shown
+from coco.cli._args import Commands, Parser, env_default, int_range, path, run_group, shown
 from coco.errors import UsageError
 
 DESCRIPTION = "The Key Broker Service (owner side)."
+_POSITIVE = int_range(1)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
+    return value
 
 
 def _build_serve(p: Parser) -> None:
@@ -39,7 +51,7 @@ def _build_serve(p: Parser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=integer,
+        type=_POSITIVE,
         default=1,
         metavar="INTEGER",
         help=shown("Worker processes (pre-forked).", 1),
@@ -63,24 +75,45 @@ def _build_serve(p: Parser) -> None:
     )
     p.add_argument(
         "--session-timeout",
-        type=integer,
+        type=_POSITIVE,
         default=5,
         metavar="INTEGER",
         help=shown("Session minutes.", 5),
     )
     p.add_argument(
         "--max-body-mb",
-        type=integer,
+        type=_POSITIVE,
         default=2,
         metavar="INTEGER",
         help=shown("Request body limit (MiB).", 2),
     )
     p.add_argument(
         "--max-header-kb",
-        type=integer,
+        type=_POSITIVE,
         default=256,
         metavar="INTEGER",
         help=shown("Request header limit (KiB).", 256),
+    )
+    p.add_argument(
+        "--max-pending-sessions",
+        type=_POSITIVE,
+        default=10000,
+        metavar="INTEGER",
+        help=shown("Sessions waiting for /attest before /auth answers 503.", 10000),
+    )
+    p.add_argument(
+        "--policy-timeout",
+        type=_seconds,
+        default=3.0,
+        metavar="SECONDS",
+        help=shown("Time limit of one policy evaluation.", 3),
+    )
+    p.add_argument(
+        "--policy-memory-mb",
+        type=_POSITIVE,
+        default=1024,
+        metavar="INTEGER",
+        help=shown("Memory limit of one policy evaluation (MiB).", 1024),
     )
     p.set_defaults(func=serve)
 
@@ -100,9 +133,13 @@ def serve(
     session_timeout: int,
     max_body_mb: int,
     max_header_kb: int,
+    max_pending_sessions: int,
+    policy_timeout: float,
+    policy_memory_mb: int,
 ) -> None:
-    from coco.trustee.config import AdminIdp, KbsConfig
+    from coco.trustee.config import AdminIdp, KbsConfig, parse_socket
     from coco.trustee.kbs.server import serve as run
+    from coco.trustee.policy_engine import PolicyLimits
 
     if config_file:
         if listen or storage or session_storage or insecure_http or admin_public_key or deny_admin:
@@ -113,6 +150,7 @@ def serve(
             raise UsageError("give --config FILE, or --listen HOST:PORT (quick form)")
         if not insecure_http and not (private_key and certificate):
             raise UsageError("HTTPS needs --private-key and --certificate (or --insecure-http)")
+        parse_socket(listen, "--listen")
         cfg = KbsConfig()
         cfg.http_server.sockets = [listen]
         cfg.http_server.insecure_http = insecure_http
@@ -125,6 +163,8 @@ def serve(
         cfg.http_server.worker_count = workers
         cfg.insecure_header_jwk = insecure_header_jwk
         cfg.session_timeout_min = session_timeout
+        cfg.max_pending_sessions = max_pending_sessions
+        cfg.policy_limits = PolicyLimits(policy_timeout, policy_memory_mb)
         if deny_admin and admin_public_key:
             raise UsageError("--deny-admin and --admin-public-key exclude each other")
         if deny_admin:

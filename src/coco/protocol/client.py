@@ -3,7 +3,9 @@
 Written once and used by ``coco kbs-client get-resource`` and by the guest's KBC. It behaves as
 upstream ``kbs_protocol`` does: a fresh TEE key per client, cookie session, on 401 it runs the
 handshake again and retries (3 attempts in all), 404 is "resource not found", and every error
-answer is parsed as ``ErrorInformation``.
+answer is parsed as ``ErrorInformation``. Unlike upstream, it retries only when a new token could
+change the answer (no token, a token refused or expired): a policy's refusal is final, and its
+error says which policy refused and how an admin changes it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = ["KbsClient", "KbsRequestError", "ResourceNotFoundError", "TeeKey", "p
 
 _SEGMENT = re.compile(r"^[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*$")
 KEY_ALGORITHMS = ("ec-p256", "ec-p521", "rsa-oaep-256", "rsa1_5")
+# 401 answers after which a fresh handshake (a new token) may succeed.
+_RETRY_VARIANTS = ("TokenNotFound", "TokenVerifierError")
 
 
 class KbsRequestError(KbsError):
@@ -227,7 +231,17 @@ class KbsClient:
                         f"KBS {self.url}: resource {rel}: cannot decrypt response: {e}"
                     ) from None
             err = _error_from(resp, f"KBS {self.url}: get resource {rel}")
-            if resp.status_code != 401:
+            variant = err.info.variant if err.info else None
+            if variant in ("PolicyDeny", "PolicyEngineError"):
+                what = "refused" if variant == "PolicyDeny" else "could not evaluate"
+                raise KbsRequestError(
+                    f"{err} (the KBS resource policy {what} this request; an admin changes that "
+                    f"policy with `coco kbs-client --url {self.url} config set-resource-policy "
+                    "--policy-file FILE`)",
+                    err.status,
+                    err.info,
+                ) from None
+            if resp.status_code != 401 or variant not in (*_RETRY_VARIANTS, None):
                 raise err
             last = err
             self.token = None  # redo the handshake, as kbs_protocol does

@@ -10,12 +10,12 @@ the upstream deserializer does, because the binding hash is computed over the re
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from coco.crypto.jcs import canonicalize
 from coco.errors import KbsError
+from coco.jsonio import loads as json_loads
 
 PROTOCOL_VERSION = "0.4.0"
 ERROR_TYPE_PREFIX = "https://github.com/confidential-containers/kbs/errors/"
@@ -35,12 +35,7 @@ class ProtocolError(KbsError):
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
     if isinstance(value, bytes | str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ProtocolError(
-                f"{where}: expected a JSON object, found invalid JSON: {e}"
-            ) from None
+        value = json_loads(value, what=where, error=ProtocolError)
     if not isinstance(value, dict):
         raise ProtocolError(f"{where}: expected a JSON object, found {type(value).__name__}")
     return value
@@ -201,10 +196,9 @@ class CompositeEvidence:
         """The device evidence by TEE name (empty when there is none)."""
         if not self.additional_evidence:
             return {}
-        try:
-            parsed = json.loads(self.additional_evidence)
-        except ValueError as e:
-            raise ProtocolError(f"tee-evidence.additional_evidence: not JSON: {e}") from None
+        parsed = json_loads(
+            self.additional_evidence, what="tee-evidence.additional_evidence", error=ProtocolError
+        )
         if not isinstance(parsed, dict):
             raise ProtocolError("tee-evidence.additional_evidence: expected a JSON object")
         return parsed

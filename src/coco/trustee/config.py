@@ -6,7 +6,10 @@ with ``attestation_token_broker``, ``rvps_config``, ``verifier_config``), ``[adm
 (ours, ``backends.sqlite.path``), ``Postgres`` (``backends.postgres`` host/port/db/username/
 password, or env ``POSTGRES_URL``), ``Memory``, and ``LocalFs`` (kept as one SQLite file
 ``coco-kbs.sqlite`` under ``dir_path``). Our additions: ``http_server.request_header_size``
-(KiB, default 256) and ``storage_backend.url``.
+(KiB, default 256), ``storage_backend.url``, ``attestation_service.max_pending_sessions`` (sessions
+that called /auth but not yet /attest, per server; default 10000) and, in ``[policy_engine]``,
+the bounds of one policy evaluation: ``timeout_sec`` (default 3), ``memory_limit_mb`` (default
+1024) and ``workers`` (evaluations at once per server, default 2). Counts and sizes must be > 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from coco.errors import KbsError
+from coco.trustee.policy_engine import PolicyLimits
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,23 @@ def _get(d: dict[str, Any], key: str, where: str, typ: type | tuple, default: An
         names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
         raise ConfigError(f"{where}.{key}: expected {names}, found {type(v).__name__} {v!r}")
     return v
+
+
+def _positive(
+    d: dict[str, Any], key: str, where: str, default: Any, typ: type | tuple = int
+) -> Any:
+    v = _get(d, key, where, typ, default)
+    if v is not None and v <= 0:
+        raise ConfigError(f"{where}.{key}: expected a number > 0, found {v!r}")
+    return v
+
+
+def parse_socket(address: str, where: str = "http_server.sockets") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``; an empty host is 0.0.0.0) with a port in 1-65535."""
+    host, sep, port_s = address.rpartition(":")
+    if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT with a port in 1-65535, found {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port_s)
 
 
 def _str_list(d: dict[str, Any], key: str, where: str) -> list[str]:
@@ -82,6 +103,11 @@ class KbsConfig:
     extra_teekey_paths: list[str] = field(default_factory=list)
     insecure_header_jwk: bool = False
     session_timeout_min: int = 5
+    # Sessions that called /auth and not yet /attest, per server. Each now costs ~0.5 KiB (nonce,
+    # TEE, expiry), so 10000 is ~5 MB; a guest attests within seconds of its /auth, so even a
+    # fleet booting at once stays far below it, while a flood gets a 503 instead of memory.
+    max_pending_sessions: int = 10000
+    policy_limits: PolicyLimits = field(default_factory=PolicyLimits)
     token_duration_min: int = 5
     token_issuer: str = "CoCo-Attestation-Service"
     token_developer: str = "https://confidentialcontainers.org"
@@ -133,10 +159,12 @@ class KbsConfig:
             insecure_http=_get(hs, "insecure_http", "http_server", bool, False),
             private_key=_get(hs, "private_key", "http_server", str, None),
             certificate=_get(hs, "certificate", "http_server", str, None),
-            payload_request_size=_get(hs, "payload_request_size", "http_server", int, 2),
-            request_header_size=_get(hs, "request_header_size", "http_server", int, 256),
-            worker_count=_get(hs, "worker_count", "http_server", int, None),
+            payload_request_size=_positive(hs, "payload_request_size", "http_server", 2),
+            request_header_size=_positive(hs, "request_header_size", "http_server", 256),
+            worker_count=_positive(hs, "worker_count", "http_server", None),
         )
+        for address in c.http_server.sockets:
+            parse_socket(address)
         if "tls_profile" in hs:
             log.warning("http_server.tls_profile: ignored (Python's TLS defaults, TLS >= 1.2)")
         if not c.http_server.insecure_http and not (
@@ -153,6 +181,16 @@ class KbsConfig:
         c.extra_teekey_paths = _str_list(at, "extra_teekey_paths", "attestation_token")
         c.insecure_header_jwk = _get(at, "insecure_header_jwk", "attestation_token", bool, False)
         c._load_as(doc.get("attestation_service", {}))
+        pe = _table(doc.get("policy_engine", {}), "policy_engine", {
+            "policy_path", "timeout_sec", "memory_limit_mb", "workers",
+        })  # fmt: skip
+        if "policy_path" in pe:
+            log.warning("policy_engine.policy_path: ignored (set the policy with the admin API)")
+        c.policy_limits = PolicyLimits(
+            timeout_sec=float(_positive(pe, "timeout_sec", "policy_engine", 3.0, (int, float))),
+            memory_limit_mb=_positive(pe, "memory_limit_mb", "policy_engine", 1024),
+            workers=_positive(pe, "workers", "policy_engine", 2),
+        )
         c._load_admin(doc)
         c._load_storage(doc)
         for i, p in enumerate(_get(doc, "plugins", "config", list, [])):
@@ -170,13 +208,15 @@ class KbsConfig:
         w = "attestation_service"
         if isinstance(a, dict) and a.get("type", "coco_as_builtin") != "coco_as_builtin":
             raise ConfigError(f"{w}.type: only 'coco_as_builtin' is available, found {a['type']!r}")
-        _table(
-            a, w, {"type", "timeout", "attestation_token_broker", "rvps_config", "verifier_config"}
-        )
+        _table(a, w, {
+            "type", "timeout", "attestation_token_broker", "rvps_config", "verifier_config",
+            "max_pending_sessions",
+        })  # fmt: skip
         kind = _get(a, "type", w, str, "coco_as_builtin")
         if kind != "coco_as_builtin":
             raise ConfigError(f"{w}.type: only 'coco_as_builtin' is available, found {kind!r}")
-        self.session_timeout_min = _get(a, "timeout", w, int, 5)
+        self.session_timeout_min = _positive(a, "timeout", w, 5)
+        self.max_pending_sessions = _positive(a, "max_pending_sessions", w, 10000)
         tb = _table(a.get("attestation_token_broker", {}), f"{w}.attestation_token_broker", {
             "type", "duration_min", "issuer_name", "developer_name", "build_name", "profile_name",
             "verbose_token", "signer", "policy_dir",

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from coco.errors import KbsError
+from coco.jsonio import loads as json_loads
 from coco.trustee.storage import NS_REFERENCE_VALUE, Store
 from coco.trustee.storage.base import check_key
 
@@ -41,10 +42,7 @@ class Rvps:
     def register(self, message: bytes | str | dict[str, Any]) -> list[str]:
         """Store the reference values of one message; returns their names."""
         if isinstance(message, bytes | str):
-            try:
-                message = json.loads(message)
-            except ValueError as e:
-                raise RvpsError(f"RVPS message: expected JSON, found invalid JSON: {e}") from None
+            message = json_loads(message, what="RVPS message", error=RvpsError)
         if not isinstance(message, dict):
             raise RvpsError("RVPS message: expected a JSON object")
         unknown = set(message) - {"version", "type", "payload"}
@@ -62,11 +60,12 @@ class Rvps:
         if not isinstance(payload, str):
             raise RvpsError("RVPS message: payload: expected a base64 string")
         try:
-            values = json.loads(base64.b64decode(payload, validate=True))
+            raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as e:
             raise RvpsError(
                 f"RVPS message: payload: expected base64 of a JSON object: {e}"
             ) from None
+        values = json_loads(raw, what="RVPS message: payload", error=RvpsError)
         if not isinstance(values, dict):
             raise RvpsError("RVPS message: payload: expected a JSON object of name -> value")
         expiration = (dt.datetime.now(dt.UTC) + dt.timedelta(days=365)).strftime(

@@ -28,6 +28,7 @@ from coco.protocol.kbs import InitData, hash_bytes
 from coco.rego import RegoPolicy
 from coco.tee import get_verifier
 from coco.trustee.attestation.ear import TokenSigner, check_trust_vector, ear_status
+from coco.trustee.policy_engine import PolicyEngine
 from coco.trustee.rvps import Rvps
 from coco.trustee.storage import NS_AS_POLICY, Store
 from coco.trustee.storage.base import check_key
@@ -91,7 +92,7 @@ def parse_init_data(init: InitData) -> tuple[bytes, dict[str, Any]]:
     except tomllib.TOMLDecodeError as e:
         raise AttestationError(f"init-data: not valid TOML: {e}") from None
     alg = doc.get("algorithm", "sha256")
-    if alg not in _INITDATA_ALGS:
+    if not isinstance(alg, str) or alg not in _INITDATA_ALGS:
         raise AttestationError(
             f"init-data: algorithm: expected sha256, sha384 or sha512, found {alg!r}"
         )
@@ -122,7 +123,9 @@ class AttestationService:
         developer: str = "https://confidentialcontainers.org",
         build: str = "coco attestation-service 0.1.0",
         verbose_token: bool = True,
+        engine: PolicyEngine | None = None,
     ):
+        """``engine`` evaluates the policies in bounded worker processes; None: in this one."""
         self.store = store
         self.rvps = rvps
         self.signer = signer
@@ -131,6 +134,7 @@ class AttestationService:
         self.developer = developer
         self.build = build
         self.verbose_token = verbose_token
+        self.engine = engine
         self._policies: dict[str, RegoPolicy] = {}
         self._results: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -138,9 +142,10 @@ class AttestationService:
     # ------------------------------------------------------------------------------ policies
 
     def set_policy(self, policy_id: str, text: str) -> None:
-        """Compile and store an attestation policy (refused if it does not compile)."""
+        """Compile and store an attestation policy (refused if it does not compile or recurses)."""
         check_key(policy_id)
         policy = compile_attestation_policy(text, policy_id)
+        policy.check_recursion()
         self.store.put(NS_AS_POLICY, f"{policy_id}.rego", text.encode())
         with self._lock:
             self._policies[policy_id] = policy
@@ -170,15 +175,16 @@ class AttestationService:
         values (both part of the key).
         """
         data = {"reference_values": reference_values}
+        evaluate = self.engine.evaluate if self.engine else RegoPolicy.evaluate
         if not _blind_to_runtime_data(policy.text):
-            return policy.evaluate(annotated, data)
+            return evaluate(policy, annotated, data)
         stable = {k: v for k, v in annotated.items() if k not in _PER_REQUEST}
         key = (policy.digest, json.dumps([stable, reference_values], sort_keys=True))
         with self._lock:
             hit = self._results.get(key)
         if hit is not None:
             return copy.deepcopy(hit)
-        result = policy.evaluate(stable, data)
+        result = evaluate(policy, stable, data)
         with self._lock:
             self._results[key] = copy.deepcopy(result)
             while len(self._results) > 2048:

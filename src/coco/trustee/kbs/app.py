@@ -8,8 +8,13 @@ policies, reference values, the token-signing key, and sessions unless a single 
 SQLite file) lives in the store, so replicas on one PostgreSQL database serve any step of any
 client.
 
-Deviation from upstream, on purpose: a session's nonce is good for one ``/attest`` only; a second
-attempt (replay) is refused instead of answering the stored token again.
+Deviations from upstream, on purpose: a session's nonce is good for one ``/attest`` only; a second
+attempt (replay) is refused instead of answering the stored token again. A session keeps only what
+``/attest`` needs (TEE, challenge, expiry), not the ``/auth`` request, whose ``extra-params`` may
+be at most 64 KiB; at most ``max_pending_sessions`` sessions per server may wait for their
+``/attest`` (503 past it). Policies are evaluated in worker processes bounded in time and memory
+(:mod:`coco.trustee.policy_engine`), and refused at upload when their rules are recursive. The
+resource policy may define ``deny_reason`` (a string) to say why it refused.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from coco.crypto.jose import JoseError, jwe_encrypt, public_key_from_jwk
 from coco.errors import CocoError, RegoError
+from coco.jsonio import loads as json_loads
 from coco.protocol.kbs import (
     PROTOCOL_VERSION,
     SESSION_COOKIE,
@@ -48,13 +55,16 @@ from coco.trustee.kbs.admin import Acl, AdminAuth, AdminAuthError, IdentityProvi
 from coco.trustee.kbs.errors import KbsHttpError
 from coco.trustee.kbs.metrics import Metrics
 from coco.trustee.kbs.token import TokenVerifier, TokenVerifierError, tee_pubkey_of
+from coco.trustee.policy_engine import PolicyEngine
 from coco.trustee.rvps import Rvps, RvpsError
 from coco.trustee.storage import NS_KBS, NS_REPOSITORY, NS_SESSION, Store, open_store
 
 log = logging.getLogger("coco.kbs")
 
 RESOURCE_POLICY_KEY = "resource-policy.rego"
-_SEGMENT = re.compile(r"^[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*$")
+_SEGMENT = re.compile(r"[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*")  # used with fullmatch
+MAX_RESOURCE_KEY = 512  # bytes of repository/type/tag the storage keeps (storage.base.check_key)
+MAX_EXTRA_PARAMS = 64 * 1024  # bytes of an /auth request's extra-params (real clients send ~80)
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 )
@@ -71,8 +81,20 @@ def default_resource_policy() -> str:
 
 
 def compile_resource_policy(text: str) -> RegoPolicy:
-    """A resource policy (package ``policy``): ``allow``."""
-    return RegoPolicy(text, "resource policy", package="policy", rules=("allow",))
+    """A resource policy (package ``policy``): ``allow``, and optionally ``deny_reason``."""
+    return RegoPolicy(text, "resource policy", package="policy", rules=("allow", "deny_reason"))
+
+
+class _BodyError(CocoError):
+    """A request body that is not readable JSON."""
+
+
+def _read_json(body: bytes, what: str, variant: str) -> Any:
+    """The JSON document of a request body, or a 400 refusal saying why it is not one."""
+    try:
+        return json_loads(body, what=what, error=_BodyError)
+    except _BodyError as e:
+        raise KbsHttpError(variant, str(e), status=400) from None
 
 
 def _b64url_text(value: Any, where: str) -> str:
@@ -128,6 +150,15 @@ class KbsApp:
 
     def __init__(self, config: KbsConfig, store: Store | None = None):
         self.config = config
+        # What needs no storage first: a start that fails here leaves nothing behind.
+        self.admin = AdminAuth(
+            config.admin_mode,
+            [IdentityProvider(**vars(i)) for i in config.admin_idps],
+            [Acl(role, ep) for role, ep in config.admin_acls],
+        )
+        self.policy_engine = PolicyEngine(config.policy_limits)
+        self.max_pending = config.max_pending_sessions
+        self._pending: OrderedDict[str, float] = OrderedDict()  # session id -> expiry, oldest first
         self.store = store or open_store(config.storage_url)
         if config.session_storage_url:
             self.session_store = open_store(config.session_storage_url)
@@ -157,6 +188,7 @@ class KbsApp:
             developer=config.token_developer,
             build=config.token_build,
             verbose_token=config.verbose_token,
+            engine=self.policy_engine,
         )
         self.tokens = TokenVerifier(
             own_keys=[signer.key.public_key()],
@@ -164,16 +196,11 @@ class KbsApp:
             trusted_jwk_sets=config.trusted_jwk_sets,
             insecure_header_jwk=config.insecure_header_jwk,
         )
-        self.admin = AdminAuth(
-            config.admin_mode,
-            [IdentityProvider(**vars(i)) for i in config.admin_idps],
-            [Acl(role, ep) for role, ep in config.admin_acls],
-        )
         self.store.put(
             NS_KBS, RESOURCE_POLICY_KEY, default_resource_policy().encode(), overwrite=False
         )
         self._resource_policy: RegoPolicy | None = None
-        self._decisions: dict[tuple[str, str, str, str], bool] = {}
+        self._decisions: dict[tuple[str, str, str, str], tuple[bool, str]] = {}
         self.metrics = Metrics()
 
     # ------------------------------------------------------------------------------- ASGI
@@ -201,6 +228,10 @@ class KbsApp:
             reply = await self._route(method, path, query_string, raw_headers, body)
         except KbsHttpError as e:
             reply = self.refuse(e, method, path, client)
+        except RecursionError:  # a nested document some parser below us followed too deep
+            err = KbsHttpError("HTTPFailed", "request: expected JSON of reasonable depth, found "
+                               "a document nested too deeply to read", status=400)  # fmt: skip
+            reply = self.refuse(err, method, path, client)
         except Exception as e:  # a bug: still answer ErrorInformation, never a bare 500 page
             log.exception("internal error on %s %s", method, path)
             err = KbsHttpError("HTTPFailed", f"internal error: {type(e).__name__}: {e}")
@@ -218,6 +249,7 @@ class KbsApp:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(60)
+            self._forget_expired()
             try:
                 n = self.session_store.sweep(NS_SESSION)
                 if n:
@@ -277,8 +309,9 @@ class KbsApp:
         if plugin == "reference-value":
             if method == "POST" and not sub:
                 self._admin(headers, uri)
+                message = _read_json(body, "reference-value body", "RvpsError")
                 try:
-                    self.rvps.register(body)
+                    self.rvps.register(message)
                 except RvpsError as e:
                     raise KbsHttpError("RvpsError", f"RVPS error: {e}") from None
                 return Reply(200)
@@ -306,8 +339,15 @@ class KbsApp:
     def _auth(self, body: bytes) -> Reply:
         m = self.metrics
         m.inc("kbs_auth_requests_total")
+        doc = _read_json(body, "Request (/kbs/v0/auth body)", "AttestationError")
         try:
-            req = Request.from_json(body)
+            req = Request.from_json(doc)
+            extra = len(json.dumps(req.extra_params, separators=(",", ":")))
+            if extra > MAX_EXTRA_PARAMS:
+                raise ProtocolError(
+                    f"Request.extra-params: expected at most {MAX_EXTRA_PARAMS} bytes of JSON, "
+                    f"found {extra}"
+                )
             if not _SEMVER.match(req.version):
                 raise ProtocolError(f"Request.version: {req.version!r} is not a semantic version")
             if req.version != PROTOCOL_VERSION:
@@ -324,23 +364,45 @@ class KbsApp:
             raise KbsHttpError(
                 "AttestationError", f"Attestation error: RCAR handshake Auth failed: {e}"
             ) from None
+        now = time.time()
+        self._forget_expired(now)
+        if len(self._pending) >= self.max_pending:
+            m.inc("kbs_auth_errors_total")
+            raise KbsHttpError(
+                "AttestationError",
+                f"Attestation error: RCAR handshake Auth failed: this KBS already holds "
+                f"{len(self._pending)} sessions waiting for /attest, its limit "
+                f"(attestation_service.max_pending_sessions = {self.max_pending}); retry later",
+                status=503,
+            )
         nonce = base64.b64encode(os.urandom(32)).decode()
         challenge = Challenge(nonce, "")
         sid = uuid.uuid4().hex
-        expires = time.time() + self.session_ttl
-        state = {
+        expires = now + self.session_ttl
+        state = {  # only what /attest needs: never the request (its extra-params may be large)
             "Authed": {
-                "request": req.to_json(),
+                "tee": req.tee,
                 "challenge": challenge.to_json(),
                 "id": sid,
                 "timeout": _rfc3339(expires),
             }
         }
         self.session_store.put(NS_SESSION, sid, json.dumps(state).encode(), expires=expires)
+        self._pending[sid] = expires
         m.inc("kbs_auth_successes_total")
         return Reply(
             200, json.dumps(challenge.to_json()).encode(), [*_JSON, self._cookie(sid, expires)]
         )
+
+    def _forget_expired(self, now: float | None = None) -> None:
+        """Drop expired sessions from the pending count (the oldest come first)."""
+        now = time.time() if now is None else now
+        pending = self._pending
+        while pending:
+            sid, expires = next(iter(pending.items()))
+            if expires > now:
+                break
+            del pending[sid]
 
     @staticmethod
     def _cookie(sid: str, expires: float) -> tuple[bytes, bytes]:
@@ -378,13 +440,15 @@ class KbsApp:
         if "Authed" not in state:
             raise fail(f"session {sid}: its nonce was already used; start again with /kbs/v0/auth")
         # Claim the nonce: only one /attest per session, even with concurrent replicas.
+        self._pending.pop(sid, None)
         if not self.session_store.delete(NS_SESSION, sid):
             raise fail(f"session {sid}: its nonce was already used; start again with /kbs/v0/auth")
         authed = state["Authed"]
-        tee = authed["request"]["tee"]
+        tee = authed["tee"]
         challenge = Challenge.from_json(authed["challenge"])
+        doc = _read_json(body, "Attestation (/kbs/v0/attest body)", "AttestationError")
         try:
-            att = Attestation.from_json(body)
+            att = Attestation.from_json(doc)
         except ProtocolError as e:
             raise fail(str(e)) from None
         rd = att.runtime_data
@@ -423,11 +487,8 @@ class KbsApp:
                 )
         except ProtocolError as e:
             raise fail(str(e)) from None
-        try:
-            if tee == "sample" and len(requests) == 1:
-                token, payload = self.attestation.issue(requests)
-            else:
-                token, payload = await asyncio.to_thread(self.attestation.issue, requests)
+        try:  # off the event loop: verifiers are CPU work, policies run in bounded workers
+            token, payload = await asyncio.to_thread(self.attestation.issue, requests)
         except CocoError as e:
             m.inc("kbs_attestation_failures_total", tee_type=tee)
             log.warning("attestation of session %s (%s) failed: %s", sid, tee, e)
@@ -446,10 +507,7 @@ class KbsApp:
     # ------------------------------------------------------------------------------ admin
 
     def _json_body(self, body: bytes, what: str) -> dict[str, Any]:
-        try:
-            obj = json.loads(body)
-        except ValueError as e:
-            raise KbsHttpError("SerdeError", f"{what}: body is not JSON: {e}") from None
+        obj = _read_json(body, f"{what} body", "SerdeError")
         if not isinstance(obj, dict):
             raise KbsHttpError("SerdeError", f"{what}: expected a JSON object")
         return obj
@@ -468,7 +526,9 @@ class KbsApp:
             text = _b64url_text(obj.get("policy"), "attestation-policy.policy")
             self.attestation.set_policy(policy_id, text)
         except (ValueError, CocoError) as e:
-            raise KbsHttpError("PolicyEngineError", f"Set attestation policy failed: {e}") from None
+            raise KbsHttpError(
+                "PolicyEngineError", f"Set attestation policy failed: {e}", status=400
+            ) from None
         log.info("attestation policy %s set", policy_id)
         return Reply(200)
 
@@ -480,8 +540,11 @@ class KbsApp:
         try:
             text = _b64url_text(obj.get("policy"), "resource-policy.policy")
             policy = compile_resource_policy(text)
+            policy.check_recursion()
         except (ValueError, RegoError) as e:
-            raise KbsHttpError("PolicyEngineError", f"Set resource policy failed: {e}") from None
+            raise KbsHttpError(
+                "PolicyEngineError", f"Set resource policy failed: {e}", status=400
+            ) from None
         self.store.put(NS_KBS, RESOURCE_POLICY_KEY, text.encode())
         self._resource_policy = policy
         log.info("resource policy set")
@@ -503,7 +566,7 @@ class KbsApp:
     ) -> Reply:
         m = self.metrics
         m.inc("kbs_plugin_requests_total", plugin="resource")
-        if len(sub) != 3 or not all(_SEGMENT.match(s) for s in sub):
+        if len(sub) != 3 or not all(_SEGMENT.fullmatch(s) for s in sub):
             m.inc("kbs_plugin_errors_total", plugin="resource")
             raise KbsHttpError(
                 "InvalidRequestPath",
@@ -511,6 +574,14 @@ class KbsApp:
                 "each of [A-Za-z0-9_-.] not starting with '.'",
             )
         key = "/".join(sub)
+        if len(key.encode()) > MAX_RESOURCE_KEY:
+            m.inc("kbs_plugin_errors_total", plugin="resource")
+            raise KbsHttpError(
+                "InvalidRequestPath",
+                f"Invalid request path: resource/{key[:64]}...: expected at most "
+                f"{MAX_RESOURCE_KEY} bytes of <repository>/<type>/<tag>, found {len(key.encode())}",
+                status=400,
+            )
         if method in ("POST", "PUT", "DELETE"):
             self._admin(headers, uri)
             if method == "DELETE":
@@ -548,18 +619,25 @@ class KbsApp:
             policy = self.resource_policy()
             # The decision is a pure function of (policy, verified token, request data).
             dkey = (policy.digest, token, key, qs)
-            allowed = self._decisions.get(dkey)
-            if allowed is None:
-                allowed = policy.evaluate(claims, data).get("allow") is True
-                self._decisions[dkey] = allowed
+            decision = self._decisions.get(dkey)
+            if decision is None:
+                result = await asyncio.to_thread(self.policy_engine.evaluate, policy, claims, data)
+                reason = result.get("deny_reason")
+                decision = (result.get("allow") is True, reason if isinstance(reason, str) else "")
+                self._decisions[dkey] = decision
                 if len(self._decisions) > 8192:
                     self._decisions.pop(next(iter(self._decisions)))
         except RegoError as e:
             m.inc("kbs_policy_errors_total")
             raise KbsHttpError("PolicyEngineError", f"Policy engine error: {e}") from None
+        allowed, reason = decision
         if not allowed:
             m.inc("kbs_policy_violations_total")
-            raise KbsHttpError("PolicyDeny", f"Access denied by policy: resource {key}")
+            raise KbsHttpError(
+                "PolicyDeny",
+                f"Access denied by policy: resource {key}: refused by the KBS resource policy"
+                + (f": {reason[:500]}" if reason else ""),
+            )
         m.inc("kbs_policy_approvals_total")
         value = self.store.get(NS_REPOSITORY, key)
         if value is None:

@@ -2,7 +2,10 @@
 
 Every refusal is ``{"type": "https://github.com/confidential-containers/kbs/errors/<Variant>",
 "detail": "..."}``; the status is 401 for everything but ``InvalidRequestPath`` and
-``PluginNotFound`` (404), and our transport-level refusals (405, 413, 431).
+``PluginNotFound`` (404), and our transport-level refusals (405, 413, 431). Ours too, where
+upstream's 401 or 500 would mislead: a request the KBS cannot read (a body that is not readable
+JSON, a resource name longer than the storage allows) is 400, and a server at its limit of
+pending sessions answers 503.
 """
 
 from __future__ import annotations
@@ -31,15 +34,12 @@ _STATUS = {
 class KbsHttpError(KbsError):
     """A refusal to send back as ErrorInformation."""
 
-    def __init__(self, variant: str, detail: str):
+    def __init__(self, variant: str, detail: str, status: int | None = None):
         assert variant in VARIANTS, variant
         super().__init__(detail)
         self.variant = variant
         self.detail = detail
-
-    @property
-    def status(self) -> int:
-        return _STATUS.get(self.variant, 401)
+        self.status = status or _STATUS.get(variant, 401)
 
     def body(self) -> bytes:
         body = {"type": ERROR_TYPE_PREFIX + self.variant, "detail": self.detail}

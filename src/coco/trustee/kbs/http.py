@@ -4,6 +4,8 @@ Why not a general ASGI server: a KBS request is small and answered whole, so eac
 out in one write, and the limits the KBS must enforce (header bytes, body bytes) are applied while
 parsing, before anything is buffered beyond them. Keep-alive and pipelining are supported (answers
 in order), ``Expect: 100-continue`` is honoured, idle connections are closed after a timeout.
+A request asking for a protocol upgrade (``Upgrade: h2c``, as ``curl --http2`` sends) is answered
+in HTTP/1.1 and the connection stays HTTP/1.1: a server may ignore ``Upgrade`` (RFC 9110, 7.8).
 Anything the parser refuses gets a 400 with an ErrorInformation body and the connection closes.
 """
 
@@ -28,6 +30,7 @@ _REASONS = {
     200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
     405: b"Method Not Allowed", 413: b"Payload Too Large",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    503: b"Service Unavailable",
 }  # fmt: skip
 IDLE_TIMEOUT = 30.0
 
@@ -43,7 +46,7 @@ def _encode(reply: Reply, keep_alive: bool) -> bytes:
 
 
 class _Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "url")
+    __slots__ = ("body", "headers", "keep_alive", "length", "method", "url")
 
     def __init__(self) -> None:
         self.url = b""
@@ -51,6 +54,7 @@ class _Request:
         self.body: list[bytes] = []
         self.method = ""
         self.keep_alive = True
+        self.length = 0  # declared content-length
 
 
 class KbsHttpProtocol(asyncio.Protocol):
@@ -69,6 +73,9 @@ class KbsHttpProtocol(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.idle: asyncio.TimerHandle | None = None
         self.eof = False
+        # A request that asked for an upgrade: the parser stopped before its body, which we
+        # read ourselves (the request, and how many body bytes are still to come).
+        self.upgrade_body: tuple[_Request, int] | None = None
 
     # -------------------------------------------------------------------- transport events
 
@@ -99,12 +106,36 @@ class KbsHttpProtocol(asyncio.Protocol):
         if self.closing:
             return
         self._arm_idle()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(KbsHttpError("HTTPFailed", "protocol upgrades are not supported"), 400)
-        except httptools.HttpParserError as e:
-            self._fail(KbsHttpError("HTTPFailed", f"malformed HTTP request: {e}"), 400)
+        while data and not self.closing:
+            if self.upgrade_body is not None:
+                data = self._take_upgrade_body(data)
+                if not data:
+                    return
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as e:
+                # The request is parsed up to its body; the parser would hand the rest of the
+                # connection to the new protocol. Ignore the upgrade: go on in HTTP/1.1.
+                data = data[e.args[0] :]
+                self.parser = httptools.HttpRequestParser(self)
+            except httptools.HttpParserError as e:
+                self._fail(KbsHttpError("HTTPFailed", f"malformed HTTP request: {e}"), 400)
+                return
+
+    def _take_upgrade_body(self, data: bytes) -> bytes:
+        """Feed the body of an upgrade request; what follows it."""
+        assert self.upgrade_body is not None
+        req, left = self.upgrade_body
+        part = data[:left]
+        req.body.append(part)
+        left -= len(part)
+        if left:
+            self.upgrade_body = (req, left)
+            return b""
+        self.upgrade_body = None
+        self._enqueue(req)
+        return data[len(part) :]
 
     def _arm_idle(self) -> None:
         if self.idle:
@@ -172,6 +203,8 @@ class KbsHttpProtocol(asyncio.Protocol):
         req.keep_alive = self.parser.should_keep_alive()
         limit = self.app.body_limit
         for k, v in req.headers:
+            if k == b"content-length" and v.isdigit():
+                req.length = int(v)
             if k == b"content-length" and v.isdigit() and int(v) > limit:
                 self._fail(
                     KbsHttpError(
@@ -199,8 +232,14 @@ class KbsHttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.closing or self.req is None:
             return
-        self.queue.append(self.req)
-        self.req = None
+        req, self.req = self.req, None
+        if self.parser.should_upgrade() and req.length:
+            self.upgrade_body = (req, req.length)  # its body follows: data_received reads it
+            return
+        self._enqueue(req)
+
+    def _enqueue(self, req: _Request) -> None:
+        self.queue.append(req)
         if not self.busy:
             self.busy = True
             self.task = self.loop.create_task(self._serve())
@@ -250,9 +289,13 @@ async def serve_forever(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     sweeper = loop.create_task(app._sweep_loop())
+    app.policy_engine.start()
     try:
         await stop.wait()
     finally:
+        # First: evaluations under way end now (their workers are killed), so no thread keeps
+        # the process from exiting.
+        app.policy_engine.close()
         sweeper.cancel()
         for srv in servers:
             srv.close()

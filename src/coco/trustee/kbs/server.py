@@ -12,22 +12,19 @@ import socket
 import ssl
 
 from coco.errors import KbsError
-from coco.trustee.config import KbsConfig
+from coco.trustee.config import KbsConfig, parse_socket
 from coco.trustee.kbs.app import KbsApp
 
 log = logging.getLogger("coco.kbs")
 
 
 def _bind(address: str) -> socket.socket:
-    host, sep, port_s = address.rpartition(":")
-    if not sep or not port_s.isdigit():
-        raise KbsError(f"http_server.sockets: expected HOST:PORT, found {address!r}")
-    host = host.strip("[]") or "0.0.0.0"
+    host, port = parse_socket(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, int(port_s)))
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise KbsError(f"http_server.sockets: cannot listen on {address}: {e}") from None
@@ -58,8 +55,21 @@ def serve(config: KbsConfig) -> None:
         raise KbsError("http_server.worker_count > 1 needs shared storage (SQLite or PostgreSQL)")
     if workers > 1 and not config.session_storage_url and config.storage_url.startswith("sqlite:"):
         config.session_storage_url = config.storage_url  # workers share sessions through the file
-    app = KbsApp(config)  # also validates everything before any worker starts
-    sockets = [_bind(a) for a in hs.sockets]
+    sockets: list[socket.socket] = []
+    new_files = [f for f in _sqlite_files(config) if not os.path.exists(f)]
+    try:
+        for a in hs.sockets:
+            sockets.append(_bind(a))
+        app = KbsApp(config)  # also validates everything before any worker starts
+    except BaseException:
+        # A start that fails leaves nothing: no socket, no database, no signing key.
+        for s in sockets:
+            s.close()
+        for f in new_files:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f + suffix)
+        raise
     scheme = "http" if hs.insecure_http else "https"
     for a in hs.sockets:
         log.warning(
@@ -76,6 +86,11 @@ def serve(config: KbsConfig) -> None:
     finally:
         for s in sockets:
             s.close()
+
+
+def _sqlite_files(config: KbsConfig) -> list[str]:
+    urls = [config.storage_url, config.session_storage_url or ""]
+    return [u[len("sqlite://") :] for u in urls if u.startswith("sqlite://")]
 
 
 def _run(app: KbsApp, sockets: list[socket.socket], ctx: ssl.SSLContext | None) -> None:
