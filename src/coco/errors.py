@@ -111,3 +111,11 @@ class PolicyError(SignatureError):
 
 class PolicyRefusedError(SignatureError):
     """An image that the signature policy refused; the message names the requirement."""
+
+
+class HostError(CocoError):
+    """The host side: pod VMs, the container runtime, peer pods."""
+
+
+class PodVmError(HostError):
+    """A pod VM image that could not be built, or a pod VM that did not boot."""
