@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
-from coco.rpc import Server, Service
+from coco.rpc import Client, Server, Service
 from coco.rpc.protos import ttrpc_pb2
 
 HEADER = struct.Struct(">IIBB")
@@ -40,6 +40,17 @@ async def serving(
         yield bound
     finally:
         await server.stop(grace=1)
+
+
+@contextlib.asynccontextmanager
+async def connected(tmp_path: Path, services: dict[Service, object]) -> AsyncIterator[Client]:
+    """:func:`serving` plus a :class:`Client` connected to it."""
+    async with serving(tmp_path, services) as address:
+        client = await Client.connect(address)
+        try:
+            yield client
+        finally:
+            await client.close()
 
 
 class RawConn:

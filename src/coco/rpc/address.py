@@ -57,9 +57,9 @@ class Address:
         return "\0" + self.path[1:] if self.path.startswith("@") else self.path
 
 
-def _port(text: str, address: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise AddressError(f"ttrpc address {address!r}: expected a port 0-65535, got {text!r}")
+def _port(text: str, address: str, highest: int = 65535) -> int:
+    if not text.isdigit() or int(text) > highest:
+        raise AddressError(f"ttrpc address {address!r}: expected a port 0-{highest}, got {text!r}")
     return int(text)
 
 
@@ -98,7 +98,7 @@ def parse(address: str) -> Address:
             cid = VMADDR_CID_ANY
         if not 0 <= cid <= VMADDR_CID_ANY:
             raise AddressError(f"ttrpc address {address!r}: vsock CID {host} out of range")
-        return Address("vsock", cid=cid, port=_port(port, address))
+        return Address("vsock", cid=cid, port=_port(port, address, 0xFFFFFFFF))
     raise AddressError(f"ttrpc address {address!r}: unknown scheme {scheme!r}; expected {FORMS}")
 
 
@@ -160,12 +160,9 @@ async def start_listener(address: Address, handle) -> asyncio.Server:
 
 
 def bound_address(address: Address, server: asyncio.Server) -> Address:
-    """``address`` with the port the system picked (tcp/vsock port 0)."""
-    if address.scheme in ("tcp", "vsock") and address.port == 0 and server.sockets:
-        name = server.sockets[0].getsockname()
-        if address.scheme == "tcp":
-            return Address("tcp", host=address.host, port=name[1])
-        return Address("vsock", cid=address.cid, port=name[1])
+    """``address`` with the port the system picked for tcp port 0."""
+    if address.scheme == "tcp" and address.port == 0 and server.sockets:
+        return Address("tcp", host=address.host, port=server.sockets[0].getsockname()[1])
     return address
 
 

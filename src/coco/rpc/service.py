@@ -26,7 +26,7 @@ class Method:
     response: type[Message]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Service:
     """``name`` is the fully qualified proto service name sent on the wire (``pkg.Service``)."""
 
