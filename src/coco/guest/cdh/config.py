@@ -349,7 +349,7 @@ def load_config(
     else:
         cfg = CdhConfig(KbcConfig("offline_fs_kbc", ""), source="defaults")
     image = cfg.image
-    if image is _NO_IMAGE:
+    if path is None or image is _NO_IMAGE:
         image = _image_from_kernel(params)
     override = env.get(ENV_REGISTRY_CREDENTIALS)
     if override:

@@ -67,7 +67,7 @@ class Hub:
         parsed = ResourceUri.parse(uri, "GetResource")
         if self.getter is None:
             raise ResourceError(f"GetResource {uri}: no KBS client is configured")
-        return self.getter.get_resource(str(parsed))
+        return self.getter.get_resource(f"kbs:///{parsed.resource_path}")
 
     def unseal_secret(self, secret: bytes | str) -> bytes:
         """``UnsealSecret``."""

@@ -8,6 +8,10 @@ travel as standard base64; answers may also use JSON arrays of byte values (ocic
 - ``cmd``: the program reads the request on stdin and writes the answer on stdout.
 - ``grpc``: ``keyprovider.KeyProviderService/WrapKey`` and ``/UnWrapKey``; both messages are one
   ``bytes`` field (number 1) holding the JSON, encoded here by hand (no generated code needed).
+- ``native`` (ocicrypt-rs): a provider in this process. A higher floor that holds one (the
+  Confidential Data Hub) makes it known with :func:`register_native`; ``handler`` does the same
+  for one :class:`KeyProvider` object. Either way the request and the answer are the same JSON
+  documents as on the wire.
 """
 
 from __future__ import annotations
@@ -16,16 +20,29 @@ import base64
 import binascii
 import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coco.errors import OcicryptError
+from coco.errors import CocoError, OcicryptError
 from coco.ocicrypt.keywrap import KeyUnwrapError
 
 SCHEME_PREFIX = "provider."
 SERVICE = "/keyprovider.KeyProviderService/"
 TIMEOUT = 50.0
+
+Handler = Callable[[str, bytes], bytes]
+"""An in-process provider: (method ``WrapKey``/``UnWrapKey``, request JSON) -> answer JSON."""
+
+_NATIVE: dict[str, Handler] = {}
+
+
+def register_native(name: str, handler: Handler | None) -> None:
+    """Make ``{"native": name}`` providers call ``handler`` (None: forget it)."""
+    if handler is None:
+        _NATIVE.pop(name, None)
+    else:
+        _NATIVE[name] = handler
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +65,7 @@ class KeyProvider:
     grpc: str = ""
     grpc_tls: GrpcTls | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    handler: Handler | None = field(default=None, compare=False)
 
     @property
     def scheme(self) -> str:
@@ -55,7 +73,7 @@ class KeyProvider:
 
     @property
     def usable(self) -> bool:
-        return bool(self.cmd_path or self.grpc)
+        return bool(self.cmd_path or self.grpc or self.handler or self.extra.get("native"))
 
     # --- the two operations --------------------------------------------------------------------
 
@@ -102,10 +120,22 @@ class KeyProvider:
         self, method: str, request: dict[str, Any], err: type[OcicryptError]
     ) -> dict[str, Any]:
         payload = json.dumps(request, separators=(",", ":")).encode()
-        if self.cmd_path:
+        if self.handler is not None:
+            raw = self._run_handler(self.handler, method, payload, err)
+        elif self.cmd_path:
             raw = self._run_cmd(payload, err)
         elif self.grpc:
             raw = self._run_grpc(method, payload, err)
+        elif self.extra.get("native"):
+            native = self.extra["native"]
+            handler = _NATIVE.get(native) if isinstance(native, str) else None
+            if handler is None:
+                raise err(
+                    f"keyprovider {self.name}: native provider {native!r} is not available in "
+                    "this process (it lives in the Confidential Data Hub: use its socket through "
+                    "the 'ttrpc' form)"
+                )
+            raw = self._run_handler(handler, method, payload, err)
         else:
             raise err(f"keyprovider {self.name}: neither 'cmd' nor 'grpc' configured")
         try:
@@ -116,6 +146,16 @@ class KeyProvider:
         if not isinstance(answer, dict):
             raise err(f"keyprovider {self.name}: answer is not a JSON object")
         return answer
+
+    def _run_handler(
+        self, handler: Handler, method: str, payload: bytes, err: type[OcicryptError]
+    ) -> bytes:
+        try:
+            return handler(method, payload)
+        except OcicryptError:
+            raise
+        except CocoError as e:
+            raise err(f"keyprovider {self.name}: {method}: {e}") from None
 
     def _run_cmd(self, payload: bytes, err: type[OcicryptError]) -> bytes:
         try:
