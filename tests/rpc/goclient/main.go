@@ -1,8 +1,9 @@
 // goclient: an independent ttRPC peer for coco.rpc's tests, built on containerd's Go ttrpc library
 // (Debian's golang-github-containerd-ttrpc-dev) in GOPATH mode.
 //
-//	goclient call ADDR SERVICE METHOD PAYLOAD_HEX [TIMEOUT_MS]
-//	    one unary call; prints {"code":..,"message":..,"payload":"<hex>"}
+//	goclient call ADDR SERVICE METHOD PAYLOAD [TIMEOUT_MS]
+//	    one unary call; PAYLOAD is hex, or zeros:N for N zero bytes; prints
+//	    {"code":..,"message":..,"payload":"<hex>"}
 //	goclient many ADDR SERVICE METHOD N
 //	    N concurrent calls on one connection; call i sends field 1 = "call-<i>" and must get the
 //	    same bytes back; prints {"ok":N} or exits 1 naming the first mismatch
@@ -72,7 +73,14 @@ func emit(v interface{}) {
 }
 
 func call(args []string) {
-	payload, err := hex.DecodeString(args[3])
+	var payload []byte
+	var err error
+	if strings.HasPrefix(args[3], "zeros:") {
+		n, _ := strconv.Atoi(strings.TrimPrefix(args[3], "zeros:"))
+		payload = make([]byte, n)
+	} else {
+		payload, err = hex.DecodeString(args[3])
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "payload:", err)
 		os.Exit(2)
