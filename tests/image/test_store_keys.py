@@ -321,6 +321,24 @@ def test_store_secret(cli: Cli, store: LayerStore, open_registry: Registry, keys
     assert other.get(d).keys and other.get(d).keys != store.get(d).keys
 
 
+def test_damaged_secret(cli: Cli, store: LayerStore, open_registry: Registry, keys: Keys) -> None:
+    ref = _push_enc(cli.tmp, open_registry, [tar([F("s", unique())])], f"jwe:{keys.pub}")
+    key = ["--flatten", "--decryption-key", str(keys.priv)]
+    assert cli.pull(store.root, ref, "b1", *key)[0] == 0
+    (store.root / "secret").write_bytes(b"short")
+    code, err = cli.pull(store.root, ref, "b2", *key)
+    assert code == 1 and err.count("\n") == 1
+    assert "secret: expected 32 bytes, found 5" in err
+    assert not (cli.tmp / "b2").exists()
+    # removed: a new secret; the layer is decrypted once more to prove the key again
+    (store.root / "secret").unlink()
+    _refused_as_fresh(cli, store, ref, "b3", "--flatten")
+    code, err = cli.pull(store.root, ref, "b4", *key)
+    assert code == 0 and "1 pulled, 0 reused" in err, err
+    code, err = cli.pull(store.root, ref, "b5", *key)
+    assert code == 0 and "0 pulled, 1 reused" in err, err
+
+
 # -- the library and the pull service ----------------------------------------------------------
 def test_library_pull(
     tmp_path: Path, store: LayerStore, open_registry: Registry, keys: Keys

@@ -87,8 +87,8 @@ class PullOptions:
 
     access: Access = field(default_factory=Access)
     decryption: Any = None
-    """A coco.ocicrypt.DecryptConfig, or a callable making one (called only when a layer to
-    fetch is encrypted, so a warm pull never loads keys), or None when no key was given."""
+    """A coco.ocicrypt.DecryptConfig, or a callable making one (called only when the image has
+    an encrypted layer: its key is needed even when the layer is in the store), or None."""
     policy: SignaturePolicy | None = None
     jobs: int = 3
     flatten: bool = False

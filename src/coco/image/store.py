@@ -197,23 +197,27 @@ class LayerStore:
         making it at once agree on one)."""
         if self._secret_key is None:
             path = self.root / "secret"
-            if not path.exists():
-                fd, tmp = tempfile.mkstemp(prefix="secret-", dir=self._tmp)  # mode 0600
-                try:
-                    os.write(fd, os.urandom(_SECRET_SIZE))
-                    os.fsync(fd)
-                    with contextlib.suppress(FileExistsError):
-                        os.link(tmp, path)
-                finally:
-                    os.close(fd)
-                    os.unlink(tmp)
             try:
+                if not path.exists():
+                    fd, tmp = tempfile.mkstemp(prefix="secret-", dir=self._tmp)  # mode 0600
+                    try:
+                        os.write(fd, os.urandom(_SECRET_SIZE))
+                        os.fsync(fd)
+                        with contextlib.suppress(FileExistsError):
+                            os.link(tmp, path)
+                    finally:
+                        os.close(fd)
+                        os.unlink(tmp)
                 data = path.read_bytes()
             except OSError as e:
-                raise LayerStoreError(f"layer store: {path}: unreadable: {e.strerror}") from None
+                raise LayerStoreError(
+                    f"layer store: {path}: cannot make or read the key-proof secret: "
+                    f"{e.strerror or e}"
+                ) from None
             if len(data) != _SECRET_SIZE:
                 raise LayerStoreError(
-                    f"layer store: {path}: expected {_SECRET_SIZE} bytes, found {len(data)}"
+                    f"layer store: {path}: expected {_SECRET_SIZE} bytes, found {len(data)} "
+                    "(remove it to make a new one: encrypted layers are then fetched again)"
                 )
             self._secret_key = data
         return self._secret_key
