@@ -387,6 +387,7 @@ def test_service_pull(
     open_registry: Registry,
     keys: Keys,
     flatten: bool,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     ref = _push_enc(tmp_path, open_registry, [tar([F("svc", b"S")])], f"jwe:{keys.pub}")
 
@@ -408,3 +409,12 @@ def test_service_pull(
     again = pull_via_service(service, req("b2", store.root, keys.priv))
     assert (again["pulled"], again["reused"]) == (0, 1)
     assert (tmp_path / "b2/rootfs/svc").read_bytes() == b"S"
+    # `coco image pull --service`: the same line as an in-process pull on a fresh store
+    cli = Cli(capsys, tmp_path)
+    mode = ["--flatten"] if flatten else []
+    code, err = cli.pull(store.root, ref, "c1", "--service", service, *mode)
+    assert code == 1 and err == cli.fresh(ref, *mode)
+    assert not (tmp_path / "c1").exists()
+    code, err = cli.pull(store.root, ref, "c2", "--service", service, *mode,
+                         "--decryption-key", str(keys.priv))  # fmt: skip
+    assert code == 0 and "0 pulled, 1 reused" in err, err
