@@ -369,3 +369,49 @@ def test_metadata_reaches_the_handler(tmp_path) -> None:
 
     arun(main())
     assert seen == {"containerd-namespace-ttrpc": ["k8s.io"], "multi": ["a", "b"]}
+
+
+def test_inflight_cap_applies_back_pressure(tmp_path) -> None:
+    class Capped(Echo):
+        def __init__(self) -> None:
+            super().__init__()
+            self.active = self.peak = 0
+            self.arrivals: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+
+        async def GetEvidence(self, request, ctx):
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            release = asyncio.Event()
+            await self.arrivals.put(release)
+            await release.wait()
+            self.active -= 1
+            return aa.GetEvidenceResponse(Evidence=request.RuntimeData)
+
+    async def main():
+        from coco.rpc import Server
+
+        impl = Capped()
+        server = Server(max_inflight=2)
+        server.register(ATTESTATION_AGENT, impl)
+        address = await server.listen(f"unix://{tmp_path}/capped.sock")
+        try:
+            async with await Client.connect(address) as client:
+                stub = Stub(client, ATTESTATION_AGENT)
+                calls = [
+                    asyncio.create_task(
+                        stub.GetEvidence(aa.GetEvidenceRequest(RuntimeData=b"%d" % i))
+                    )
+                    for i in range(6)
+                ]
+                for _ in range(6):
+                    release = await impl.arrivals.get()
+                    await asyncio.sleep(0.01)  # room for more arrivals, were there no cap
+                    release.set()
+                replies = [(await c).Evidence for c in calls]
+        finally:
+            await server.stop()
+        return impl.peak, replies
+
+    peak, replies = arun(main())
+    assert peak == 2
+    assert replies == [b"%d" % i for i in range(6)]

@@ -16,7 +16,9 @@ method a service declares but the implementation lacks:
 - ``timeout_nano`` bounds the handler: DEADLINE_EXCEEDED ``context deadline exceeded``;
 - a handler raising :class:`RpcError` answers its status; any other exception answers UNKNOWN with
   its text and is logged; unknown frame types are ignored;
-- a stream that ends inside a frame closes that connection only.
+- a stream that ends inside a frame closes that connection only;
+- at most ``max_inflight`` calls run at once per connection; past that the server stops reading
+  that connection until one finishes (back-pressure on the peer, nothing refused).
 
 A successful reply carries no status field, like ttrpc-rust's (the agent, AA and CDH are Rust).
 """
@@ -68,7 +70,8 @@ class _Bound:
 class Server:
     """Register services, then :meth:`listen` on addresses or :meth:`serve_stream` a stream pair."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_inflight: int = 1024) -> None:
+        self.max_inflight = max_inflight
         self._services: dict[str, dict[str, _Bound]] = {}
         self._listeners: list[tuple[addr.Address, asyncio.Server]] = []
         self._serial_tasks: set[asyncio.Task] = set()
@@ -230,6 +233,7 @@ class _Connection:
         self.writer = writer
         self.peer = peer
         self.tasks: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(server.max_inflight)
         self._write_lock = asyncio.Lock()
         self._reading: asyncio.Task | None = None
 
@@ -305,12 +309,14 @@ class _Connection:
             except DecodeError as e:
                 self._answer_status(sid, Code.INVALID_ARGUMENT, f"unmarshal request error: {e}")
                 continue
-            self._spawn(self._dispatch(sid, req))
+            await self._slots.acquire()
+            self._spawn(self._dispatch(sid, req)).add_done_callback(lambda _: self._slots.release())
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     def _answer_status(self, sid: int, code: int, message: str) -> None:
         resp = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=code, message=message))
