@@ -233,7 +233,9 @@ def test_cli_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     r = run("policy", "evaluate", "--policy-data", data, "CreateContainerRequest", str(bad))
-    assert r.returncode == 1 and r.stderr.startswith(f"coco: error: request {bad}: not valid JSON")
+    assert r.returncode == 1 and r.stderr.startswith(
+        f"coco: error: request {bad}: expected JSON, found invalid JSON"
+    )
     r = run("policy", "evaluate", "--policy-data", data, "createcontainer", str(bad))
     assert r.returncode == 1
     r = run("policy", "evaluate", "CreateContainerRequest", str(bad))

@@ -88,7 +88,7 @@ def test_authfile_errors(tmp_path) -> None:
     with pytest.raises(AuthError, match="not found"):
         AuthFile.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{nope")
-    with pytest.raises(AuthError, match=r"bad\.json: not valid JSON"):
+    with pytest.raises(AuthError, match=r"bad\.json: expected JSON, found invalid JSON"):
         AuthFile.load(tmp_path / "bad.json")
     with pytest.raises(AuthError, match="expected 'user:password'"):
         _authfile(tmp_path, {"r.io": {"auth": b64("nocolon")}})

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from coco.cli._args import Commands, Parser, path, run_group
-from coco.errors import UsageError
+from coco.errors import AttestationError, UsageError
+from coco.jsonio import loads
 
 DESCRIPTION = "Attestation Service tools."
 
@@ -42,8 +43,14 @@ def verify(tee: str, evidence_file: str, expected_report_data: str | None,
 
     rd = _hex(expected_report_data, "--expected-report-data")
     init = _hex(expected_init_data, "--expected-init-data")
-    with open(evidence_file, "rb") as f:
-        evidence = f.read()
+    try:
+        with open(evidence_file, "rb") as f:
+            evidence = f.read()
+    except OSError as e:
+        raise AttestationError(f"evidence {evidence_file}: cannot read it: {e.strerror}") from None
+    # every TEE's evidence is a JSON document: refuse binary or absurdly deep input here, naming
+    # the file (the verifier's own errors name the TEE)
+    loads(evidence, what=f"evidence {evidence_file}", error=AttestationError)
     result = get_verifier(tee).verify(evidence, rd, init)
     # The claims object itself, as upstream's verifier returns it (scripts read its keys directly).
     print(json.dumps(result.claims, indent=2, sort_keys=True))

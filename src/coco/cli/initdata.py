@@ -131,7 +131,14 @@ def decode_cmd(file: str, output: Path | None) -> None:
     if raw.startswith(initdata.IMAGE_MAGIC):
         doc = initdata.decode_image(raw, _where(file))
     else:
-        text = raw.decode("ascii", errors="replace").strip()
+        if not raw.isascii():
+            bad = next(i for i, b in enumerate(raw) if b > 0x7F)
+            raise InitdataError(
+                f"{_where(file)}: expected an annotation value (base64 text) or an initdata "
+                f"image, found a byte 0x{raw[bad]:02x} that is not text at offset {bad} "
+                "(binary file?)"
+            )
+        text = raw.decode("ascii").strip()
         for key in (initdata.ANNOTATION, initdata.ANNOTATION_LEGACY):
             if text.startswith(key + "="):
                 text = text[len(key) + 1 :]

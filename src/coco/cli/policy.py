@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from typing import Any
 
 from coco.cli._args import Commands, Parser, Usage, boolean, path, run_group, shown
 from coco.errors import AgentPolicyError, GenpolicyError
+from coco.jsonio import decode_text, loads
 
 DESCRIPTION = "Agent policies: generate them from pod YAML, evaluate agent requests against them."
 _FILE = path(dir_okay=False, as_path=False)
@@ -85,9 +85,10 @@ def generate_cmd(
             "coco: warning: --src-tls-verify=false: registry TLS is not verified", file=sys.stderr
         )
     try:
-        text = Path(yaml_file).read_text(encoding="utf-8")
+        raw = Path(yaml_file).read_bytes()
     except OSError as e:
         raise GenpolicyError(f"{yaml_file}: cannot read it: {e.strerror}") from None
+    text = decode_text(raw, what=yaml_file, error=GenpolicyError)
     opts = genpolicy.Options(
         settings=settings,
         rules=rules,
@@ -191,21 +192,19 @@ def evaluate_cmd(
         sys.exit(1)
 
 
-def _read_text(path: str, what: str) -> str:
+def _read_bytes(path: str, what: str) -> bytes:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_bytes()
     except OSError as e:
         raise AgentPolicyError(f"{what} {path}: cannot read it: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise AgentPolicyError(f"{what} {path}: expected UTF-8 text") from None
+
+
+def _read_text(path: str, what: str) -> str:
+    return decode_text(_read_bytes(path, what), what=f"{what} {path}", error=AgentPolicyError)
 
 
 def _load_json(path: str, what: str) -> object:
-    text = _read_text(path, what)
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise AgentPolicyError(f"{what} {path}: not valid JSON: {e}") from None
+    return loads(_read_bytes(path, what), what=f"{what} {path}", error=AgentPolicyError)
 
 
 COMMANDS: Commands = {

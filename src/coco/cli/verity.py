@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,27 +189,75 @@ def format_cmd(
         uuid=_uuid(uuid_text),
     )
     target = hash_file if hash_file is not None else data
-    with busy(f"hashing {data}"):
-        tree = verity.format_file(data, target, params, workers=jobs)
-    if root_hash_file is not None:
-        _write_root(root_hash_file, tree.root_hash.hex())
+    created = not os.path.lexists(target)
+    with _root_hash_writer(root_hash_file) as write_root:  # checked before any hashing
+        with busy(f"hashing {data}"):
+            tree = verity.format_file(data, target, params, workers=jobs)
+        try:
+            write_root(tree.root_hash.hex())
+        except BaseException:
+            if created:  # a hash file without its root hash is of no use: nothing is left
+                Path(target).unlink(missing_ok=True)
+            raise
     sys.stdout.write(verity.report(tree, target))  # the path as given, like veritysetup
 
 
-def _write_root(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _root_hash_writer(path: Path | None) -> Iterator[Callable[[str], None]]:
+    """A writer for ``--root-hash-file``: a temporary file is made next to it at once (so an
+    unwritable place fails before any work) and replaces it when written; on failure it goes."""
+    if path is None:
+        yield lambda text: None
+        return
+    where = f"--root-hash-file {path}"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
-        raise UsageError(f"--root-hash-file {path}: cannot write it: {e.strerror}") from None
+        raise UsageError(f"{where}: cannot write it: {e.strerror}") from None
+    done = False
+
+    def write(text: str) -> None:
+        nonlocal done
+        try:
+            os.write(fd, text.encode())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UsageError(f"{where}: cannot write it: {e.strerror}") from None
+        done = True
+
+    try:
+        yield write
+    finally:
+        os.close(fd)
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+# a root hash is at most 64 bytes (sha512): 128 hex digits; a larger file is not a root hash file
+_MAX_ROOT_FILE = 1024
 
 
 def _read_root(path: Path) -> str:
+    where = f"--root-hash-file {path}"
     try:
-        return path.read_text(encoding="ascii", errors="replace").strip()
+        with path.open("rb") as f:
+            raw = f.read(_MAX_ROOT_FILE + 1)
     except OSError as e:
-        raise UsageError(f"--root-hash-file {path}: cannot read it: {e.strerror}") from None
+        raise UsageError(f"{where}: cannot read it: {e.strerror}") from None
+    text = raw.strip()
+    if len(raw) > _MAX_ROOT_FILE or not re.fullmatch(rb"(?:[0-9a-fA-F]{2})+", text):
+        found = (
+            f"more than {_MAX_ROOT_FILE} bytes"
+            if len(raw) > _MAX_ROOT_FILE
+            else "an empty file"
+            if not text
+            else repr(text[:80].decode())
+            if text.isascii() and text.decode().isprintable()
+            else f"{len(text)} bytes that are not text (binary file?)"
+        )
+        raise UsageError(f"{where}: expected a root hash in hex digits, found {found}")
+    return text.decode()
 
 
 def _build_verify(p: Parser) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from coco import jsonio
 from coco.errors import AuthError, UsageError
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ class AuthFile:
             return cls(p, {})
         except OSError as e:
             raise AuthError(f"authfile {p}: cannot read: {e.strerror}") from None
-        try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            raise AuthError(f"authfile {p}: not valid JSON: {e}") from None
+        obj = jsonio.loads(raw, what=f"authfile {p}", error=AuthError)
         if not isinstance(obj, dict):
             raise AuthError(f"authfile {p}: expected a JSON object")
         auths = obj.get("auths", {})

@@ -64,7 +64,7 @@ def test_bad_layers_cache_is_refused(images: Images, tmp_path: Path) -> None:
     with pytest.raises(GenpolicyError, match=r"layers cache .*cache.json: entry 0: expected"):
         generate(pod(images.app), "pod.yaml", opts(images, layers_cache=cache))
     cache.write_text("{not json")
-    with pytest.raises(GenpolicyError, match="not valid JSON"):
+    with pytest.raises(GenpolicyError, match=r"cache\.json: expected JSON, found invalid JSON"):
         generate(pod(images.app), "pod.yaml", opts(images, layers_cache=cache))
 
 

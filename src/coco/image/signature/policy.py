@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coco import jsonio
 from coco.errors import PolicyError, UsageError
 from coco.oci.reference import DockerReference, parse_docker
 
@@ -348,10 +348,7 @@ class Policy:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "policy.json", base: Path | None = None):
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PolicyError(f"{where}: expected JSON: {e}") from None
+        doc = jsonio.loads(data, what=where, error=PolicyError)
         d = _fields(doc, where, required={"default"}, optional={"transports"})
         default = _parse_requirements(d["default"], f"{where}: default", base)
         transports: dict[str, dict[str, tuple[Requirement, ...]]] = {}

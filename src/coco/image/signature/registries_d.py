@@ -28,8 +28,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from coco import yamlio
 from coco.errors import PolicyError, SignatureError
 from coco.image.signature.policy import docker_scope_candidates
 from coco.oci.reference import DockerReference
@@ -107,9 +106,10 @@ class RegistriesD:
                 continue
             where = str(f)
             try:
-                doc = yaml.safe_load(f.read_text())
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-                raise PolicyError(f"{where}: expected YAML: {str(e).splitlines()[0]}") from None
+                raw = f.read_bytes()
+            except OSError as e:
+                raise PolicyError(f"{where}: cannot read it: {e.strerror or e}") from None
+            doc = yamlio.load(raw, what=where, error=PolicyError)
             if doc is None:
                 continue
             if not isinstance(doc, dict):

@@ -30,6 +30,7 @@ from typing import Any
 
 import zstandard
 
+from coco import jsonio
 from coco.errors import CocoError, GenpolicyError
 from coco.integrity import tardev, tarindex, verity
 from coco.oci import mediatypes as mt
@@ -89,10 +90,7 @@ class LayersCache:
             ) from None
         if not raw.strip():
             return {}
-        try:
-            items = json.loads(raw)
-        except ValueError as e:
-            raise GenpolicyError(f"layers cache {self.path}: not valid JSON: {e}") from None
+        items = jsonio.loads(raw, what=f"layers cache {self.path}", error=GenpolicyError)
         if not isinstance(items, list):
             raise GenpolicyError(f"layers cache {self.path}: expected a JSON array")
         out: dict[str, LayerInfo] = {}

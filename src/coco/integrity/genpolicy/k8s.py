@@ -17,8 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
+from coco import yamlio
 from coco.errors import GenpolicyError
 
 POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
@@ -236,14 +235,9 @@ class Inputs:
 
 
 def load_documents(text: str, where: str) -> list[Any]:
-    """All YAML documents of ``text`` (empty ones dropped)."""
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        pos = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise GenpolicyError(f"{where}:{pos}: not valid YAML: {problem}") from None
+    """All YAML documents of ``text`` (empty ones dropped); aliases that make a document contain
+    itself or expand it past a bound are refused (see coco.yamlio)."""
+    docs = yamlio.load_all(text, what=where, error=GenpolicyError)
     return [d for d in docs if d is not None]
 
 

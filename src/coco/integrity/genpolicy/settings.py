@@ -11,10 +11,10 @@ are refused.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
+from coco import jsonio
 from coco.errors import GenpolicyError
 
 DEFAULT_CAPS = [
@@ -209,13 +209,10 @@ def load_settings(path: str | Path | None = None) -> dict[str, Any]:
     if path is None:
         return settings
     try:
-        raw = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise GenpolicyError(f"settings {path}: cannot read it: {e.strerror}") from None
-    try:
-        user = json.loads(raw)
-    except ValueError as e:
-        raise GenpolicyError(f"settings {path}: not valid JSON: {e}") from None
+    user = jsonio.loads(raw, what=f"settings {path}", error=GenpolicyError)
     if not isinstance(user, dict):
         raise GenpolicyError(
             f"settings {path}: expected a JSON object, found {type(user).__name__}"
