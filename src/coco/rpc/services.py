@@ -1,12 +1,19 @@
 """The ttRPC services this project speaks, each declared once from its .proto.
 
 Names on the wire are upstream's: ``attestation_agent.AttestationAgentService``, the CDH's
-``api.*`` services (all five on the CDH socket, with ``keyprovider.KeyProviderService``).
+``api.*`` services (all five on the CDH socket, with ``keyprovider.KeyProviderService``), the kata
+agent's ``grpc.AgentService`` and ``grpc.Health``.
 """
 
 from __future__ import annotations
 
-from coco.rpc.protos import attestation_agent_pb2, confidential_data_hub_pb2, keyprovider_pb2
+from coco.rpc.protos import (
+    agent_pb2,
+    attestation_agent_pb2,
+    confidential_data_hub_pb2,
+    health_pb2,
+    keyprovider_pb2,
+)
 from coco.rpc.service import Service
 
 ATTESTATION_AGENT = Service.from_proto(attestation_agent_pb2, "AttestationAgentService")
@@ -21,3 +28,7 @@ KEY_PROVIDER = Service.from_proto(keyprovider_pb2, "KeyProviderService")
 # upstream default sockets
 AA_SOCKET = "unix:///run/confidential-containers/attestation-agent/attestation-agent.sock"
 CDH_SOCKET = "unix:///run/confidential-containers/cdh.sock"
+
+# the kata agent (grpc.AgentService, grpc.Health), served in the guest, called by the shim
+AGENT = Service.from_proto(agent_pb2, "AgentService")
+HEALTH = Service.from_proto(health_pb2, "Health")
