@@ -33,7 +33,9 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 # the command line and returns the function to run; `coco --help` lists this table without
 # importing any of the modules.
 _GROUPS: dict[str, tuple[str, str]] = {
+    "aa": ("coco.cli.aa", "The Attestation Agent: evidence, KBS tokens, TPM AK, ttRPC service."),
     "attestation": ("coco.cli.attestation", "Attestation Service tools."),
+    "cdh": ("coco.cli.cdh", "The Confidential Data Hub: resources, secrets, pulls in the guest."),
     "image": ("coco.cli.image", "Copy, inspect and pull OCI images."),
     "initdata": (
         "coco.cli.initdata",
@@ -44,6 +46,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "coco.cli.kbs_client",
         "Talk to a KBS: configure it, or attest and fetch a resource.",
     ),
+    "podvm": ("coco.cli.podvm", "The pod VM: build its image, boot it under QEMU with a vTPM."),
     "policy": (
         "coco.cli.policy",
         "Agent policies: generate them from pod YAML, evaluate agent requests against them.",

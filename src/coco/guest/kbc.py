@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from coco import jsonio
 from coco.crypto.jose import JoseError, b64url_decode, jwe_decrypt
-from coco.errors import KbsError
+from coco.errors import CocoError, KbsError
 from coco.protocol.client import KbsClient, KbsRequestError, ResourceNotFoundError
 from coco.protocol.kbs import ErrorInformation, ProtocolError
 from coco.protocol.resource_uri import ResourceUri
@@ -264,6 +264,45 @@ class AttesterTokenSource:
 
     def close(self) -> None:
         self._http.close()
+
+
+class AaTokenSource:
+    """Tokens from the Attestation Agent over ttRPC: ``GetToken("kbs")`` answers JSON
+    ``{"token": ..., "tee_keypair": <PEM>}`` (what upstream's CDH uses)."""
+
+    def __init__(self, socket: str | None = None, timeout: float = 50.0) -> None:
+        from coco.rpc.services import AA_SOCKET
+
+        self.socket = socket or AA_SOCKET
+        self.timeout = timeout
+
+    def fetch_token(self) -> Token:
+        from coco.rpc import Stub, SyncClient
+        from coco.rpc.protos import attestation_agent_pb2 as pb
+        from coco.rpc.services import ATTESTATION_AGENT
+
+        where = f"AA {self.socket}: GetToken(kbs)"
+        try:
+            with SyncClient(self.socket) as client:
+                reply = Stub(client, ATTESTATION_AGENT, timeout=self.timeout).GetToken(
+                    pb.GetTokenRequest(TokenType="kbs")
+                )
+        except CocoError as e:  # the AA's status, or an unusable socket address
+            raise KbcError(f"{where}: {e}") from None
+        except OSError as e:
+            raise KbcError(f"{where}: cannot reach the attestation agent: {e}") from None
+        doc = jsonio.loads(reply.Token, what=f"{where}: reply", error=KbcError)
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("token"), str)
+            or not isinstance(doc.get("tee_keypair"), str)
+        ):
+            raise KbcError(f'{where}: expected {{"token": "...", "tee_keypair": "<PEM>"}}')
+        key = load_private_key(doc["tee_keypair"], f"{where}: tee_keypair")
+        return Token.make(doc["token"], key, f"{where}: token")
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------- clients
@@ -540,6 +579,7 @@ def kbc_from_params(
 
 
 __all__ = [
+    "AaTokenSource",
     "AttesterTokenSource",
     "CcKbc",
     "Kbc",
