@@ -246,9 +246,10 @@ def test_hand_encoding_matches_protobuf() -> None:
             "key-providers.x.cmd.path: expected a non-empty string",
         ),
         (
-            '{"key-providers": {"x": {"ttrpc": "unix:///run/x.sock"}}}',
-            "ttrpc and native providers are not supported",
+            '{"key-providers": {"x": {"ttrpc": "unix:///run/coco-test-none/x.sock"}}}',
+            "keyprovider x: ttRPC WrapKey at unix:///run/coco-test-none/x.sock",
         ),
+        ('{"key-providers": {"x": {}}}', "has none of 'cmd', 'grpc', 'ttrpc' or 'native'"),
     ],
 )
 def test_bad_config(

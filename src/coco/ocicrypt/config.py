@@ -245,8 +245,7 @@ def _require_provider(kps: Mapping[str, KeyProvider], name: str, where: str) -> 
         raise KeyConfigError(f"{where}: no key provider named {name!r} configured ({src})")
     if not kp.usable:
         raise KeyConfigError(
-            f"{where}: key provider {name!r} has neither 'cmd' nor 'grpc' (ttrpc and native "
-            "providers are not supported)"
+            f"{where}: key provider {name!r} has none of 'cmd', 'grpc', 'ttrpc' or 'native'"
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -86,9 +87,14 @@ class Hub:
             return self.unwrap_key(request)
         raise UnwrapKeyError(f"keyprovider {method}: not supported by the Confidential Data Hub")
 
-    def pull_image(self, image_url: str, bundle_path: str | os.PathLike[str]) -> str:
-        """``PullImage``: returns the manifest digest."""
-        return self.images.pull(image_url, bundle_path)
+    def pull_image(
+        self,
+        image_url: str,
+        bundle_path: str | os.PathLike[str],
+        cancel: threading.Event | None = None,
+    ) -> str:
+        """``PullImage``: returns the manifest digest (``cancel`` set: the pull stops, undone)."""
+        return self.images.pull(image_url, bundle_path, cancel=cancel)
 
     def secure_mount(
         self,

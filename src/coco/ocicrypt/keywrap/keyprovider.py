@@ -8,6 +8,8 @@ travel as standard base64; answers may also use JSON arrays of byte values (ocic
 - ``cmd``: the program reads the request on stdin and writes the answer on stdout.
 - ``grpc``: ``keyprovider.KeyProviderService/WrapKey`` and ``/UnWrapKey``; both messages are one
   ``bytes`` field (number 1) holding the JSON, encoded here by hand (no generated code needed).
+- ``ttrpc`` (ocicrypt-rs): the same service over ttRPC (``unix:///run/confidential-containers/
+  cdh.sock``), what the Confidential Data Hub serves, through :mod:`coco.rpc`'s client.
 - ``native`` (ocicrypt-rs): a provider in this process. A higher floor that holds one (the
   Confidential Data Hub) makes it known with :func:`register_native`; ``handler`` does the same
   for one :class:`KeyProvider` object. Either way the request and the answer are the same JSON
@@ -73,7 +75,13 @@ class KeyProvider:
 
     @property
     def usable(self) -> bool:
-        return bool(self.cmd_path or self.grpc or self.handler or self.extra.get("native"))
+        return bool(
+            self.cmd_path
+            or self.grpc
+            or self.handler
+            or self.extra.get("ttrpc")
+            or self.extra.get("native")
+        )
 
     # --- the two operations --------------------------------------------------------------------
 
@@ -126,6 +134,8 @@ class KeyProvider:
             raw = self._run_cmd(payload, err)
         elif self.grpc:
             raw = self._run_grpc(method, payload, err)
+        elif self.extra.get("ttrpc"):
+            raw = self._run_ttrpc(method, payload, err)
         elif self.extra.get("native"):
             native = self.extra["native"]
             handler = _NATIVE.get(native) if isinstance(native, str) else None
@@ -216,6 +226,26 @@ class KeyProvider:
             raise err(f"keyprovider {self.name}: gRPC answer: {e}") from None
         finally:
             channel.close()
+
+    def _run_ttrpc(self, method: str, payload: bytes, err: type[OcicryptError]) -> bytes:
+        from coco.rpc import Stub, SyncClient  # only ttrpc providers need it
+        from coco.rpc.protos import keyprovider_pb2 as pb
+        from coco.rpc.services import KEY_PROVIDER
+
+        address = self.extra["ttrpc"]
+        where = f"keyprovider {self.name}: ttRPC {method} at {address}"
+        if not isinstance(address, str):
+            raise err(f"{where}: expected a unix:///path address")
+        try:
+            with SyncClient(address) as client:
+                reply = getattr(Stub(client, KEY_PROVIDER, timeout=TIMEOUT), method)(
+                    pb.KeyProviderKeyWrapProtocolInput(KeyProviderKeyWrapProtocolInput=payload)
+                )
+        except CocoError as e:
+            raise err(f"{where}: {e}") from None
+        except OSError as e:
+            raise err(f"{where}: cannot connect: {e.strerror or e}") from None
+        return bytes(reply.KeyProviderKeyWrapProtocolOutput)
 
 
 def _read(path: str, err: type[OcicryptError]) -> bytes:
