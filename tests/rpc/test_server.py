@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from coco.rpc import Client, Code, RpcError, Stub, UnavailableError, frames
+from coco.rpc import Client, Code, RpcError, Server, Stub, UnavailableError, frames
 from coco.rpc.protos import attestation_agent_pb2 as aa
 from coco.rpc.services import ATTESTATION_AGENT, GET_RESOURCE
 
@@ -388,7 +388,6 @@ def test_inflight_cap_applies_back_pressure(tmp_path) -> None:
             return aa.GetEvidenceResponse(Evidence=request.RuntimeData)
 
     async def main():
-        from coco.rpc import Server
 
         impl = Capped()
         server = Server(max_inflight=2)
@@ -415,3 +414,68 @@ def test_inflight_cap_applies_back_pressure(tmp_path) -> None:
     peak, replies = arun(main())
     assert peak == 2
     assert replies == [b"%d" % i for i in range(6)]
+
+
+def test_stop_lets_calls_in_flight_finish_then_refuses_new_ones(tmp_path) -> None:
+    class Slowish(Echo):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = asyncio.Event()
+            self.go_on = asyncio.Event()
+
+        async def GetEvidence(self, request, ctx):
+            self.entered.set()
+            await self.go_on.wait()
+            return aa.GetEvidenceResponse(Evidence=b"finished")
+
+    async def main():
+
+        impl = Slowish()
+        server = Server()
+        server.register(ATTESTATION_AGENT, impl)
+        address = await server.listen(f"unix://{tmp_path}/aa.sock")
+        client = await Client.connect(address)
+        call = asyncio.create_task(Stub(client, ATTESTATION_AGENT).GetEvidence())
+        await impl.entered.wait()
+        stopping = asyncio.create_task(server.stop(grace=30))
+        await asyncio.sleep(0)
+        impl.go_on.set()
+        reply = await call
+        await stopping
+        await client.close()
+        with pytest.raises(UnavailableError):
+            await Client.connect(address)
+        return reply.Evidence
+
+    assert arun(main()) == b"finished"
+    assert not (tmp_path / "aa.sock").exists()
+
+
+def test_stop_cancels_what_outlives_the_grace(tmp_path) -> None:
+    cancelled = []
+
+    class Stuck(Echo):
+        async def GetEvidence(self, request, ctx):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+    async def main():
+
+        server = Server()
+        server.register(ATTESTATION_AGENT, Stuck())
+        address = await server.listen(f"unix://{tmp_path}/aa.sock")
+        async with await Client.connect(address) as client:
+            call = asyncio.create_task(Stub(client, ATTESTATION_AGENT).GetEvidence())
+            while not server._connections or not next(iter(server._connections)).tasks:
+                await asyncio.sleep(0.01)
+            await server.stop(grace=0.1)
+            with pytest.raises(UnavailableError) as err:
+                await call
+            return err.value.message
+
+    message = arun(main())
+    assert cancelled == [True]
+    assert "closed by the server" in message
