@@ -1,0 +1,383 @@
+"""The pod VM's init (pid 1 inside the guest), copied into the root image by ``coco podvm build``.
+
+Standard library only: it runs under the guest's ``python3 -I -S`` before anything else, and the
+host side never imports it except to test its pieces. In order it:
+
+1. mounts ``/proc``, ``/sys``, ``/dev/pts``, ``/dev/shm``, ``/run``, ``/tmp`` and cgroup v2;
+2. loads the kernel modules listed in ``/usr/lib/coco-podvm/modules`` (modprobe);
+3. brings up ``lo`` and ``eth0`` (QEMU user networking: ``coco.ip=ADDR/PREFIX,GATEWAY,DNS``);
+4. links ``/dev/virtio-ports/<name>`` for each virtio-serial port (no udev here);
+5. reads the initdata from a disk that starts with the ``initdata`` magic (or from
+   ``coco.initdata=<base64 gzip>`` on the kernel command line), checks it, writes its files and
+   the whole TOML under ``/run/confidential-containers/initdata/``, and extends PCR 8 of the vTPM
+   (SHA-256 bank) once with its digest fitted to 32 bytes;
+6. starts ``coco aa serve``, ``coco cdh serve``, ``coco api-server serve`` and ``coco agent serve
+   --server-addr serial:///dev/virtio-ports/agent.0``, each only if this build's ``coco`` has the
+   group;
+7. prints :data:`READY` with what it found, then reaps children until the VM is powered off.
+
+Every report goes to the serial console as ``coco-podvm: <what> key=value ...``; a failure prints
+``coco-podvm: error: ...`` and powers the VM off, so the host sees it at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import zlib
+from pathlib import Path
+
+PREFIX = "coco-podvm:"
+READY = f"{PREFIX} ready"
+INITDATA_DIR = Path("/run/confidential-containers/initdata")
+MODULES_FILE = Path("/usr/lib/coco-podvm/modules")
+COCO = "/usr/local/bin/coco"
+TPM_DEVICE = "/dev/tpmrm0"
+INITDATA_PCR = 8
+MAGIC = b"initdata"
+MAX_INITDATA = 16 * 1024 * 1024
+VERSION = "0.1.0"
+ALGORITHMS = ("sha256", "sha384", "sha512")
+DEFAULT_IP = "10.0.2.15/24,10.0.2.2,10.0.2.3"  # QEMU user networking's defaults
+AGENT_PORT = "/dev/virtio-ports/agent.0"
+SERVICES = (
+    ("aa", ("aa", "serve")),
+    ("cdh", ("cdh", "serve")),
+    ("api-server", ("api-server", "serve")),
+    ("agent", ("agent", "serve", "--server-addr", f"serial://{AGENT_PORT}")),
+)
+
+
+class InitError(Exception):
+    """Something the guest cannot start without; the message is printed and the VM powers off."""
+
+
+def say(what: str, **fields: object) -> None:
+    tail = "".join(f" {k.replace('_', '-')}={v}" for k, v in fields.items())
+    sys.stdout.write(f"{PREFIX} {what}{tail}\n")
+    sys.stdout.flush()
+
+
+# --- pieces (tested on the host) ----------------------------------------------------------------
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """The ``key=value`` words of a kernel command line (a bare word maps to "")."""
+    out: dict[str, str] = {}
+    for word in text.split():
+        key, _, value = word.partition("=")
+        out[key] = value
+    return out
+
+
+def read_initdata_image(head: bytes, where: str) -> bytes | None:
+    """The TOML inside an initdata disk image, or None if ``head`` does not start with the magic.
+
+    ``head`` is the start of the device (at least the header and the gzip bytes it announces)."""
+    if not head.startswith(MAGIC):
+        return None
+    if len(head) < len(MAGIC) + 8:
+        raise InitError(f"initdata {where}: truncated header")
+    length = int.from_bytes(head[len(MAGIC) : len(MAGIC) + 8], "little")
+    body = head[len(MAGIC) + 8 : len(MAGIC) + 8 + length]
+    if length > MAX_INITDATA or len(body) != length:
+        raise InitError(
+            f"initdata {where}: the header announces {length} bytes of gzip, "
+            f"the device holds {len(body)}"
+        )
+    return gunzip(body, where)
+
+
+def gunzip(data: bytes, where: str) -> bytes:
+    try:
+        d = zlib.decompressobj(wbits=31)
+        out = d.decompress(data, MAX_INITDATA + 1)
+    except zlib.error as e:
+        raise InitError(f"initdata {where}: expected gzip data: {e}") from None
+    if len(out) > MAX_INITDATA or not d.eof:
+        raise InitError(f"initdata {where}: the gzip data is truncated or too large")
+    return out
+
+
+def read_initdata_cmdline(value: str) -> bytes:
+    """``coco.initdata=`` holds base64(gzip(TOML)), as the pod annotation does."""
+    try:
+        packed = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InitError(
+            "initdata kernel command line: expected base64 after coco.initdata="
+        ) from None
+    return gunzip(packed, "kernel command line")
+
+
+def check_initdata(raw: bytes, where: str) -> tuple[str, dict[str, str]]:
+    """(algorithm, data) of an initdata TOML, refused unless it is version 0.1.0 with a known
+    algorithm and a table of strings whose names are plain file names."""
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InitError(f"initdata {where}: expected UTF-8 TOML: {e}") from None
+    if doc.get("version") != VERSION:
+        raise InitError(
+            f"initdata {where}: version: expected {VERSION!r}, found {doc.get('version')!r}"
+        )
+    algorithm = doc.get("algorithm")
+    if algorithm not in ALGORITHMS:
+        raise InitError(
+            f"initdata {where}: algorithm: expected one of {', '.join(ALGORITHMS)}, found {algorithm!r}"
+        )
+    data = doc.get("data", {})
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise InitError(f"initdata {where}: data: expected a table of strings")
+    for name in data:
+        if name in ("", ".", "..", "initdata.toml") or "/" in name or "\0" in name:
+            raise InitError(f"initdata {where}: data: {name!r} is not a plain file name")
+    return algorithm, data
+
+
+def write_initdata(raw: bytes, data: dict[str, str], directory: Path) -> list[str]:
+    """Write each data entry and the whole TOML (``initdata.toml``) under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = {**{k: v.encode() for k, v in data.items()}, "initdata.toml": raw}
+    for name, content in files.items():
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+    return sorted(files)
+
+
+def fit32(digest: bytes) -> bytes:
+    """The digest as PCR 8 takes it: truncated or zero-padded to 32 bytes."""
+    return digest[:32].ljust(32, b"\0")
+
+
+def coco_groups(help_text: str) -> set[str]:
+    """The command groups listed under ``Commands:`` in ``coco --help``."""
+    groups: set[str] = set()
+    listing = False
+    for line in help_text.splitlines():
+        if line.strip() == "Commands:":
+            listing = True
+        elif listing and line.startswith("  ") and line.strip():
+            groups.add(line.split()[0])
+        elif listing and line.strip():
+            listing = False
+    return groups
+
+
+# --- boot steps ---------------------------------------------------------------------------------
+
+
+def sh(*cmd: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, errors="replace", env=env, check=False
+    )
+    if check and proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise InitError(f"{' '.join(cmd)}: {reason}")
+    return proc.stdout
+
+
+def mount_all() -> None:
+    mounts = [
+        ("proc", "/proc", "proc", "nosuid,nodev,noexec"),
+        ("sysfs", "/sys", "sysfs", "nosuid,nodev,noexec"),
+        ("devpts", "/dev/pts", "devpts", "nosuid,noexec,gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/dev/shm", "tmpfs", "nosuid,nodev"),
+        ("tmpfs", "/run", "tmpfs", "nosuid,nodev,mode=755"),
+        ("tmpfs", "/tmp", "tmpfs", "nosuid,nodev,mode=1777"),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", "nosuid,nodev,noexec"),
+    ]
+    if not os.path.ismount("/dev"):
+        mounts.insert(0, ("devtmpfs", "/dev", "devtmpfs", "nosuid,mode=755"))
+    for source, target, fstype, options in mounts:
+        os.makedirs(target, exist_ok=True)
+        sh("mount", "-t", fstype, "-o", options, source, target)
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("ptmx", "pts/ptmx")):  # fmt: skip
+        with contextlib.suppress(FileExistsError):
+            os.symlink(target, f"/dev/{link}")
+
+
+def load_modules() -> None:
+    names = MODULES_FILE.read_text().split() if MODULES_FILE.exists() else []
+    if names:
+        sh("modprobe", "-a", *names)
+    say("modules", loaded=",".join(names) or "none")
+
+
+def network(spec: str) -> None:
+    sh("ip", "link", "set", "lo", "up")
+    if not Path("/sys/class/net/eth0").exists():
+        say("network", eth0="none")
+        return
+    try:
+        address, gateway, dns = spec.split(",")
+    except ValueError:
+        raise InitError(f"coco.ip: expected ADDR/PREFIX,GATEWAY,DNS, found {spec!r}") from None
+    sh("ip", "link", "set", "eth0", "up")
+    sh("ip", "addr", "add", address, "dev", "eth0")
+    sh("ip", "route", "add", "default", "via", gateway)
+    Path("/etc/resolv.conf").unlink(missing_ok=True)
+    Path("/etc/resolv.conf").write_text(f"nameserver {dns}\n")
+    say("network", eth0=address, gateway=gateway, dns=dns)
+
+
+def virtio_ports() -> list[str]:
+    names = []
+    ports = Path("/sys/class/virtio-ports")
+    for port in sorted(ports.iterdir()) if ports.is_dir() else []:
+        name = (port / "name").read_text().strip()
+        if name and "/" not in name:
+            Path("/dev/virtio-ports").mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.symlink(f"../{port.name}", f"/dev/virtio-ports/{name}")
+            names.append(name)
+    say("virtio-ports", names=",".join(names) or "none")
+    return names
+
+
+def find_initdata(cmdline: dict[str, str]) -> tuple[bytes, str] | None:
+    if "coco.initdata" in cmdline:
+        return read_initdata_cmdline(cmdline["coco.initdata"]), "kernel-command-line"
+    for dev in sorted(Path("/dev").glob("vd*")) + sorted(Path("/dev").glob("sd*")):
+        if dev.name[-1].isdigit():  # a partition
+            continue
+        try:
+            with open(dev, "rb") as f:
+                head = f.read(len(MAGIC) + 8)
+                if not head.startswith(MAGIC) or len(head) < len(MAGIC) + 8:
+                    continue
+                length = int.from_bytes(head[len(MAGIC) :], "little")
+                head += f.read(min(length, MAX_INITDATA + 1))
+        except OSError:
+            continue
+        raw = read_initdata_image(head, str(dev))
+        if raw is not None:
+            return raw, str(dev)
+    return None
+
+
+def bind_initdata(digest: bytes | None) -> str | None:
+    """Extend PCR 8 with ``digest`` (if any) and return PCR 8's SHA-256 value in hex."""
+    if not Path(TPM_DEVICE).exists():
+        return None
+    env = {**os.environ, "TPM2TOOLS_TCTI": f"device:{TPM_DEVICE}"}
+    if digest is not None:
+        sh("tpm2_pcrextend", f"{INITDATA_PCR}:sha256={fit32(digest).hex()}", env=env)
+    out = Path("/run/coco-podvm/pcr8.bin")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sh("tpm2_pcrread", f"sha256:{INITDATA_PCR}", "-o", str(out), env=env)
+    return out.read_bytes().hex()
+
+
+def initdata(cmdline: dict[str, str]) -> dict[str, object]:
+    found = find_initdata(cmdline)
+    if found is None:
+        say("initdata", source="none")
+        pcr = bind_initdata(None)
+        return {"initdata": "none", "tpm": TPM_DEVICE if pcr else "none", "pcr8": pcr or "none"}
+    raw, source = found
+    algorithm, data = check_initdata(raw, source)
+    files = write_initdata(raw, data, INITDATA_DIR)
+    digest = hashlib.new(algorithm, raw).digest()
+    say("initdata", source=source, algorithm=algorithm, digest=digest.hex(), files=",".join(files))
+    pcr = bind_initdata(digest)
+    if pcr is None:
+        say("tpm", device="none", note="initdata-not-bound")
+    else:
+        say("tpm", device=TPM_DEVICE, pcr8=pcr)
+    return {"initdata": digest.hex(), "tpm": TPM_DEVICE if pcr else "none", "pcr8": pcr or "none"}
+
+
+def start_services() -> dict[int, str]:
+    if not os.access(COCO, os.X_OK):
+        say("services", coco="missing")
+        return {}
+    groups = coco_groups(sh(COCO, "--help", check=False))
+    started: dict[int, str] = {}
+    for name, args in SERVICES:
+        if name not in groups:
+            say("service", name=name, state="absent")
+            continue
+        proc = subprocess.Popen([COCO, *args], stdin=subprocess.DEVNULL, start_new_session=True)
+        started[proc.pid] = name
+        say("service", name=name, state="started", pid=proc.pid)
+    return started
+
+
+def memory() -> dict[str, str]:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return {
+        "mem_total_kib": info["MemTotal"].split()[0],
+        "mem_available_kib": info["MemAvailable"].split()[0],
+    }
+
+
+def poweroff() -> None:
+    os.sync()
+    for cmd in (["busybox", "poweroff", "-f"], ["poweroff", "-f"]):
+        with contextlib.suppress(OSError):
+            subprocess.run(cmd, check=False)
+    time.sleep(10)
+
+
+def reap(services: dict[int, str]) -> None:
+    """Reap every child for ever, reporting when a service exits."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            signal.pause()
+            continue
+        if pid in services:
+            say(
+                "service",
+                name=services.pop(pid),
+                state="exited",
+                status=os.waitstatus_to_exitcode(status),
+            )
+
+
+def main() -> None:
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    signal.signal(signal.SIGTERM, lambda *_: poweroff())
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        mount_all()
+        cmdline = parse_cmdline(Path("/proc/cmdline").read_text())
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/kernel/hostname").write_text("coco-podvm")
+        load_modules()
+        network(cmdline.get("coco.ip", DEFAULT_IP))
+        ports = virtio_ports()
+        bound = initdata(cmdline)
+        services = start_services()
+        uptime = Path("/proc/uptime").read_text().split()[0]
+        say(
+            "ready",
+            uptime_s=uptime,
+            **bound,
+            agent_port=AGENT_PORT if "agent.0" in ports else "none",
+            services=",".join(services.values()) or "none",
+            **memory(),
+        )
+    except Exception as e:  # pid 1 must not die: report and power off
+        say(f"error: {' '.join(str(e).split())}")
+        poweroff()
+        return
+    reap(services)
+
+
+if __name__ == "__main__":
+    main()
