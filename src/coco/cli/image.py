@@ -89,6 +89,47 @@ def _quiet(p: Parser, text: str = "No progress or summary output.") -> None:
     p.add_argument("-q", "--quiet", action="store_true", help=text)
 
 
+# containers-policy.json(5), as skopeo finds it: the user's file, else the system's
+USER_POLICY = os.path.join(".config", "containers", "policy.json")  # under $HOME
+SYSTEM_POLICY = "/etc/containers/policy.json"
+
+
+def _policy_options(p: Parser) -> None:
+    """--policy and --insecure-policy: the signature policy the source image must satisfy."""
+    p.add_argument(
+        "--policy",
+        type=path(dir_okay=False, as_path=False),
+        metavar="FILE",
+        help="containers-policy.json the image's signatures must satisfy, checked before any "
+        "layer is fetched (default, as skopeo: $HOME/.config/containers/policy.json, else "
+        f"{SYSTEM_POLICY}). When neither exists no signature is checked, as the guest's image "
+        "puller (image-rs) does without a policy, where skopeo would refuse to run; install a "
+        "policy.json to enforce one.",
+    )
+    p.add_argument(
+        "--insecure-policy",
+        action="store_true",
+        help="Check no signatures, even when a default policy.json exists (as skopeo's flag; "
+        "warns).",
+    )
+
+
+def _policy_file(policy: str | None, insecure_policy: bool) -> str | None:
+    """The policy.json to enforce: --policy, else skopeo's defaults; None: check nothing."""
+    if insecure_policy:
+        if policy is not None:
+            raise Usage("--policy and --insecure-policy cannot be combined")
+        print("coco: warning: --insecure-policy: image signatures are not checked", file=sys.stderr)
+        return None
+    if policy is not None:
+        return policy
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    for candidate in (os.path.join(home, USER_POLICY), SYSTEM_POLICY):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
 def _build_copy(p: Parser) -> None:
     from coco.cli import (
         image_crypt,  # noqa: F401  (registers through add_copy_transform)
@@ -118,6 +159,7 @@ def _build_copy(p: Parser) -> None:
         metavar="FILE",
         help="Write the digest of the copied manifest to this file.",
     )
+    _policy_options(p)
     _quiet(p)
     for add_arguments, _ in _FACTORIES:
         add_arguments(p)
@@ -139,6 +181,8 @@ def copy_cmd(
     override_arch: str | None,
     override_variant: str | None,
     digestfile: Path | None,
+    policy: str | None,
+    insecure_policy: bool,
     quiet: bool,
     **extra: Any,
 ) -> None:
@@ -146,6 +190,15 @@ def copy_cmd(
 
     src_ref = _ref(src, "SRC")
     dst_ref = _ref(dst, "DST")
+    policy_file = _policy_file(policy, insecure_policy)
+    accept = None
+    if policy_file is not None:  # loaded (and a bad file refused) before anything is copied
+        from pathlib import Path
+
+        from coco.image.pull import load_policy
+
+        regd = extra.get("registries_d")  # image_sign's --registries.d: lookaside for both
+        accept = load_policy(Path(policy_file), Path(regd) if regd else None).check
     options = CopyOptions(
         src_credentials=_creds(src_creds, "--src-creds"),
         dest_credentials=_creds(dest_creds, "--dest-creds"),
@@ -165,10 +218,15 @@ def copy_cmd(
 
         with RichProgress() as progress:
             result = copy_image(
-                src_ref, dst_ref, options=options, transform=transform, progress=progress
+                src_ref,
+                dst_ref,
+                options=options,
+                transform=transform,
+                progress=progress,
+                accept=accept,
             )
     else:
-        result = copy_image(src_ref, dst_ref, options=options, transform=transform)
+        result = copy_image(src_ref, dst_ref, options=options, transform=transform, accept=accept)
     for sign in signers:
         sign(dst_ref, result, options)
     if digestfile is not None:
@@ -307,19 +365,14 @@ def _build_pull(p: Parser) -> None:
         help="Decrypt layers with this private key, certificate or provider:NAME[:VALUE] "
         "(repeatable).",
     )
-    p.add_argument(
-        "--policy",
-        type=path(dir_okay=False, as_path=False),
-        metavar="FILE",
-        help="containers-policy.json the image's signatures must satisfy (checked before any "
-        "layer is fetched).",
-    )
+    _policy_options(p)
     p.add_argument(
         "--registries.d",
         dest="registries_d",
         type=path(file_okay=False, as_path=False),
         metavar="DIRECTORY",
-        help="Directory of registries.d YAML files (signature lookaside locations).",
+        help="Directory of registries.d YAML files (signature lookaside locations) for the "
+        "policy; a missing directory configures nothing, as with skopeo.",
     )
     _store_option(p, as_path=False)
     p.add_argument(
@@ -367,6 +420,7 @@ def pull_cmd(
     tls_verify: bool,
     decryption_key: list[str],
     policy: str | None,
+    insecure_policy: bool,
     registries_d: str | None,
     store: str | None,
     jobs: int,
@@ -379,8 +433,7 @@ def pull_cmd(
     service: str | None,
     quiet: bool,
 ) -> None:
-    if registries_d is not None and policy is None:
-        raise Usage("--registries.d needs --policy")
+    policy = _policy_file(policy, insecure_policy)
     if service:  # the service checks REF and the rest; this process stays small
         from coco.image.service import make_request, pull_via_service
 

@@ -43,8 +43,9 @@ def _add_arguments(p: Parser) -> None:
         dest="registries_d",
         type=path(file_okay=False),
         metavar="DIRECTORY",
-        help="registries.d directory giving the lookaside(-staging) for --sign-by "
-        "(default /etc/containers/registries.d).",
+        help="registries.d directory giving the lookaside-staging for --sign-by (default "
+        "/etc/containers/registries.d) and the lookaside of the source's signatures for the "
+        "policy.",
     )
 
 
@@ -52,12 +53,9 @@ def _factory(values: dict[str, Any], dst: ImageReference) -> CopySigner | None:
     fpr = values.get("sign_by")
     key = values.get("sign_by_sigstore_private_key")
     pfile: Path | None = values.get("sign_passphrase_file")
-    if not fpr and not key:
-        if values.get("registries_d") or pfile:
-            raise Usage(
-                "--registries.d / --sign-passphrase-file need --sign-by or "
-                "--sign-by-sigstore-private-key"
-            )
+    if not fpr and not key:  # --registries.d alone serves the source's signature policy
+        if pfile:
+            raise Usage("--sign-passphrase-file needs --sign-by or --sign-by-sigstore-private-key")
         return None
     if not isinstance(dst, DockerReference):
         raise Usage(f"signing needs a docker:// destination, found {dst}")

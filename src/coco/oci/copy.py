@@ -118,8 +118,13 @@ def copy_image(
     options: CopyOptions | None = None,
     transform: LayerTransform | None = None,
     progress: Progress | None = None,
+    accept: Callable[[ImageSource, bytes, str], None] | None = None,
 ) -> CopyResult:
-    """Copy ``src`` to ``dst``; return what was written. Raises CocoError on any failure."""
+    """Copy ``src`` to ``dst``; return what was written. Raises CocoError on any failure.
+
+    ``accept(source, manifest_bytes, manifest_digest)`` is called with the top-level manifest
+    before anything is written and refuses the copy by raising (a signature policy, as skopeo's).
+    """
     options = options or CopyOptions()
     src_ref = parse_reference(src) if isinstance(src, str) else src
     dst_ref = parse_reference(dst) if isinstance(dst, str) else dst
@@ -130,6 +135,8 @@ def copy_image(
     try:
         raw, media_type = source.top_manifest()
         top = parse_manifest(raw, media_type, f"{src_ref}: manifest")
+        if accept is not None:
+            accept(source, raw, sha256_digest(raw))
         dest = open_destination(
             dst_ref,
             Access(options.dest_credentials, options.authfile, options.dest_tls_verify),

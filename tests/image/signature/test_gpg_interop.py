@@ -302,6 +302,9 @@ def test_registries_d_parsing(tmp_path) -> None:
     with pytest.raises(PolicyError, match="legacy name"):
         RegistriesD.load(d)
     shutil.rmtree(d)
+    # a missing directory configures nothing (as skopeo); a file is refused
+    assert RegistriesD.load(d).entry_for(parse_docker("r.io/team/app:1")).lookaside is None
+    d.write_text("")
     with pytest.raises(PolicyError, match=r"expected a registries\.d directory"):
         RegistriesD.load(d)
 

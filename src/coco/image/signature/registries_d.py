@@ -95,8 +95,10 @@ class RegistriesD:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> RegistriesD:
         d = Path(directory)
+        if not d.exists():  # as containers/image: a missing directory configures nothing
+            return cls(None, {})
         if not d.is_dir():
-            raise PolicyError(f"{d}: expected a registries.d directory, found none")
+            raise PolicyError(f"{d}: expected a registries.d directory, found something else")
         default: RegistryEntry | None = None
         default_from = ""
         docker: dict[str, RegistryEntry] = {}
