@@ -93,8 +93,12 @@ def test_unusable_socket_paths_are_one_line(tmp_path: Path) -> None:
     )
     f = tmp_path / "file"
     f.write_text("")
-    with pytest.raises(PullError, match=rf"^image service {f}/s.sock: cannot prepare the socket"):
+    with pytest.raises(PullError) as ei:
         PullService(str(f / "s.sock"))
+    assert str(ei.value) == f"image service {f}/s.sock: expected a directory at {f}, found a file"
+    with pytest.raises(PullError, match=r"^image service /sys/s\.sock: cannot listen: \w"):
+        PullService("/sys/s.sock")  # sysfs takes no sockets, not even root's
+    assert not os.path.exists("/sys/s.sock")
 
 
 def test_cli_serve_on_a_regular_file_leaves_it(tmp_path: Path) -> None:

@@ -349,8 +349,11 @@ def _free_socket_path(path: str) -> None:
         raise PullError(
             f"{where}: expected a socket path of at most {_MAX_SOCKET_PATH} bytes, found {n} bytes"
         )
+    parent = os.path.dirname(path) or "."
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise PullError(f"{where}: expected a directory at {parent}, found a file")
     try:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
         st = os.lstat(path)
     except FileNotFoundError:
         return
