@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("policy-evaluate-policy", ["policy", "evaluate", "--policy", "F", "ExecProcessRequest", "REQ"]),
     ("policy-evaluate-data", ["policy", "evaluate", "--policy-data", "F", "ExecProcessRequest", "REQ"]),
     ("policy-evaluate-request", ["policy", "evaluate", "--policy-data", "PD", "ExecProcessRequest", "F"]),
+    ("policy-evaluate-rules", ["policy", "evaluate", "--policy-data", "PD", "--rules", "F", "ExecProcessRequest", "REQ"]),
     ("policy-generate", ["policy", "generate", "F", "-o", "-"]),
     ("policy-generate-settings", ["policy", "generate", "POD", "-o", "-", "--settings", "F"]),
     ("policy-generate-cache", ["policy", "generate", "POD", "-o", "-", "--layers-cache", "F"]),

@@ -164,7 +164,7 @@ def evaluate_cmd(
     request_name: str,
     request_json: str,
 ) -> None:
-    from coco.integrity.agent_policy import AgentPolicy
+    from coco.integrity.agent_policy import AgentPolicy, policy_text
 
     if (policy_file is None) == (policy_data is None):
         raise Usage("give exactly one of --policy and --policy-data")
@@ -173,8 +173,10 @@ def evaluate_cmd(
         data = _load_json(policy_data, "policy_data")
         if not isinstance(data, dict):
             raise AgentPolicyError(f"policy_data {policy_data}: expected a JSON object")
-        rules_text = _read_text(rules, "rules") if rules else None
-        pol = AgentPolicy.from_data(data, rules_text)
+        if rules is None:
+            pol = AgentPolicy.from_data(data)
+        else:  # errors in the rules name the rules file
+            pol = AgentPolicy(policy_text(_read_text(rules, "rules"), data), f"rules {rules}")
     else:
         assert policy_file is not None
         text = _read_text(policy_file, "policy")
