@@ -49,7 +49,11 @@ from coco.protocol.kbs import (
 from coco.rego import RegoPolicy
 from coco.tee import verifier_names
 from coco.trustee.attestation.ear import TokenSigner
-from coco.trustee.attestation.service import AttestationService, VerificationRequest
+from coco.trustee.attestation.service import (
+    AttestationService,
+    VerificationRequest,
+    parse_init_data,
+)
 from coco.trustee.config import KbsConfig
 from coco.trustee.kbs.admin import Acl, AdminAuth, AdminAuthError, IdentityProvider
 from coco.trustee.kbs.errors import KbsHttpError
@@ -451,6 +455,16 @@ class KbsApp:
             att = Attestation.from_json(doc)
         except ProtocolError as e:
             raise fail(str(e)) from None
+        if att.init_data is not None:
+            try:  # unreadable init-data is the client's fault: 400, before any verification
+                parse_init_data(att.init_data)
+            except CocoError as e:
+                m.inc("kbs_attestation_errors_total")
+                raise KbsHttpError(
+                    "AttestationError",
+                    f"Attestation error: RCAR handshake Attest failed: {e}",
+                    status=400,
+                ) from None
         rd = att.runtime_data
         if rd.nonce != challenge.nonce:
             raise fail("runtime-data.nonce is not the nonce of this session's challenge")
