@@ -34,6 +34,7 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 # importing any of the modules.
 _GROUPS: dict[str, tuple[str, str]] = {
     "aa": ("coco.cli.aa", "The Attestation Agent: evidence, KBS tokens, TPM AK, ttRPC service."),
+    "api-server": ("coco.cli.api_server", "The guest's REST API over the AA and the Data Hub."),
     "attestation": ("coco.cli.attestation", "Attestation Service tools."),
     "cdh": ("coco.cli.cdh", "The Confidential Data Hub: resources, secrets, pulls in the guest."),
     "image": ("coco.cli.image", "Copy, inspect and pull OCI images."),
@@ -42,6 +43,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "Initdata documents: the TOML whose digest the TEE measures.",
     ),
     "kbs": ("coco.cli.kbs", "The Key Broker Service (owner side)."),
+    "keyprovider": ("coco.cli.keyprovider", "The attestation-agent key provider (gRPC)."),
     "kbs-client": (
         "coco.cli.kbs_client",
         "Talk to a KBS: configure it, or attest and fetch a resource.",

@@ -69,6 +69,11 @@ class Client:
             raise UnavailableError(f"cannot connect to {parsed}: {e.strerror or e}") from e
         return cls(reader, writer, address=str(parsed))
 
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended (every further call fails with UNAVAILABLE)."""
+        return self._closed is not None
+
     async def call(
         self,
         service: str,
