@@ -161,3 +161,18 @@ def test_verity_format_leaves_nothing_when_the_root_hash_file_cannot_be_written(
     res = invoke(["verity", "verify", str(data), str(tmp_path / "hash.img"),
                   "--root-hash-file", str(tmp_path / "root")])  # fmt: skip
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("member", ["index.json", "oci-layout"])
+def test_deep_json_in_an_oci_layout_is_one_line(tmp_path: Path, member: str) -> None:
+    lay = tmp_path / "lay"
+    lay.mkdir()
+    (lay / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (lay / "index.json").write_text('{"schemaVersion": 2, "manifests": []}')
+    (lay / member).write_bytes(DEEP)
+    for args in (["image", "inspect"], ["image", "pull", "--store", str(tmp_path / "store")]):
+        res = invoke([*args, f"oci:{lay}:t", *([str(tmp_path / "b")] if "pull" in args else [])])
+        assert res.exit_code == 1, res.output
+        assert res.stderr.startswith(f"coco: error: oci:{lay}: ") and res.stderr.count("\n") == 1
+        assert "internal error" not in res.stderr
+    assert not (tmp_path / "b").exists()

@@ -157,3 +157,16 @@ def test_store_that_is_not_a_store_is_refused(service: str, tmp_path: Path) -> N
         pull_via_service(service, req)
     assert str(ei.value).startswith(f"layer store {home}: expected a layer store")
     assert sorted(os.listdir(home)) == [".bashrc"] and not (tmp_path / "b").exists()
+
+
+def test_deeply_nested_manifest_is_a_one_line_answer(service: str, tmp_path: Path) -> None:
+    img = write_image(tmp_path / "lay", [tar_layer({"etc/hello": b"hi\n"})], tag="t")
+    (img.path / "index.json").write_bytes(DEEP)
+    req = make_request(img.ref, tmp_path / "b", tmp_path / "store", flatten=True)
+    with pytest.raises(PullError) as ei:
+        pull_via_service(service, req)
+    assert str(ei.value) == (
+        f"oci:{img.path}: index.json: expected JSON of reasonable depth, found arrays/objects "
+        "nested too deeply"
+    )
+    assert not (tmp_path / "b").exists()

@@ -50,7 +50,7 @@ class OciLayout:
             obj = json.loads(marker.read_bytes())
         except FileNotFoundError:
             raise OciError(f"oci:{path}: not an OCI layout (no oci-layout file)") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise OciError(f"oci:{path}: unreadable oci-layout file: {e}") from None
         if not isinstance(obj, dict) or obj.get("imageLayoutVersion") != "1.0.0":
             raise OciError(f"oci:{path}: oci-layout: expected imageLayoutVersion '1.0.0'")

@@ -343,6 +343,10 @@ def _load_json(raw: bytes, where: str) -> dict[str, Any]:
         raise ManifestError(
             f"{where}: not valid JSON ({e.__class__.__name__}: {e}); starts with {head!r}"
         ) from None
+    except RecursionError:  # a hostile document: '[' nested beyond the parser's stack
+        raise ManifestError(
+            f"{where}: expected JSON of reasonable depth, found arrays/objects nested too deeply"
+        ) from None
     if not isinstance(obj, dict):
         raise ManifestError(f"{where}: expected a JSON object, found {_kind(obj)}")
     return obj
