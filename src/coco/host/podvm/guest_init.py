@@ -8,12 +8,14 @@ host side never imports it except to test its pieces. In order it:
 3. brings up ``lo`` and ``eth0`` (QEMU user networking: ``coco.ip=ADDR/PREFIX,GATEWAY,DNS``);
 4. links ``/dev/virtio-ports/<name>`` for each virtio-serial port (no udev here);
 5. reads the initdata from a disk that starts with the ``initdata`` magic (or from
-   ``coco.initdata=<base64 gzip>`` on the kernel command line), checks it, writes its files and
-   the whole TOML under ``/run/confidential-containers/initdata/``, and extends PCR 8 of the vTPM
-   (SHA-256 bank) once with its digest fitted to 32 bytes;
-6. starts ``coco aa serve``, ``coco cdh serve``, ``coco api-server serve`` and ``coco agent serve
+   ``coco.initdata=<base64 gzip>`` on the kernel command line), checks it, and writes its files
+   and the whole TOML under ``/run/confidential-containers/initdata/``;
+6. starts ``coco aa serve`` (given the initdata TOML and ``aa.toml``; it binds the digest at
+   start, which for a vTPM extends PCR 8 once with the digest fitted to 32 bytes) and waits for
+   its socket, then ``coco cdh serve``, ``coco api-server serve`` and ``coco agent serve
    --server-addr serial:///dev/virtio-ports/agent.0``, each only if this build's ``coco`` has the
-   group;
+   group, as upstream's agent launches them; without an AA it extends PCR 8 itself, so the
+   digest is bound exactly once; it reads PCR 8 back for the report;
 7. prints :data:`READY` with what it found, then reaps children until the VM is powered off.
 
 Every report goes to the serial console as ``coco-podvm: <what> key=value ...``; a failure prints
@@ -48,12 +50,9 @@ VERSION = "0.1.0"
 ALGORITHMS = ("sha256", "sha384", "sha512")
 DEFAULT_IP = "10.0.2.15/24,10.0.2.2,10.0.2.3"  # QEMU user networking's defaults
 AGENT_PORT = "/dev/virtio-ports/agent.0"
-SERVICES = (
-    ("aa", ("aa", "serve")),
-    ("cdh", ("cdh", "serve")),
-    ("api-server", ("api-server", "serve")),
-    ("agent", ("agent", "serve", "--server-addr", f"serial://{AGENT_PORT}")),
-)
+AA_SOCKET = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
+SERVICE_TIMEOUT = 300.0  # seconds for a service to listen (Python under TCG is slow)
+SERVICES = ("aa", "cdh", "api-server", "agent")  # the coco groups started, in this order
 
 
 class InitError(Exception):
@@ -267,52 +266,107 @@ def find_initdata(cmdline: dict[str, str]) -> tuple[bytes, str] | None:
     return None
 
 
-def bind_initdata(digest: bytes | None) -> str | None:
-    """Extend PCR 8 with ``digest`` (if any) and return PCR 8's SHA-256 value in hex."""
-    if not Path(TPM_DEVICE).exists():
-        return None
+def extend_pcr8(digest: bytes) -> None:
     env = {**os.environ, "TPM2TOOLS_TCTI": f"device:{TPM_DEVICE}"}
-    if digest is not None:
-        sh("tpm2_pcrextend", f"{INITDATA_PCR}:sha256={fit32(digest).hex()}", env=env)
+    sh("tpm2_pcrextend", f"{INITDATA_PCR}:sha256={fit32(digest).hex()}", env=env)
+
+
+def read_pcr8() -> str:
+    env = {**os.environ, "TPM2TOOLS_TCTI": f"device:{TPM_DEVICE}"}
     out = Path("/run/coco-podvm/pcr8.bin")
     out.parent.mkdir(parents=True, exist_ok=True)
     sh("tpm2_pcrread", f"sha256:{INITDATA_PCR}", "-o", str(out), env=env)
     return out.read_bytes().hex()
 
 
-def initdata(cmdline: dict[str, str]) -> dict[str, object]:
+def load_initdata(cmdline: dict[str, str]) -> tuple[bytes, set[str]] | None:
+    """Find, check and write the initdata; its digest and the names of the files written."""
     found = find_initdata(cmdline)
     if found is None:
         say("initdata", source="none")
-        pcr = bind_initdata(None)
-        return {"initdata": "none", "tpm": TPM_DEVICE if pcr else "none", "pcr8": pcr or "none"}
+        return None
     raw, source = found
     algorithm, data = check_initdata(raw, source)
     files = write_initdata(raw, data, INITDATA_DIR)
     digest = hashlib.new(algorithm, raw).digest()
     say("initdata", source=source, algorithm=algorithm, digest=digest.hex(), files=",".join(files))
-    pcr = bind_initdata(digest)
-    if pcr is None:
-        say("tpm", device="none", note="initdata-not-bound")
-    else:
-        say("tpm", device=TPM_DEVICE, pcr8=pcr)
-    return {"initdata": digest.hex(), "tpm": TPM_DEVICE if pcr else "none", "pcr8": pcr or "none"}
+    return digest, set(files)
 
 
-def start_services() -> dict[int, str]:
-    if not os.access(COCO, os.X_OK):
-        say("services", coco="missing")
-        return {}
-    groups = coco_groups(sh(COCO, "--help", check=False))
-    started: dict[int, str] = {}
-    for name, args in SERVICES:
+def service_plan(
+    groups: set[str], files: set[str], directory: Path = INITDATA_DIR
+) -> list[tuple[str, list[str], str | None]]:
+    """(name, coco arguments, socket to wait for) of each service this build has, in start order.
+
+    As upstream's agent launches them: the AA gets the initdata TOML (it binds the digest to the
+    TEE at start: PCR 8 of a vTPM) and the initdata's ``aa.toml``; the CDH its ``cdh.toml``; the
+    agent its ``policy.rego`` and the virtio-serial port."""
+    plan: list[tuple[str, list[str], str | None]] = []
+    if "aa" in groups:
+        args = ["aa", "serve", "--attestation_sock", f"unix://{AA_SOCKET}"]
+        if "initdata.toml" in files:
+            args += ["--initdata-toml", str(directory / "initdata.toml")]
+        if "aa.toml" in files:
+            args += ["--config-file", str(directory / "aa.toml")]
+        plan.append(("aa", args, AA_SOCKET))
+    if "cdh" in groups:
+        args = ["cdh", "serve"]
+        if "cdh.toml" in files:
+            args += ["--config", str(directory / "cdh.toml")]
+        plan.append(("cdh", args, None))
+    if "api-server" in groups:
+        plan.append(("api-server", ["api-server", "serve"], None))
+    if "agent" in groups:
+        args = ["agent", "serve", "--server-addr", f"serial://{AGENT_PORT}"]
+        if "policy.rego" in files:
+            args += ["--policy", str(directory / "policy.rego")]
+        plan.append(("agent", args, None))
+    return plan
+
+
+def start_service(name: str, args: list[str], socket: str | None) -> int:
+    """Start ``coco ARGS``; with ``socket``, wait until it exists (the service listens)."""
+    proc = subprocess.Popen([COCO, *args], stdin=subprocess.DEVNULL, start_new_session=True)
+    start = time.monotonic()
+    while socket is not None and not Path(socket).exists():
+        if proc.poll() is not None:
+            raise InitError(f"coco {name} exited with status {proc.returncode} before listening")
+        if time.monotonic() - start > SERVICE_TIMEOUT:
+            raise InitError(f"coco {name} did not listen on {socket} within {SERVICE_TIMEOUT:g} s")
+        time.sleep(0.05)
+    waited = f"{time.monotonic() - start:.1f}" if socket is not None else "-"
+    say("service", name=name, state="started", pid=proc.pid, listening_after_s=waited)
+    return proc.pid
+
+
+def start_all(loaded: tuple[bytes, set[str]] | None) -> tuple[dict[int, str], dict[str, str]]:
+    """Start the services and bind the initdata once (by the AA, else here); report PCR 8."""
+    groups = coco_groups(sh(COCO, "--help", check=False)) if os.access(COCO, os.X_OK) else set()
+    digest, files = loaded if loaded is not None else (None, set())
+    services: dict[int, str] = {}
+    plan = service_plan(groups, files)
+    for name in SERVICES:
         if name not in groups:
             say("service", name=name, state="absent")
-            continue
-        proc = subprocess.Popen([COCO, *args], stdin=subprocess.DEVNULL, start_new_session=True)
-        started[proc.pid] = name
-        say("service", name=name, state="started", pid=proc.pid)
-    return started
+    bound_by = "none"
+    for name, args, socket in plan:
+        services[start_service(name, args, socket)] = name
+        if name == "aa" and digest is not None:
+            bound_by = "aa"
+    tpm = Path(TPM_DEVICE).exists()
+    if digest is not None and bound_by == "none" and tpm:
+        extend_pcr8(digest)
+        bound_by = "init"
+    pcr = read_pcr8() if tpm else "none"
+    say("tpm", device=TPM_DEVICE if tpm else "none", pcr8=pcr, bound_by=bound_by)
+    report = {
+        "initdata": digest.hex() if digest is not None else "none",
+        "tpm": TPM_DEVICE if tpm else "none",
+        "pcr8": pcr,
+        "bound_by": bound_by,
+        "services": ",".join(services.values()) or "none",
+    }
+    return services, report
 
 
 def memory() -> dict[str, str]:
@@ -361,15 +415,13 @@ def main() -> None:
         load_modules()
         network(cmdline.get("coco.ip", DEFAULT_IP))
         ports = virtio_ports()
-        bound = initdata(cmdline)
-        services = start_services()
+        services, report = start_all(load_initdata(cmdline))
         uptime = Path("/proc/uptime").read_text().split()[0]
         say(
             "ready",
             uptime_s=uptime,
-            **bound,
             agent_port=AGENT_PORT if "agent.0" in ports else "none",
-            services=",".join(services.values()) or "none",
+            **report,
             **memory(),
         )
     except Exception as e:  # pid 1 must not die: report and power off
