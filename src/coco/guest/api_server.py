@@ -171,6 +171,8 @@ def decode_runtime_data(value: str, encoding: str | None) -> bytes | None:
 
 def split_nth_slash(path: str, n: int) -> tuple[str, str] | None:
     """``path`` cut before its ``n``-th ``/``: ``("/cdh", "/resource/a/b/c")`` for n=2."""
+    if n < 1:
+        return None
     pos = -1
     for _ in range(n):
         pos = path.find("/", pos + 1)
