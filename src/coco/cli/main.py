@@ -33,6 +33,7 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
 # the command line and returns the function to run; `coco --help` lists this table without
 # importing any of the modules.
 _GROUPS: dict[str, tuple[str, str]] = {
+    "agent": ("coco.cli.agent", "The Kata agent: the guest's agent API, held to the policy."),
     "aa": ("coco.cli.aa", "The Attestation Agent: evidence, KBS tokens, TPM AK, ttRPC service."),
     "api-server": ("coco.cli.api_server", "The guest's REST API over the AA and the Data Hub."),
     "attestation": ("coco.cli.attestation", "Attestation Service tools."),
@@ -48,11 +49,13 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "coco.cli.kbs_client",
         "Talk to a KBS: configure it, or attest and fetch a resource.",
     ),
+    "pod": ("coco.cli.pod", "Run a Kubernetes pod through a CRI runtime, as the kubelet would."),
     "podvm": ("coco.cli.podvm", "The pod VM: build its image, boot it under QEMU with a vTPM."),
     "policy": (
         "coco.cli.policy",
         "Agent policies: generate them from pod YAML, evaluate agent requests against them.",
     ),
+    "runtime": ("coco.cli.runtime", "Install coco's runtime handlers into containerd's config."),
     "tardev": (
         "coco.cli.tardev",
         "tardev layer files: the tarfs index and dm-verity tree the guest mounts.",

@@ -83,6 +83,12 @@ class AgentPolicy:
     def from_data(cls, policy_data: dict[str, Any], rules: str | None = None) -> AgentPolicy:
         return cls(policy_text(rules or default_rules(), policy_data), "policy_data")
 
+    def allows_failing_requests(self) -> bool:
+        """``data.agent_policy.AllowRequestsFailingPolicy`` with an empty input: upstream's
+        debugging switch that lets denied requests through."""
+        out = self._rego.evaluate({}, rules=("AllowRequestsFailingPolicy",))
+        return out.get("AllowRequestsFailingPolicy") is True
+
     def evaluate(self, request: str, body: dict[str, Any]) -> Decision:
         """Decide ``request`` (e.g. ``CreateContainerRequest``) with JSON body ``body``."""
         if not _NAME.match(request):
