@@ -49,7 +49,7 @@ def _provider_options(p: Parser) -> None:
 
 def _provider(
     kbs: str | None, auth_private_key: Path | None, admin_token_file: Path | None,
-    kbs_cert: Path | None, aa_kbc_params: str | None, aa_addr: str,
+    kbs_cert: Path | None, aa_kbc_params: str | None, aa_addr: str, remember_keys: bool = True,
 ):  # type: ignore[no-untyped-def]  # fmt: skip
     from coco.cli._args import Usage
     from coco.guest.keyprovider import KeyProvider, registrar_from
@@ -76,7 +76,7 @@ def _provider(
         source = AaTokenSource(aa_addr) if name == "cc_kbc" else None
         cert = kbs_cert.read_text() if kbs_cert else None
         getter = make_kbc(name, url, source=source, cert=cert)
-    return KeyProvider(registrar, getter)
+    return KeyProvider(registrar, getter, remember_keys=remember_keys)
 
 
 def _build_serve(p: Parser) -> None:
@@ -123,7 +123,7 @@ def cmd(**options: Any) -> None:
     from coco import jsonio
     from coco.guest.keyprovider import KeyProviderError
 
-    provider = _provider(**options)
+    provider = _provider(**options, remember_keys=False)  # one process per layer
     request = sys.stdin.buffer.read()
     doc = jsonio.loads(request, what="keyprovider request on stdin", error=KeyProviderError)
     op = doc.get("op") if isinstance(doc, dict) else None

@@ -33,6 +33,11 @@ Where this differs from upstream, on purpose:
 - unknown parameter names, a ``sample`` that is not ``true``/``false``, more than one
   ``attestation-agent`` parameter and a kid that is not a resource URI are refused (upstream
   ignores or mangles them); generated kids are ``kbs:///...`` URIs that the guest accepts;
+- one kid, one KEK: skopeo calls ``WrapKey`` once per layer, and upstream makes (and registers)
+  a fresh KEK each time, so with ``keyid=`` every layer but the last is wrapped under a key the
+  KBS no longer has. The server remembers the KEK it generated for a kid and wraps the other
+  layers under it; the ``cmd`` form (one process per layer) cannot, so there a ``keyid=`` without
+  ``keypath=`` is refused (a generated kid, one per layer, is fine);
 - ``UnWrapKey`` works (upstream: UNIMPLEMENTED) when a KBC is configured: the KEK is fetched by
   kid through the KBC after attestation, and the packet is opened by the Confidential Data
   Hub's own code (:mod:`coco.guest.cdh.annotation_packet`).
@@ -45,6 +50,7 @@ import binascii
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,16 +231,25 @@ class KeyProvider:
 
     def __init__(
         self, registrar: Registrar | None = None, getter: Any = None,
-        *, local_key_dir: str = LOCAL_KEY_DIR,
+        *, local_key_dir: str = LOCAL_KEY_DIR, remember_keys: bool = True,
     ) -> None:  # fmt: skip
         self.registrar = registrar
         self.getter = getter
         self.kms = KmsContext(getter, local_key_dir)
+        self.remember_keys = remember_keys
+        self._keks: dict[str, bytes] = {}  # kid -> the KEK generated (and registered) for it
+        self._lock = threading.Lock()
 
     def wrap_key(self, request: bytes) -> bytes:
         """A ``keywrap`` request (JSON) to ``{"keywrapresults":{"annotation":[...]}}``."""
         optsdata, text = _wrap_request(request)
         p = WrapParams.parse(text)
+        if p.sample or p.keypath is not None:
+            return self._wrap(optsdata, p)
+        with self._lock:  # the layers of one image, wrapped concurrently, share one KEK
+            return self._wrap(optsdata, p)
+
+    def _wrap(self, optsdata: bytes, p: WrapParams) -> bytes:
         alg = p.algorithm
         if p.sample:
             log.warning("%s: sample=true: the well-known sample KEK protects this image (INSECURE)",
@@ -259,7 +274,15 @@ class KeyProvider:
                         f"keypath {p.keypath}: expected a {wrap.KEY_SIZE}-byte key, found "
                         f"{'more' if len(kek) > wrap.KEY_SIZE else len(kek)} bytes"
                     )
+            elif kid in self._keks:
+                kek = self._keks[kid]
             else:
+                if p.keyid and not self.remember_keys:
+                    raise KeyProviderError(
+                        f"WrapKey {kid}: the cmd form makes a new KEK for every layer, so all but "
+                        "the last would be lost under one keyid: give keypath= as well, leave "
+                        "keyid= out (one generated kid per layer), or use coco keyprovider serve"
+                    )
                 if self.registrar is None:
                     raise KeyProviderError(
                         f"WrapKey {kid}: a fresh KEK would be lost: start the key provider with "
@@ -273,13 +296,15 @@ class KeyProvider:
             wrapped, iv = wrap.encrypt(kek, optsdata, alg, iv)
         except CdhError as e:
             raise KeyProviderError(f"encrypt failed: {e}", bad_input=False) from None
-        if self.registrar is not None and not p.sample:
+        if self.registrar is not None and not p.sample and self._keks.get(kid) != kek:
             try:
                 self.registrar.register(ResourceUri.parse(kid), kek)
             except CocoError as e:
                 raise KeyProviderError(
                     f"WrapKey {kid}: register KEK failed: {e}", bad_input=False
                 ) from None
+            if p.keypath is None and self.remember_keys:
+                self._keks[kid] = kek
         packet = AnnotationPacket(kid=kid, wrapped_data=wrapped, iv=iv, wrap_type=alg)
         return json.dumps(
             {"keywrapresults": {"annotation": list(packet.to_json())}}, separators=(",", ":")
