@@ -96,9 +96,13 @@ def build(
     files = rootfs.source_files(src)
     source_digest = tree_digest(src, files)
     all_packages = sorted({*rootfs.PACKAGES, *packages})
-    inputs = kernel.kernel_inputs()
-    key = image_key(all_packages, inputs, source_digest)
     cache = Cache(cache_dir)
+    try:
+        cache.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PodVmError(f"pod VM cache {cache.root}: cannot create it: {e.strerror}") from None
+    inputs = kernel.kernel_inputs(memo=cache.root / "apt-inputs.json")
+    key = image_key(all_packages, inputs, source_digest)
     done = cache.path("image", key)
     image = Image(done, cached=True)
     if not done.is_dir():

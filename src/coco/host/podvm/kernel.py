@@ -9,7 +9,9 @@ guest's init.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import os
 import re
 import shutil
@@ -122,28 +124,63 @@ class Kernel:
         return (self.dir / "initramfs.order").read_text().split()
 
 
-def _candidate(package: str) -> str:
-    out = run(["apt-cache", "policy", package], f"pod VM build: looking up {package}")
-    m = re.search(r"^\s*Candidate:\s*(\S+)", out, re.M)
-    if m is None or m.group(1) == "(none)":
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _lists_fingerprint() -> str:
+    """Names, sizes and times of apt's package lists: they change when ``apt-get update`` does."""
+    try:
+        entries = sorted(APT_LISTS.iterdir())
+        return digest([f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in entries])
+    except OSError:
+        return ""
+
+
+def kernel_inputs(memo: Path | None = None) -> tuple[str, str, str]:
+    """(kernel package, its version, busybox-static version) as apt would install them now.
+
+    One ``apt-cache show`` (seconds where apt keeps no binary cache); with ``memo``, the answer is
+    kept there and reused while apt's package lists are unchanged."""
+    lists = _lists_fingerprint()
+    if memo is not None and lists:
+        try:
+            saved = json.loads(memo.read_text())
+            if saved["lists"] == lists:
+                return tuple(saved["inputs"])  # type: ignore[return-value]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    inputs = _ask_apt()
+    if memo is not None and lists:
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({"lists": lists, "inputs": inputs}))
+            tmp.replace(memo)
+    return inputs
+
+
+def _ask_apt() -> tuple[str, str, str]:
+    what = "pod VM build: looking up the kernel"
+    out = run(["apt-cache", "show", "--no-all-versions", KERNEL_META, BUSYBOX], what)
+    stanzas = {}
+    for block in out.split("\n\n"):
+        fields = dict(re.findall(r"(?m)^([A-Za-z-]+):\s*(.*)$", block))
+        if "Package" in fields:
+            stanzas[fields["Package"]] = fields
+    if KERNEL_META not in stanzas or BUSYBOX not in stanzas:
         raise PodVmError(
-            f"pod VM build: apt knows no installable {package}: run apt-get update "
+            f"{what}: apt knows no installable {KERNEL_META} or {BUSYBOX}: run apt-get update "
             "(expected a Debian system with its package lists)"
         )
-    return m.group(1)
-
-
-def kernel_inputs() -> tuple[str, str, str]:
-    """(kernel package, its version, busybox-static version) as apt would install them now."""
-    out = run(["apt-cache", "depends", "--important", KERNEL_META], "pod VM build: kernel")
-    m = re.search(r"Depends:\s*(linux-image-\S+)", out)
+    m = re.search(
+        r"(linux-image-[^\s,(]+)(?:\s*\(=\s*([^)\s]+)\))?", stanzas[KERNEL_META].get("Depends", "")
+    )
     if m is None:
         raise PodVmError(
-            f"pod VM build: {KERNEL_META} names no kernel package: run apt-get update "
-            f"(apt-cache depends said {out.strip()[:80]!r})"
+            f"{what}: {KERNEL_META} depends on no kernel package: found "
+            f"{stanzas[KERNEL_META].get('Depends', 'no Depends')!r}"
         )
-    package = m.group(1)
-    return package, _candidate(package), _candidate(BUSYBOX)
+    version = m.group(2) or stanzas[KERNEL_META]["Version"]
+    return m.group(1), version, stanzas[BUSYBOX]["Version"]
 
 
 def kernel_key(inputs: tuple[str, str, str]) -> str:
