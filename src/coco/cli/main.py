@@ -38,6 +38,14 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "api-server": ("coco.cli.api_server", "The guest's REST API over the AA and the Data Hub."),
     "attestation": ("coco.cli.attestation", "Attestation Service tools."),
     "cdh": ("coco.cli.cdh", "The Confidential Data Hub: resources, secrets, pulls in the guest."),
+    "cloud-api-adaptor": (
+        "coco.cli.cloud_api_adaptor",
+        "The peer-pods cloud-api-adaptor: pod VMs through a cloud provider.",
+    ),
+    "forwarder": (
+        "coco.cli.forwarder",
+        "The agent-protocol-forwarder in a peer-pod VM: TLS 15150 to the kata agent.",
+    ),
     "image": ("coco.cli.image", "Copy, inspect and pull OCI images."),
     "initdata": (
         "coco.cli.initdata",
@@ -56,6 +64,10 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "Agent policies: generate them from pod YAML, evaluate agent requests against them.",
     ),
     "runtime": ("coco.cli.runtime", "Install coco's runtime handlers into containerd's config."),
+    "process-user-data": (
+        "coco.cli.userdata",
+        "Peer-pod VM: write the userdata's files after checking its initdata.",
+    ),
     "tardev": (
         "coco.cli.tardev",
         "tardev layer files: the tarfs index and dm-verity tree the guest mounts.",

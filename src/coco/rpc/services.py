@@ -32,3 +32,11 @@ CDH_SOCKET = "unix:///run/confidential-containers/cdh.sock"
 # the kata agent (grpc.AgentService, grpc.Health), served in the guest, called by the shim
 AGENT = Service.from_proto(agent_pb2, "AgentService")
 HEALTH = Service.from_proto(health_pb2, "Health")
+
+# the remote hypervisor (hypervisor.Hypervisor) and podvminfo.PodVMInfo, served by the
+# cloud-api-adaptor on one socket, called by the shim's remote sandbox
+from coco.rpc.protos import hypervisor_pb2, podvminfo_pb2  # noqa: E402
+
+HYPERVISOR = Service.from_proto(hypervisor_pb2, "Hypervisor")
+PODVMINFO = Service.from_proto(podvminfo_pb2, "PodVMInfo")
+HYPERVISOR_SOCKET = "/run/peerpod/hypervisor.sock"
