@@ -134,7 +134,7 @@ def start(args: argparse.Namespace) -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            pass_fds=(3,) if fd != 3 else (),
+            pass_fds=(3,),
             preexec_fn=as_fd3 if fd != 3 else None,
             close_fds=True,
         )

@@ -56,12 +56,12 @@ def fill(msg: Message, doc: Any, where: str) -> Message:
             if f.message_type is not None and f.message_type.GetOptions().map_entry:
                 getattr(msg, f.name).update({str(k): str(v) for k, v in value.items()})
             elif f.message_type is not None:
-                if f.label == f.LABEL_REPEATED:
+                if f.is_repeated:
                     for i, item in enumerate(value):
                         fill(getattr(msg, f.name).add(), item, f"{here}[{i}]")
                 else:
                     fill(getattr(msg, f.name), value, here)
-            elif f.label == f.LABEL_REPEATED:
+            elif f.is_repeated:
                 getattr(msg, f.name).extend(value)
             else:
                 setattr(msg, f.name, value)
