@@ -19,6 +19,15 @@ _HEX_LEN = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 
 
+def fit(data: bytes, size: int) -> bytes:
+    """Truncate ``data`` to ``size`` bytes or zero-pad it on the right (upstream's ``regularize_data``).
+
+    How a digest or report data is fitted to a fixed evidence field (SNP REPORT_DATA and HOST_DATA,
+    TDX MRCONFIGID, a TPM nonce).
+    """
+    return data[:size].ljust(size, b"\0")
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     """A parsed ``algorithm:hex`` digest."""

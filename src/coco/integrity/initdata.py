@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from coco.crypto.digest import fit
 from coco.errors import InitdataError
 
 __all__ = [
@@ -60,11 +61,6 @@ MAX_DECODED = 64 * 1024 * 1024  # a decoded document larger than this is refused
 IMAGE_MAGIC = b"initdata"
 IMAGE_SECTOR = 512
 _KEYS = ("version", "algorithm", "data")
-
-
-def fit(digest: bytes, size: int) -> bytes:
-    """Truncate ``digest`` to ``size`` bytes or pad it with zero bytes on the right."""
-    return digest[:size].ljust(size, b"\0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,42 +20,19 @@ from typing import Any
 
 from coco.crypto.digest import Digest, sha256_digest
 from coco.errors import ManifestError
+from coco.jsonfields import Fields, kind
 from coco.oci import mediatypes as mt
 
 _EXTRA_LAYER_TYPES = frozenset({mt.OCI_EMPTY, "application/vnd.wasm.content.layer.v1+wasm"})
 
 
-def _expect(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in obj:
-        raise ManifestError(f"{where}: missing required field {key!r}")
-    val = obj[key]
-    if not isinstance(val, kind) or (kind is int and isinstance(val, bool)):
-        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ManifestError(f"{where}: field {key!r}: expected {name}, found {_kind(val)}")
-    return val
-
-
-def _kind(val: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(val), type(val).__name__
-    )
-
-
-def _check_keys(obj: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
-    extra = sorted(set(obj) - allowed)
-    if extra:
-        raise ManifestError(f"{where}: unknown field {extra[0]!r}")
+_FIELDS = Fields(ManifestError)
 
 
 def _annotations(obj: Mapping[str, Any], where: str) -> dict[str, str]:
-    ann = obj.get("annotations")
-    if ann is None:
+    if obj.get("annotations") is None:
         return {}
-    if not isinstance(ann, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in ann.items()
-    ):
-        raise ManifestError(f"{where}: 'annotations' must be an object of strings")
-    return dict(ann)
+    return dict(_FIELDS.mapping(obj, "annotations", where))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,18 +51,15 @@ class Platform:
     @classmethod
     def from_json(cls, obj: object, where: str) -> Platform:
         if not isinstance(obj, dict):
-            raise ManifestError(f"{where}: platform: expected object, found {_kind(obj)}")
-        _check_keys(obj, cls._KEYS, f"{where}: platform")
+            raise ManifestError(f"{where}: platform: expected object, found {kind(obj)}")
+        _FIELDS.check(obj, f"{where}: platform", optional=cls._KEYS)
         for k in ("os.features", "features"):
-            v = obj.get(k, [])
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                raise ManifestError(f"{where}: platform: {k!r} must be an array of strings")
+            _FIELDS.strings(obj, k, f"{where}: platform", [])
         for k in ("os.version", "variant"):
-            if not isinstance(obj.get(k, ""), str):
-                raise ManifestError(f"{where}: platform: {k!r} must be a string")
+            _FIELDS.string(obj, k, f"{where}: platform", "")
         return cls(
-            architecture=_expect(obj, "architecture", str, f"{where}: platform"),
-            os=_expect(obj, "os", str, f"{where}: platform"),
+            architecture=_FIELDS.get(obj, "architecture", f"{where}: platform", str),
+            os=_FIELDS.get(obj, "os", f"{where}: platform", str),
             os_version=obj.get("os.version", ""),
             os_features=tuple(obj.get("os.features", ())),
             variant=obj.get("variant", ""),
@@ -128,11 +102,11 @@ class Descriptor:
     @classmethod
     def from_json(cls, obj: object, where: str) -> Descriptor:
         if not isinstance(obj, dict):
-            raise ManifestError(f"{where}: expected a descriptor object, found {_kind(obj)}")
-        _check_keys(obj, cls._KEYS, where)
-        media_type = _expect(obj, "mediaType", str, where)
-        digest = str(Digest.parse(_expect(obj, "digest", str, where), f"{where}: digest"))
-        size = _expect(obj, "size", int, where)
+            raise ManifestError(f"{where}: expected a descriptor object, found {kind(obj)}")
+        _FIELDS.check(obj, where, optional=cls._KEYS)
+        media_type = _FIELDS.get(obj, "mediaType", where, str)
+        digest = str(Digest.parse(_FIELDS.get(obj, "digest", where, str), f"{where}: digest"))
+        size = _FIELDS.get(obj, "size", where, int)
         if size < 0:
             raise ManifestError(f"{where}: size must be >= 0, found {size}")
         urls = obj.get("urls", [])
@@ -348,7 +322,7 @@ def _load_json(raw: bytes, where: str) -> dict[str, Any]:
             f"{where}: expected JSON of reasonable depth, found arrays/objects nested too deeply"
         ) from None
     if not isinstance(obj, dict):
-        raise ManifestError(f"{where}: expected a JSON object, found {_kind(obj)}")
+        raise ManifestError(f"{where}: expected a JSON object, found {kind(obj)}")
     return obj
 
 
@@ -377,7 +351,7 @@ def parse_manifest(
             f"{where}: unsupported manifest media type {kind!r} (expected one of "
             f"{', '.join(sorted(mt.MANIFEST_TYPES | mt.INDEX_TYPES))})"
         )
-    sv = _expect(obj, "schemaVersion", int, where)
+    sv = _FIELDS.get(obj, "schemaVersion", where, int)
     if sv != 2:
         raise ManifestError(f"{where}: schemaVersion: expected 2, found {sv}")
     subject = obj.get("subject")
@@ -386,8 +360,8 @@ def parse_manifest(
     if not isinstance(art, str):
         raise ManifestError(f"{where}: 'artifactType' must be a string")
     if kind in mt.INDEX_TYPES:
-        _check_keys(obj, Index._KEYS, where)
-        entries = _expect(obj, "manifests", list, where)
+        _FIELDS.check(obj, where, optional=Index._KEYS)
+        entries = _FIELDS.get(obj, "manifests", where, list)
         descs = []
         for i, e in enumerate(entries):
             d = Descriptor.from_json(e, f"{where}: manifests[{i}]")
@@ -397,15 +371,15 @@ def parse_manifest(
                 )
             descs.append(d)
         return Index(kind, tuple(descs), _annotations(obj, where), subj, art, raw)
-    _check_keys(obj, Manifest._KEYS, where)
-    config = Descriptor.from_json(_expect(obj, "config", dict, where), f"{where}: config")
+    _FIELDS.check(obj, where, optional=Manifest._KEYS)
+    config = Descriptor.from_json(_FIELDS.get(obj, "config", where, dict), f"{where}: config")
     if config.media_type not in mt.CONFIG_TYPES | {mt.OCI_EMPTY}:
         raise ManifestError(
             f"{where}: config: unsupported media type {config.media_type!r} "
             f"(expected {mt.OCI_CONFIG} or {mt.DOCKER_CONFIG})"
         )
     layers = []
-    for i, e in enumerate(_expect(obj, "layers", list, where)):
+    for i, e in enumerate(_FIELDS.get(obj, "layers", where, list)):
         d = Descriptor.from_json(e, f"{where}: layers[{i}]")
         if d.media_type not in mt.LAYER_TYPES | _EXTRA_LAYER_TYPES:
             raise ManifestError(f"{where}: layers[{i}]: unknown layer media type {d.media_type!r}")
@@ -434,14 +408,14 @@ class ImageConfig:
     @classmethod
     def parse(cls, raw: bytes, where: str = "config") -> ImageConfig:
         obj = _load_json(raw, where)
-        arch = _expect(obj, "architecture", str, where)
-        os_ = _expect(obj, "os", str, where)
-        rootfs = _expect(obj, "rootfs", dict, where)
+        arch = _FIELDS.get(obj, "architecture", where, str)
+        os_ = _FIELDS.get(obj, "os", where, str)
+        rootfs = _FIELDS.get(obj, "rootfs", where, dict)
         if rootfs.get("type") != "layers":
             raise ManifestError(
                 f"{where}: rootfs.type: expected 'layers', found {rootfs.get('type')!r}"
             )
-        ids = _expect(rootfs, "diff_ids", list, f"{where}: rootfs")
+        ids = _FIELDS.get(rootfs, "diff_ids", f"{where}: rootfs", list)
         diff_ids = tuple(
             str(Digest.parse(d, f"{where}: rootfs.diff_ids[{i}]")) for i, d in enumerate(ids)
         )

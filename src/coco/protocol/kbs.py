@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from coco.crypto.jcs import canonicalize
+from coco.crypto.jose import JoseError, public_key_from_jwk
 from coco.errors import KbsError
+from coco.jsonfields import Fields
 from coco.jsonio import loads as json_loads
 
 PROTOCOL_VERSION = "0.4.0"
@@ -29,32 +31,22 @@ TEE_NAMES = (
 )  # fmt: skip
 
 
+# The (kty, alg) pairs and EC curves a guest's ephemeral key may use (kbs_protocol's choices).
+TEE_KEY_ALGORITHMS = (("EC", "ECDH-ES+A256KW"), ("RSA", "RSA-OAEP-256"), ("RSA", "RSA1_5"))
+TEE_KEY_CURVES = ("P-256", "P-521")
+
+
 class ProtocolError(KbsError):
     """A KBS protocol message that is not what the protocol allows."""
+
+
+_FIELDS = Fields(ProtocolError)
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
     if isinstance(value, bytes | str):
         value = json_loads(value, what=where, error=ProtocolError)
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{where}: expected a JSON object, found {type(value).__name__}")
-    return value
-
-
-def _check_keys(obj: dict[str, Any], where: str, required: set[str], optional: set[str]) -> None:
-    unknown = set(obj) - required - optional
-    if unknown:
-        raise ProtocolError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    missing = required - set(obj)
-    if missing:
-        raise ProtocolError(f"{where}: missing field(s) {', '.join(sorted(missing))}")
-
-
-def _str(obj: dict[str, Any], key: str, where: str) -> str:
-    v = obj.get(key)
-    if not isinstance(v, str):
-        raise ProtocolError(f"{where}.{key}: expected a string, found {type(v).__name__}")
-    return v
+    return _FIELDS.object(value, where)
 
 
 @dataclass(frozen=True)
@@ -68,10 +60,10 @@ class Request:
     @classmethod
     def from_json(cls, data: Any) -> Request:
         obj = _obj(data, "Request")
-        _check_keys(obj, "Request", {"version", "tee"}, {"extra-params"})
+        _FIELDS.check(obj, "Request", required={"version", "tee"}, optional={"extra-params"})
         return cls(
-            _str(obj, "version", "Request"),
-            _str(obj, "tee", "Request"),
+            _FIELDS.string(obj, "version", "Request"),
+            _FIELDS.string(obj, "tee", "Request"),
             obj.get("extra-params", ""),
         )
 
@@ -89,8 +81,8 @@ class Challenge:
     @classmethod
     def from_json(cls, data: Any) -> Challenge:
         obj = _obj(data, "Challenge")
-        _check_keys(obj, "Challenge", {"nonce"}, {"extra-params"})
-        return cls(_str(obj, "nonce", "Challenge"), obj.get("extra-params", ""))
+        _FIELDS.check(obj, "Challenge", required={"nonce"}, optional={"extra-params"})
+        return cls(_FIELDS.string(obj, "nonce", "Challenge"), obj.get("extra-params", ""))
 
     def to_json(self) -> dict[str, Any]:
         return {"nonce": self.nonce, "extra-params": self.extra_params}
@@ -118,16 +110,33 @@ class TeePubKey:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "tee-pubkey") -> TeePubKey:
+        """Parse and check a supported (kty, alg, crv); :meth:`public_key` loads the key itself."""
         obj = _obj(data, where)
-        kty = _str(obj, "kty", where)
+        kty = _FIELDS.string(obj, "kty", where)
+        alg = _FIELDS.string(obj, "alg", where)
         if kty == "EC":
-            return cls("EC", _str(obj, "alg", where), crv=_str(obj, "crv", where),
-                       x=_str(obj, "x", where), y=_str(obj, "y", where))  # fmt: skip
-        if kty == "RSA":
-            return cls(
-                "RSA", _str(obj, "alg", where), n=_str(obj, "n", where), e=_str(obj, "e", where)
+            key = cls("EC", alg, crv=_FIELDS.string(obj, "crv", where),
+                      x=_FIELDS.string(obj, "x", where), y=_FIELDS.string(obj, "y", where))  # fmt: skip
+        elif kty == "RSA":
+            key = cls(
+                "RSA", alg, n=_FIELDS.string(obj, "n", where), e=_FIELDS.string(obj, "e", where)
             )
-        raise ProtocolError(f"{where}.kty: expected EC or RSA, found {kty!r}")
+        else:
+            raise ProtocolError(f"{where}.kty: expected EC or RSA, found {kty!r}")
+        if (kty, alg) not in TEE_KEY_ALGORITHMS or (kty == "EC" and key.crv not in TEE_KEY_CURVES):
+            raise ProtocolError(
+                f"{where}: unsupported kty={kty} alg={alg}"
+                + (f" crv={key.crv}" if kty == "EC" else "")
+                + ": expected EC P-256/P-521 with ECDH-ES+A256KW, or RSA with RSA-OAEP-256 or RSA1_5"
+            )
+        return key
+
+    def public_key(self, where: str = "tee-pubkey") -> Any:
+        """The key itself, loaded (refuses an EC point off its curve, a malformed modulus)."""
+        try:
+            return public_key_from_jwk(self.to_json(), where)
+        except JoseError as e:
+            raise ProtocolError(str(e)) from None
 
     def to_json(self) -> dict[str, Any]:
         if self.kty == "EC":
@@ -143,9 +152,9 @@ class RuntimeData:
     @classmethod
     def from_json(cls, data: Any) -> RuntimeData:
         obj = _obj(data, "runtime-data")
-        _check_keys(obj, "runtime-data", {"nonce", "tee-pubkey"}, set())
+        _FIELDS.check(obj, "runtime-data", required={"nonce", "tee-pubkey"}, optional=())
         return cls(
-            _str(obj, "nonce", "runtime-data"),
+            _FIELDS.string(obj, "nonce", "runtime-data"),
             TeePubKey.from_json(obj["tee-pubkey"], "runtime-data.tee-pubkey"),
         )
 
@@ -161,8 +170,10 @@ class InitData:
     @classmethod
     def from_json(cls, data: Any) -> InitData:
         obj = _obj(data, "init-data")
-        _check_keys(obj, "init-data", {"format", "body"}, set())
-        return cls(_str(obj, "format", "init-data"), _str(obj, "body", "init-data"))
+        _FIELDS.check(obj, "init-data", required={"format", "body"}, optional=())
+        return cls(
+            _FIELDS.string(obj, "format", "init-data"), _FIELDS.string(obj, "body", "init-data")
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.format, "body": self.body}
@@ -178,12 +189,10 @@ class CompositeEvidence:
     @classmethod
     def from_json(cls, data: Any) -> CompositeEvidence:
         obj = _obj(data, "tee-evidence")
-        _check_keys(obj, "tee-evidence", {"primary_evidence"}, {"additional_evidence"})
-        add = obj.get("additional_evidence", "")
-        if not isinstance(add, str):
-            raise ProtocolError(
-                f"tee-evidence.additional_evidence: expected a string, found {type(add).__name__}"
-            )
+        _FIELDS.check(
+            obj, "tee-evidence", required={"primary_evidence"}, optional={"additional_evidence"}
+        )
+        add = _FIELDS.string(obj, "additional_evidence", "tee-evidence", "")
         return cls(obj["primary_evidence"], add)
 
     def to_json(self) -> dict[str, Any]:
@@ -215,7 +224,9 @@ class Attestation:
     @classmethod
     def from_json(cls, data: Any) -> Attestation:
         obj = _obj(data, "Attestation")
-        _check_keys(obj, "Attestation", {"runtime-data", "tee-evidence"}, {"init-data"})
+        _FIELDS.check(
+            obj, "Attestation", required={"runtime-data", "tee-evidence"}, optional={"init-data"}
+        )
         init = obj.get("init-data")
         return cls(
             RuntimeData.from_json(obj["runtime-data"]),
@@ -241,8 +252,11 @@ class ErrorInformation:
     @classmethod
     def from_json(cls, data: Any) -> ErrorInformation:
         obj = _obj(data, "ErrorInformation")
-        _check_keys(obj, "ErrorInformation", {"type", "detail"}, set())
-        return cls(_str(obj, "type", "ErrorInformation"), _str(obj, "detail", "ErrorInformation"))
+        _FIELDS.check(obj, "ErrorInformation", required={"type", "detail"}, optional=())
+        return cls(
+            _FIELDS.string(obj, "type", "ErrorInformation"),
+            _FIELDS.string(obj, "detail", "ErrorInformation"),
+        )
 
     @property
     def variant(self) -> str:

@@ -18,7 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from coco.crypto.digest import fit as fit  # re-exported: the TEE modules import it from here
 from coco.errors import AttestationError
+from coco.jsonfields import Fields
 
 
 def load_object(evidence: bytes | str | dict[str, Any], where: str) -> dict[str, Any]:
@@ -33,33 +35,22 @@ def load_object(evidence: bytes | str | dict[str, Any], where: str) -> dict[str,
     return evidence
 
 
+_FIELDS = Fields(AttestationError)
+
+
 def check_keys(
     obj: dict[str, Any], required: Iterable[str], optional: Iterable[str], where: str
 ) -> None:
     """Refuse missing required keys and unknown keys."""
-    required = list(required)
-    allowed = set(required) | set(optional)
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise AttestationError(f"{where}: missing field(s) {', '.join(missing)}")
-    unknown = sorted(k for k in obj if k not in allowed)
-    if unknown:
-        raise AttestationError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; expected only {', '.join(sorted(allowed))}"
-        )
+    _FIELDS.check(obj, where, required=required, optional=optional)
 
 
 def get_object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = obj.get(key)
-    if not isinstance(value, dict):
-        raise AttestationError(f"{where}.{key}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return _FIELDS.get(obj, key, where, dict)
 
 
 def get_int(obj: dict[str, Any], key: str, where: str, bits: int) -> int:
-    value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AttestationError(f"{where}.{key}: expected an integer, got {value!r}")
+    value = _FIELDS.get(obj, key, where, int)
     if not 0 <= value < (1 << bits):
         raise AttestationError(
             f"{where}.{key}: expected an unsigned {bits}-bit integer, got {value}"
@@ -68,10 +59,7 @@ def get_int(obj: dict[str, Any], key: str, where: str, bits: int) -> int:
 
 
 def get_str(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise AttestationError(f"{where}.{key}: expected a string, got {type(value).__name__}")
-    return value
+    return _FIELDS.string(obj, key, where)
 
 
 def byte_array(value: Any, where: str, size: int | None = None) -> bytes:
@@ -113,11 +101,6 @@ def unhex(value: Any, where: str, size: int | None = None) -> bytes:
     if size is not None and len(data) != size:
         raise AttestationError(f"{where}: expected {size} bytes, got {len(data)}")
     return data
-
-
-def fit(data: bytes, size: int) -> bytes:
-    """Zero-pad or truncate ``data`` to ``size`` bytes (upstream's ``regularize_data``)."""
-    return data[:size].ljust(size, b"\0")
 
 
 def expect_equal(what: str, expected: bytes, found: bytes) -> None:
