@@ -47,3 +47,7 @@ def podvm_image(podvm_source: Path):
     from coco.host.podvm.build import build
 
     return build(source=podvm_source)
+
+
+# a real containerd with its own config, root, state and sockets, and test images for it
+from tests.host.containerd_fixture import containerd, test_images  # noqa: E402, F401

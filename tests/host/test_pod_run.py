@@ -1,0 +1,310 @@
+"""``coco pod run`` against a real containerd with its stock runc runtime (the ``runc`` handler):
+the kubelet stand-in proven on its own, independently of coco's shim."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from coco.host.pod.cri import CriClient
+from tests.host.containerd_fixture import Containerd, CriImages
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def coco(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coco.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def write_pod(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pod.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def pod_args(ctrd: Containerd, tmp_path: Path) -> list[str]:
+    return [
+        "--runtime-endpoint",
+        ctrd.endpoint,
+        "--runtime-class",
+        "runc",
+        "--log-root",
+        str(tmp_path / "logs"),
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+
+
+def sandboxes(ctrd: Containerd) -> list[str]:
+    with CriClient(ctrd.endpoint) as c:
+        return [f"{s.metadata.namespace}/{s.metadata.name}" for s in c.list_sandboxes()]
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return [
+        str(p.relative_to(tmp_path))
+        for d in ("logs", "state")
+        if (tmp_path / d).exists()
+        for p in (tmp_path / d).rglob("*")
+    ]
+
+
+def test_one_container_output_env_and_exit_code(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata:
+          name: hello
+          labels: {{app: hello}}
+          annotations: {{example.com/note: kept}}
+        spec:
+          terminationGracePeriodSeconds: 1
+          containers:
+          - name: app
+            image: {test_images.busybox}
+            command: ["/bin/sh", "-c"]
+            args: ["echo hello $(GREETING) from $(hostname) in $POD_NS; echo oops >&2; exit 3"]
+            env:
+            - {{name: WHO, value: world}}
+            - {{name: GREETING, value: "dear $(WHO)"}}
+            - name: POD_NS
+              valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}
+        """,
+    )
+    r = coco("pod", "run", str(pod), *pod_args(containerd, tmp_path))
+    assert r.returncode == 3, r.stderr
+    # $(GREETING) expanded by us as the kubelet does; $(hostname) is not a variable: the shell runs it
+    assert r.stdout == "hello dear world from hello in default\n"
+    assert "oops\n" in r.stderr
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_init_containers_volumes_and_prefixes(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {{name: settings}}
+        data:
+          greeting.txt: "hi from a configmap\\n"
+          MODE: fast
+        ---
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {{name: web}}
+        spec:
+          replicas: 3
+          selector: {{matchLabels: {{app: web}}}}
+          template:
+            metadata:
+              labels: {{app: web}}
+            spec:
+              terminationGracePeriodSeconds: 1
+              volumes:
+              - {{name: scratch, emptyDir: {{}}}}
+              - {{name: cfg, configMap: {{name: settings}}}}
+              initContainers:
+              - name: prepare
+                image: {test_images.busybox}
+                command: ["/bin/sh", "-c", "echo prepared > /work/state; echo init-done"]
+                volumeMounts: [{{name: scratch, mountPath: /work}}]
+              containers:
+              - name: main
+                image: {test_images.busybox}
+                command: ["/bin/sh", "-c", "cat /work/state /cfg/greeting.txt; echo mode=$MODE"]
+                envFrom: [{{configMapRef: {{name: settings}}}}]
+                workingDir: /work
+                volumeMounts:
+                - {{name: scratch, mountPath: /work}}
+                - {{name: cfg, mountPath: /cfg}}
+        """,
+    )
+    r = coco("pod", "run", str(pod), *pod_args(containerd, tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "[prepare] init-done",
+        "[main] prepared",
+        "[main] hi from a configmap",
+        "[main] mode=fast",
+    ]
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_init_container_stops_the_pod(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: broken-init}}
+        spec:
+          initContainers:
+          - {{name: check, image: {test_images.busybox}, command: ["/bin/sh", "-c", "exit 7"]}}
+          containers:
+          - {{name: app, image: {test_images.busybox}, command: ["/bin/echo", "never"]}}
+        """,
+    )
+    r = coco("pod", "run", str(pod), *pod_args(containerd, tmp_path))
+    assert r.returncode == 7
+    assert "never" not in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == (
+        "coco: error: pod default/broken-init: init container check exited with code 7"
+    )
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_container_that_cannot_start_is_one_line_and_cleaned_up(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: nocmd}}
+        spec:
+          containers:
+          - {{name: app, image: {test_images.busybox}, command: ["/no/such/program"]}}
+        """,
+    )
+    r = coco("pod", "run", str(pod), *pod_args(containerd, tmp_path))
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "coco: error: pod default/nocmd: container app did not start: CRI StartContainer:"
+    )
+    assert "/no/such/program" in last
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_image_that_cannot_be_pulled(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    registry = test_images.busybox.split("/")[0]
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: nopull}}
+        spec:
+          containers:
+          - {{name: app, image: {registry}/coco-test/absent:1}}
+        """,
+    )
+    r = coco("pod", "run", str(pod), *pod_args(containerd, tmp_path))
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"coco: error: pod default/nopull: container app: pulling {registry}/coco-test/absent:1: "
+        "CRI PullImage:"
+    ), last
+    assert "not found" in last
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_detached_pod_list_logs_exec_delete_and_same_name(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: svc, namespace: team}}
+        spec:
+          terminationGracePeriodSeconds: 1
+          containers:
+          - name: app
+            image: {test_images.busybox}
+            command: ["/bin/sh", "-c", "echo started; touch /tmp/ready; exec sleep 600"]
+        """,
+    )
+    args = pod_args(containerd, tmp_path)
+    ep = ["--runtime-endpoint", containerd.endpoint]
+    r = coco("pod", "run", "-d", str(pod), *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "svc\n"
+    try:
+        r = coco("pod", "list", *ep)
+        assert r.returncode == 0, r.stderr
+        row = next(line for line in r.stdout.splitlines() if " svc " in line)
+        assert row.split()[:4] == ["team", "svc", "ready", "runc"]
+        assert row.endswith("app:running")
+
+        # the same name again: refused, the first pod untouched
+        again = coco("pod", "run", str(pod), *args)
+        assert again.returncode == 1
+        assert (
+            again.stderr.strip()
+            .splitlines()[-1]
+            .startswith(
+                f"coco: error: pod team/svc already exists at {containerd.endpoint} (sandbox "
+            )
+        )
+        assert sandboxes(containerd) == ["team/svc"]
+
+        deadline = time.monotonic() + 30
+        while True:
+            r = coco("pod", "exec", "svc", "-n", "team", *ep, "--", "cat", "/tmp/ready")
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.returncode == 0, r.stderr
+        r = coco(
+            "pod",
+            "exec",
+            "svc",
+            "-n",
+            "team",
+            *ep,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2; exit 4",
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (4, "out\n", "err\n")
+
+        r = coco("pod", "logs", "svc", "-n", "team", *ep)
+        assert (r.returncode, r.stdout) == (0, "started\n")
+
+        r = coco("pod", "logs", "svc", "-n", "team", "-c", "nope", *ep)
+        assert r.returncode == 1
+        assert "no container 'nope' (containers: app)" in r.stderr
+        r = coco("pod", "logs", "absent", *ep)
+        assert r.returncode == 1
+        assert f"no pod default/absent at {containerd.endpoint}" in r.stderr
+    finally:
+        r = coco("pod", "delete", "svc", "-n", "team", "--grace-period", "1", *ep)
+    assert r.returncode == 0, r.stderr
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
