@@ -178,6 +178,16 @@ class Sandbox:
         async with self.lock:
             if cid in self.containers:
                 raise AgentError(f"container {cid} already exists", Code.ALREADY_EXISTS)
+            cgroup = spec_doc.get("linux", {}).get("cgroupsPath", "")
+            owner = next(
+                (c.cid for c in self.containers.values() if cgroup and c.cgroups_path == cgroup),
+                None,
+            )
+            if owner is not None:  # runc would share it, and a failure would kill the owner
+                raise AgentError(
+                    f"container {cid}: linux.cgroupsPath {cgroup} is container {owner}'s",
+                    Code.INVALID_ARGUMENT,
+                )
             bundle = Path(self.cfg.container_root, cid)
             bundle_existed = bundle.exists()
             undos: list[Undo] = []

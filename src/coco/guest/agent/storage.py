@@ -229,14 +229,17 @@ class Storages:
                 "the annotation io.kubernetes.cri.image-name)",
                 Code.INVALID_ARGUMENT,
             )
-        _mkdir(bundle, u)
-        u.add("mounts_under", bundle)
-        try:
+        if os.path.lexists(bundle):
+            raise StorageError(f"image_guest_pull {s.source}: bundle {bundle} already exists")
+        _mkdir(os.path.dirname(bundle), u)
+        try:  # the CDH makes the bundle, and leaves nothing when the pull fails
             digest = await self.pull(s.source, bundle)
         except StorageError:
             raise
         except Exception as e:
             raise StorageError(f"image_guest_pull {s.source}: {e}") from None
+        u.add("dir", bundle)
+        u.add("mounts_under", bundle)
         log.info("container %s: image %s pulled in the guest (%s)", cid, s.source, digest)
         rootfs = os.path.join(bundle, "rootfs")
         with contextlib.suppress(OSError, ValueError):
