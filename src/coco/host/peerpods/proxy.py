@@ -108,7 +108,7 @@ class AgentProxy:
                 )
                 return
             except UnavailableError as e:
-                reason = e.message
+                reason = e.message.removeprefix("agent proxy: ")
             except Exception as e:  # the agent answered something: the forwarder is up
                 log.debug("agent proxy %s: health check answered %s", self.target, e)
                 return
