@@ -66,11 +66,18 @@ def _names(keys: Iterable[str]) -> str:
 
 
 class Fields:
-    """Strict field readers that raise ``error``; ``noun`` is ``field`` (JSON) or ``key`` (TOML)."""
+    """Strict field readers that raise ``error``.
 
-    def __init__(self, error: type[CocoError], *, noun: str = "field") -> None:
+    ``noun`` names a member (``field`` in JSON, ``key`` in TOML); ``unknown`` is the word for a
+    member outside the allowed set (``unsupported`` where the format knows it but we do not).
+    """
+
+    def __init__(
+        self, error: type[CocoError], *, noun: str = "field", unknown: str = "unknown"
+    ) -> None:
         self.error = error
         self.noun = noun
+        self.unknown = unknown
 
     def object(self, value: Any, where: str) -> dict[str, Any]:
         """``value`` itself when it is an object (a dict)."""
@@ -98,7 +105,7 @@ class Fields:
             if unknown:
                 s = "s" if len(unknown) > 1 else ""
                 raise self.error(
-                    f"{where}: unknown {self.noun}{s} {_names(unknown)} "
+                    f"{where}: {self.unknown} {self.noun}{s} {_names(unknown)} "
                     f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
                 )
         missing = sorted(k for k in required if k not in obj)
@@ -120,16 +127,30 @@ class Fields:
             if default is REQUIRED:
                 raise self.error(f"{where}: missing {self.noun} {key!r}")
             return default
-        value = obj[key]
+        return self.expect(obj[key], f"{where}.{key}", types)
+
+    def expect(self, value: Any, where: str, types: type | tuple[type, ...]) -> Any:
+        """``value`` itself when it is of ``types`` (a value already taken out of its object)."""
         if not _is(value, types):
             raise self.error(
-                f"{where}.{key}: expected {_expected(types)}, found {kind(value)} {_short(value)}"
+                f"{where}: expected {_expected(types)}, found {kind(value)}{_short(value)}"
             )
         return value
 
-    def string(self, obj: Mapping[str, Any], key: str, where: str, default: Any = REQUIRED) -> Any:
-        """``obj[key]`` as a string."""
-        return self.get(obj, key, where, str, default)
+    def string(
+        self,
+        obj: Mapping[str, Any],
+        key: str,
+        where: str,
+        default: Any = REQUIRED,
+        *,
+        nonempty: bool = False,
+    ) -> Any:
+        """``obj[key]`` as a string (``nonempty``: refuse ``""``)."""
+        value = self.get(obj, key, where, str, default)
+        if nonempty and value == "":
+            raise self.error(f"{where}.{key}: expected a non-empty string, found ''")
+        return value
 
     def strings(self, obj: Mapping[str, Any], key: str, where: str, default: Any = REQUIRED) -> Any:
         """``obj[key]`` as a list of strings."""
@@ -152,7 +173,7 @@ class Fields:
 
 
 def _short(value: object) -> str:
-    if isinstance(value, dict | list):
+    if isinstance(value, dict | list) or value is None:
         return ""
     text = repr(value)
-    return f"({text[:40]}...)" if len(text) > 43 else f"({text})"
+    return f" ({text[:40]}...)" if len(text) > 43 else f" ({text})"

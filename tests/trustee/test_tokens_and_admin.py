@@ -170,7 +170,7 @@ def test_upstream_configs_parse() -> None:
           "storage_backend": {"storage_type": "Redis"}}, "expected Sqlite, Postgres"),
         ({"admin": {"authorization_mode": "DenyAll"}, "http_server": {}}, "HTTPS needs private_key"),
         ({"admin": {"authorization_mode": "DenyAll"}, "http_server": {"insecure_http": "yes"}},
-         "http_server.insecure_http: expected bool"),
+         "http_server.insecure_http: expected a boolean"),
         ({"admin": {"type": "Simple"}, "http_server": {"insecure_http": True}}, "admin: unknown key 'type'"),
     ],
 )  # fmt: skip

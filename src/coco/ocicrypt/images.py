@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from coco import jsonio
 from coco.errors import DecryptionError, OcicryptError, UsageError
+from coco.jsonfields import Fields
 from coco.oci import mediatypes as mt
-from coco.oci.copy import TransformedLayer
 from coco.oci.models import Descriptor, go_json
 from coco.ocicrypt import cipher
 from coco.ocicrypt.config import DecryptConfig, EncryptConfig
 from coco.ocicrypt.keywrap import KeyUnwrapError
 from coco.ocicrypt.keywrap import jwe as jwe_wrap
-from coco.ocicrypt.keywrap import pkcs7 as pkcs7_wrap
-from coco.ocicrypt.keywrap.keyprovider import SCHEME_PREFIX
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the copier (and its thread pool) and pkcs7 load only when used
+    from coco.oci.copy import TransformedLayer
+
+PKCS7_SCHEME = "pkcs7"
+PROVIDER_PREFIX = "provider."  # keyprovider.SCHEME_PREFIX (loaded only for providers)
 
 ANN_PREFIX = "org.opencontainers.image.enc."
 ANN_KEYS = ANN_PREFIX + "keys."
@@ -63,8 +64,7 @@ class PrivateOptions:
 
     @classmethod
     def parse(cls, raw: bytes, public_nonce: bytes | None, where: str) -> PrivateOptions:
-        obj = _json_object(raw, f"{where}: private options", DecryptionError)
-        _only(obj, {"symkey", "digest", "cipheroptions"}, f"{where}: private options")
+        obj = _json_object(raw, f"{where}: private options", {"symkey", "digest", "cipheroptions"})
         symkey = _b64field(obj, "symkey", f"{where}: private options")
         if len(symkey) != cipher.KEY_SIZE:
             raise DecryptionError(
@@ -73,9 +73,10 @@ class PrivateOptions:
         digest = obj.get("digest")
         if not isinstance(digest, str) or not digest.startswith("sha256:"):
             raise DecryptionError(f"{where}: private options: 'digest' must be 'sha256:<hex>'")
-        opts = obj.get("cipheroptions") or {}
-        if not isinstance(opts, dict):
-            raise DecryptionError(f"{where}: private options: 'cipheroptions' must be an object")
+        opts = (
+            _FIELDS.get(obj, "cipheroptions", f"{where}: private options", (dict, type(None)), None)
+            or {}
+        )
         nonce = public_nonce
         if nonce is None and "nonce" in opts:
             nonce = _b64field(opts, "nonce", f"{where}: private options: cipheroptions")
@@ -103,8 +104,7 @@ class PublicOptions:
             raw = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             raise DecryptionError(f"{where}: {ANN_PUBOPTS}: not valid base64") from None
-        obj = _json_object(raw, f"{where}: {ANN_PUBOPTS}", DecryptionError)
-        _only(obj, {"cipher", "hmac", "cipheroptions"}, f"{where}: {ANN_PUBOPTS}")
+        obj = _json_object(raw, f"{where}: {ANN_PUBOPTS}", {"cipher", "hmac", "cipheroptions"})
         name = obj.get("cipher")
         if name != cipher.CIPHER_NAME:
             raise DecryptionError(
@@ -113,9 +113,10 @@ class PublicOptions:
         if not obj.get("hmac"):
             raise DecryptionError(f"{where}: {ANN_PUBOPTS}: HMAC is not provided")
         mac = _b64field(obj, "hmac", f"{where}: {ANN_PUBOPTS}")
-        opts = obj.get("cipheroptions") or {}
-        if not isinstance(opts, dict):
-            raise DecryptionError(f"{where}: {ANN_PUBOPTS}: 'cipheroptions' must be an object")
+        opts = (
+            _FIELDS.get(obj, "cipheroptions", f"{where}: {ANN_PUBOPTS}", (dict, type(None)), None)
+            or {}
+        )
         nonce = _b64field(opts, "nonce", f"{where}: {ANN_PUBOPTS}") if "nonce" in opts else None
         return cls(name, mac, nonce)
 
@@ -124,20 +125,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _json_object(raw: bytes, where: str, err: type[OcicryptError]) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise err(f"{where}: not JSON") from None
-    if not isinstance(obj, dict):
-        raise err(f"{where}: expected a JSON object")
-    return obj
+_FIELDS = Fields(DecryptionError)
 
 
-def _only(obj: dict[str, Any], keys: set[str], where: str) -> None:
-    extra = sorted(set(obj) - keys)
-    if extra:
-        raise DecryptionError(f"{where}: unknown field {extra[0]!r}")
+def _json_object(raw: bytes, where: str, keys: set[str]) -> dict[str, Any]:
+    """The options object in ``raw``: JSON with only ``keys``."""
+    return _FIELDS.check(jsonio.loads(raw, what=where, error=DecryptionError), where, optional=keys)
 
 
 def _b64field(obj: dict[str, Any], key: str, where: str) -> bytes:
@@ -182,7 +175,9 @@ class EncryptLayers:
             if not any(n % total == index for n in self.layers):
                 return False
         if mt.is_encrypted(layer.media_type):
-            log.warning(
+            import logging
+
+            logging.getLogger(__name__).warning(
                 "%s: already encrypted, copied as is", _layer_name(self.image, index, total, layer)
             )
             return False
@@ -208,6 +203,8 @@ class EncryptLayers:
                 annotations=ann,
             )
 
+        from coco.oci.copy import TransformedLayer
+
         return TransformedLayer(iter(stream), descriptor)
 
     def _wrap_all(self, private: bytes, where: str) -> dict[str, str]:
@@ -216,7 +213,9 @@ class EncryptLayers:
         if c.jwe:
             out[ANN_KEYS + jwe_wrap.SCHEME] = _b64(jwe_wrap.wrap(c.jwe, private))
         if c.pkcs7:
-            out[ANN_KEYS + pkcs7_wrap.SCHEME] = _b64(pkcs7_wrap.wrap(c.pkcs7, private))
+            from coco.ocicrypt.keywrap import pkcs7 as pkcs7_wrap
+
+            out[ANN_KEYS + PKCS7_SCHEME] = _b64(pkcs7_wrap.wrap(c.pkcs7, private))
         for name, params in c.providers.items():
             kp = c.keyproviders[name]
             try:
@@ -278,6 +277,8 @@ class DecryptLayers:
                 annotations=ann,
             )
 
+        from coco.oci.copy import TransformedLayer
+
         return TransformedLayer(plain, descriptor)
 
     @staticmethod
@@ -329,13 +330,15 @@ class DecryptLayers:
             if not keys:
                 return None
             return lambda blob, label: jwe_wrap.unwrap(keys, blob, label)
-        if scheme == pkcs7_wrap.SCHEME:
+        if scheme == PKCS7_SCHEME:
             keys = c.private_keys
             if not keys:
                 return None
+            from coco.ocicrypt.keywrap import pkcs7 as pkcs7_wrap
+
             return lambda blob, label: pkcs7_wrap.unwrap(keys, c.certs, blob, label)
-        if scheme.startswith(SCHEME_PREFIX):
-            name = scheme[len(SCHEME_PREFIX) :]
+        if scheme.startswith(PROVIDER_PREFIX):
+            name = scheme[len(PROVIDER_PREFIX) :]
             if name not in c.providers:
                 return None
             kp = c.keyproviders[name]

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from coco.errors import KbsError
+from coco.jsonfields import Fields
 from coco.trustee.policy_engine import PolicyLimits
 
 log = logging.getLogger(__name__)
@@ -31,31 +32,17 @@ class ConfigError(KbsError):
     """A kbs-config.toml that is not what we accept."""
 
 
+_FIELDS = Fields(ConfigError, noun="key")
+
+
 def _table(d: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a table, found {type(d).__name__}")
-    unknown = set(d) - allowed
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(allowed))})"
-        )
-    return d
-
-
-def _get(d: dict[str, Any], key: str, where: str, typ: type | tuple, default: Any) -> Any:
-    if key not in d:
-        return default
-    v = d[key]
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise ConfigError(f"{where}.{key}: expected {names}, found {type(v).__name__} {v!r}")
-    return v
+    return _FIELDS.check(d, where, optional=allowed)
 
 
 def _positive(
     d: dict[str, Any], key: str, where: str, default: Any, typ: type | tuple = int
 ) -> Any:
-    v = _get(d, key, where, typ, default)
+    v = _FIELDS.get(d, key, where, typ, default)
     if v is not None and v <= 0:
         raise ConfigError(f"{where}.{key}: expected a number > 0, found {v!r}")
     return v
@@ -67,13 +54,6 @@ def parse_socket(address: str, where: str = "http_server.sockets") -> tuple[str,
     if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
         raise ConfigError(f"{where}: expected HOST:PORT with a port in 1-65535, found {address!r}")
     return host.strip("[]") or "0.0.0.0", int(port_s)
-
-
-def _str_list(d: dict[str, Any], key: str, where: str) -> list[str]:
-    v = _get(d, key, where, list, [])
-    if not all(isinstance(x, str) for x in v):
-        raise ConfigError(f"{where}.{key}: expected a list of strings")
-    return list(v)
 
 
 @dataclass
@@ -155,10 +135,10 @@ class KbsConfig:
                     f"http_server.{k}: not supported (TLS uses Python's defaults, TLS >= 1.2)"
                 )
         c.http_server = HttpServer(
-            sockets=_str_list(hs, "sockets", "http_server") or ["127.0.0.1:8080"],
-            insecure_http=_get(hs, "insecure_http", "http_server", bool, False),
-            private_key=_get(hs, "private_key", "http_server", str, None),
-            certificate=_get(hs, "certificate", "http_server", str, None),
+            sockets=_FIELDS.strings(hs, "sockets", "http_server", []) or ["127.0.0.1:8080"],
+            insecure_http=_FIELDS.get(hs, "insecure_http", "http_server", bool, False),
+            private_key=_FIELDS.get(hs, "private_key", "http_server", str, None),
+            certificate=_FIELDS.get(hs, "certificate", "http_server", str, None),
             payload_request_size=_positive(hs, "payload_request_size", "http_server", 2),
             request_header_size=_positive(hs, "request_header_size", "http_server", 256),
             worker_count=_positive(hs, "worker_count", "http_server", None),
@@ -176,10 +156,12 @@ class KbsConfig:
         at = _table(doc.get("attestation_token", {}), "attestation_token", {
             "trusted_certs_paths", "trusted_jwk_sets", "extra_teekey_paths", "insecure_header_jwk",
         })  # fmt: skip
-        c.trusted_certs_paths = _str_list(at, "trusted_certs_paths", "attestation_token")
-        c.trusted_jwk_sets = _str_list(at, "trusted_jwk_sets", "attestation_token")
-        c.extra_teekey_paths = _str_list(at, "extra_teekey_paths", "attestation_token")
-        c.insecure_header_jwk = _get(at, "insecure_header_jwk", "attestation_token", bool, False)
+        c.trusted_certs_paths = _FIELDS.strings(at, "trusted_certs_paths", "attestation_token", [])
+        c.trusted_jwk_sets = _FIELDS.strings(at, "trusted_jwk_sets", "attestation_token", [])
+        c.extra_teekey_paths = _FIELDS.strings(at, "extra_teekey_paths", "attestation_token", [])
+        c.insecure_header_jwk = _FIELDS.get(
+            at, "insecure_header_jwk", "attestation_token", bool, False
+        )
         c._load_as(doc.get("attestation_service", {}))
         pe = _table(doc.get("policy_engine", {}), "policy_engine", {
             "policy_path", "timeout_sec", "memory_limit_mb", "workers",
@@ -193,7 +175,7 @@ class KbsConfig:
         )
         c._load_admin(doc)
         c._load_storage(doc)
-        for i, p in enumerate(_get(doc, "plugins", "config", list, [])):
+        for i, p in enumerate(_FIELDS.get(doc, "plugins", "config", list, [])):
             w = f"plugins[{i}]"
             _table(p, w, {"name", "storage_backend_type"})
             if p.get("name") != "resource":
@@ -212,7 +194,7 @@ class KbsConfig:
             "type", "timeout", "attestation_token_broker", "rvps_config", "verifier_config",
             "max_pending_sessions",
         })  # fmt: skip
-        kind = _get(a, "type", w, str, "coco_as_builtin")
+        kind = _FIELDS.get(a, "type", w, str, "coco_as_builtin")
         if kind != "coco_as_builtin":
             raise ConfigError(f"{w}.type: only 'coco_as_builtin' is available, found {kind!r}")
         self.session_timeout_min = _positive(a, "timeout", w, 5)
@@ -222,25 +204,25 @@ class KbsConfig:
             "verbose_token", "signer", "policy_dir",
         })  # fmt: skip
         wt = f"{w}.attestation_token_broker"
-        if _get(tb, "type", wt, str, "Ear") not in ("Ear", "ear"):
+        if _FIELDS.get(tb, "type", wt, str, "Ear") not in ("Ear", "ear"):
             raise ConfigError(f"{wt}.type: only 'Ear' tokens are issued")
-        self.token_duration_min = _get(tb, "duration_min", wt, int, 5)
-        self.token_issuer = _get(tb, "issuer_name", wt, str, self.token_issuer)
-        self.token_developer = _get(tb, "developer_name", wt, str, self.token_developer)
-        self.token_build = _get(tb, "build_name", wt, str, self.token_build)
-        self.verbose_token = _get(tb, "verbose_token", wt, bool, True)
+        self.token_duration_min = _FIELDS.get(tb, "duration_min", wt, int, 5)
+        self.token_issuer = _FIELDS.get(tb, "issuer_name", wt, str, self.token_issuer)
+        self.token_developer = _FIELDS.get(tb, "developer_name", wt, str, self.token_developer)
+        self.token_build = _FIELDS.get(tb, "build_name", wt, str, self.token_build)
+        self.verbose_token = _FIELDS.get(tb, "verbose_token", wt, bool, True)
         signer = _table(tb.get("signer", {}), f"{wt}.signer", {"key_path", "cert_path", "cert_url"})
-        self.signer_key_path = _get(signer, "key_path", f"{wt}.signer", str, None)
-        self.signer_cert_path = _get(signer, "cert_path", f"{wt}.signer", str, None)
-        self.signer_cert_url = _get(signer, "cert_url", f"{wt}.signer", str, None)
+        self.signer_key_path = _FIELDS.get(signer, "key_path", f"{wt}.signer", str, None)
+        self.signer_cert_path = _FIELDS.get(signer, "cert_path", f"{wt}.signer", str, None)
+        self.signer_cert_url = _FIELDS.get(signer, "cert_url", f"{wt}.signer", str, None)
         if signer and not self.signer_key_path:
             raise ConfigError(f"{wt}.signer: key_path is required")
         rv = _table(
             a.get("rvps_config", {}), f"{w}.rvps_config", {"type", "storage_type", "extractors"}
         )
-        if _get(rv, "type", f"{w}.rvps_config", str, "BuiltIn") != "BuiltIn":
+        if _FIELDS.get(rv, "type", f"{w}.rvps_config", str, "BuiltIn") != "BuiltIn":
             raise ConfigError(f"{w}.rvps_config.type: only 'BuiltIn' is available")
-        self.verifier_config = _get(a, "verifier_config", w, dict, {})
+        self.verifier_config = _FIELDS.get(a, "verifier_config", w, dict, {})
 
     def _load_admin(self, doc: dict[str, Any]) -> None:
         if "admin" not in doc:
@@ -250,7 +232,7 @@ class KbsConfig:
         ad = _table(
             doc["admin"], "admin", {"authorization_mode", "authentication", "authorization"}
         )
-        self.admin_mode = _get(ad, "authorization_mode", "admin", str, None)
+        self.admin_mode = _FIELDS.get(ad, "authorization_mode", "admin", str, None)
         if self.admin_mode is None:
             raise ConfigError("admin.authorization_mode: required")
         if self.admin_mode != "AuthenticatedAuthorization":
@@ -264,18 +246,18 @@ class KbsConfig:
             authn.get("bearer_jwt", {}), "admin.authentication.bearer_jwt", {"identity_providers"}
         )
         for i, idp in enumerate(
-            _get(bj, "identity_providers", "admin.authentication.bearer_jwt", list, [])
+            _FIELDS.get(bj, "identity_providers", "admin.authentication.bearer_jwt", list, [])
         ):
             wi = f"admin.authentication.bearer_jwt.identity_providers[{i}]"
             _table(idp, wi, {"issuer", "audience", "public_key_uri", "jwk_set_uri"})
-            self.admin_idps.append(AdminIdp(**{k: _get(idp, k, wi, str, None) for k in idp}))
+            self.admin_idps.append(AdminIdp(**{k: _FIELDS.get(idp, k, wi, str, None) for k in idp}))
         authz = _table(ad.get("authorization", {}), "admin.authorization", {"regex_acl"})
         ra = _table(authz.get("regex_acl", {}), "admin.authorization.regex_acl", {"acls"})
-        for i, acl in enumerate(_get(ra, "acls", "admin.authorization.regex_acl", list, [])):
+        for i, acl in enumerate(_FIELDS.get(ra, "acls", "admin.authorization.regex_acl", list, [])):
             wa = f"admin.authorization.regex_acl.acls[{i}]"
             _table(acl, wa, {"role", "allowed_endpoints"})
-            role = _get(acl, "role", wa, str, None)
-            ep = _get(acl, "allowed_endpoints", wa, str, None)
+            role = _FIELDS.get(acl, "role", wa, str, None)
+            ep = _FIELDS.get(acl, "allowed_endpoints", wa, str, None)
             if role is None or ep is None:
                 raise ConfigError(f"{wa}: role and allowed_endpoints are required")
             self.admin_acls.append((role, ep))
@@ -285,12 +267,12 @@ class KbsConfig:
             doc.get("storage_backend", {}), "storage_backend", {"storage_type", "backends", "url"}
         )
         if "url" in sb:
-            self.storage_url = _get(sb, "url", "storage_backend", str, None)
+            self.storage_url = _FIELDS.get(sb, "url", "storage_backend", str, None)
         else:
-            kind = _get(sb, "storage_type", "storage_backend", str, "Memory")
+            kind = _FIELDS.get(sb, "storage_type", "storage_backend", str, "Memory")
             self.storage_url = _backend_url(kind, sb.get("backends", {}))
         if "session_storage_type" in doc:
-            kind = _get(doc, "session_storage_type", "config", str, None)
+            kind = _FIELDS.get(doc, "session_storage_type", "config", str, None)
             self.session_storage_url = _backend_url(kind, sb.get("backends", {}))
 
 
@@ -302,13 +284,13 @@ def _backend_url(kind: str, backends: Any) -> str:
         return "memory://"
     if k == "sqlite":
         s = _table(b.get("sqlite", {}), f"{w}.sqlite", {"path"})
-        path = _get(s, "path", f"{w}.sqlite", str, None)
+        path = _FIELDS.get(s, "path", f"{w}.sqlite", str, None)
         if not path:
             raise ConfigError(f"{w}.sqlite.path: required for storage_type Sqlite")
         return "sqlite://" + os.path.abspath(path)
     if k == "localfs":
         s = _table(b.get("local_fs", {}), f"{w}.local_fs", {"dir_path"})
-        d = _get(s, "dir_path", f"{w}.local_fs", str, "/opt/confidential-containers/storage")
+        d = _FIELDS.get(s, "dir_path", f"{w}.local_fs", str, "/opt/confidential-containers/storage")
         return "sqlite://" + os.path.join(os.path.abspath(d), "coco-kbs.sqlite")
     if k == "postgres":
         s = _table(
@@ -316,11 +298,11 @@ def _backend_url(kind: str, backends: Any) -> str:
         )
         if not s and os.environ.get("POSTGRES_URL"):
             return os.environ["POSTGRES_URL"]
-        host = _get(s, "host", f"{w}.postgres", str, "127.0.0.1")
-        port = _get(s, "port", f"{w}.postgres", int, 5432)
-        db = _get(s, "db", f"{w}.postgres", str, "postgres")
-        user = _get(s, "username", f"{w}.postgres", str, "postgres")
-        pw = _get(s, "password", f"{w}.postgres", str, None)
+        host = _FIELDS.get(s, "host", f"{w}.postgres", str, "127.0.0.1")
+        port = _FIELDS.get(s, "port", f"{w}.postgres", int, 5432)
+        db = _FIELDS.get(s, "db", f"{w}.postgres", str, "postgres")
+        user = _FIELDS.get(s, "username", f"{w}.postgres", str, "postgres")
+        pw = _FIELDS.get(s, "password", f"{w}.postgres", str, None)
         cred = quote(user, safe="") + (":" + quote(pw, safe="") if pw else "")
         return f"postgresql://{cred}@{host}:{port}/{quote(db, safe='')}"
     raise ConfigError(

@@ -378,7 +378,7 @@ BAD_DOCS = [
                 "containers": [{"name": "a", "image": "i", "env": [{"name": "A", "vlaue": "1"}]}]
             },
         },
-        "document 1 (Pod x): unsupported field spec.containers[0].env[0].vlaue",
+        "document 1 (Pod x): spec.containers[0].env[0]: unsupported field 'vlaue'",
     ),
     (
         {"apiVersion": "v1", "kind": "Frobnicator", "metadata": {"name": "x"}},
@@ -391,7 +391,7 @@ BAD_DOCS = [
             "metadata": {"name": "x"},
             "spec": {"dnsPolicy": "None", "containers": [{"name": "a", "image": "i", "bogus": 1}]},
         },
-        "document 1 (Pod x): unsupported field spec.containers[0].bogus",
+        "document 1 (Pod x): spec.containers[0]: unsupported field 'bogus'",
     ),
     (
         {
@@ -400,7 +400,7 @@ BAD_DOCS = [
             "metadata": {"name": "x"},
             "spec": {"hostPID": True, "containers": []},
         },
-        "document 1 (Pod x): unsupported field spec.hostPID",
+        "document 1 (Pod x): spec: unsupported field 'hostPID'",
     ),
     (
         {
@@ -415,7 +415,7 @@ BAD_DOCS = [
                 }
             },
         },
-        "document 1 (Deployment d): unsupported field spec.template.spec.containers[0].securityContext.x",
+        "document 1 (Deployment d): spec.template.spec.containers[0].securityContext: unsupported field 'x'",
     ),
     (
         {
@@ -424,7 +424,7 @@ BAD_DOCS = [
             "metadata": {"name": "x"},
             "spec": {"containers": "nope"},
         },
-        "document 1 (Pod x): spec.containers: expected a list, found a string",
+        "document 1 (Pod x): spec.containers: expected an array, found a string",
     ),
 ]
 

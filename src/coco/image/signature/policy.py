@@ -24,6 +24,7 @@ from pathlib import Path
 
 from coco import jsonio
 from coco.errors import PolicyError, UsageError
+from coco.jsonfields import Fields, kind
 from coco.oci.reference import DockerReference, parse_docker
 
 KeyLoader = Callable[[str], bytes]
@@ -321,7 +322,7 @@ def _parse_requirement(doc: object, where: str, base: Path | None) -> Requiremen
 
 def _parse_requirements(doc: object, where: str, base: Path | None) -> tuple[Requirement, ...]:
     if not isinstance(doc, list):
-        raise PolicyError(f"{where}: expected a list of requirements, found {_kind(doc)}")
+        raise PolicyError(f"{where}: expected a list of requirements, found {kind(doc)}")
     if not doc:
         raise PolicyError(f"{where}: expected at least one requirement, found an empty list")
     return tuple(_parse_requirement(r, f"{where}[{i}]", base) for i, r in enumerate(doc))
@@ -354,7 +355,7 @@ class Policy:
         transports: dict[str, dict[str, tuple[Requirement, ...]]] = {}
         tdoc = d.get("transports", {})
         if not isinstance(tdoc, dict):
-            raise PolicyError(f"{where}: transports: expected an object, found {_kind(tdoc)}")
+            raise PolicyError(f"{where}: transports: expected an object, found {kind(tdoc)}")
         for tname, scopes in tdoc.items():
             tw = f"{where}: transports.{tname}"
             if tname not in TRANSPORTS:
@@ -362,7 +363,7 @@ class Policy:
                     f"{tw}: unknown transport {tname!r} (expected one of {', '.join(TRANSPORTS)})"
                 )
             if not isinstance(scopes, dict):
-                raise PolicyError(f"{tw}: expected an object of scopes, found {_kind(scopes)}")
+                raise PolicyError(f"{tw}: expected an object of scopes, found {kind(scopes)}")
             parsed: dict[str, tuple[Requirement, ...]] = {}
             for scope, reqs in scopes.items():
                 _check_scope(tname, scope, f"{tw}[{scope!r}]")
@@ -441,28 +442,15 @@ def _dedupe(items: list[str]) -> list[str]:
 # ---------------------------------------------------------------- helpers
 
 
-def _kind(v: object) -> str:
-    return {dict: "an object", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
+_FIELDS = Fields(PolicyError)
 
 
 def _str(d: dict, key: str, where: str) -> str:
-    v = d[key]
-    if not isinstance(v, str) or not v:
-        raise PolicyError(f"{where}.{key}: expected a non-empty string, found {v!r}")
-    return v
+    return _FIELDS.string(d, key, where, nonempty=True)
 
 
 def _fields(doc: object, where: str, *, required: set[str], optional: set[str] | None) -> dict:
-    if not isinstance(doc, dict):
-        raise PolicyError(f"{where}: expected an object, found {_kind(doc)}")
-    if optional is not None:
-        unknown = sorted(set(doc) - required - optional)
-        if unknown:
-            raise PolicyError(f"{where}: unknown field {unknown[0]!r}")
-    missing = sorted(required - set(doc))
-    if missing:
-        raise PolicyError(f"{where}: missing field {missing[0]!r}")
-    return doc
+    return _FIELDS.check(doc, where, required=required, optional=optional)
 
 
 def iter_requirements(policy: Policy) -> Iterator[Requirement]:

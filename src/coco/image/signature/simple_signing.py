@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from coco.errors import SignatureError
+from coco.jsonfields import Fields
 
 ATOMIC_TYPE = "atomic container signature"
 COSIGN_TYPE = "cosign container image signature"
@@ -71,22 +72,24 @@ class Payload:
             doc = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SignatureError(f"{where}: payload is not JSON: {e}") from None
-        top = _obj(
-            doc, f"{where}: payload", required={"critical"}, allowed={"critical", "optional"}
+        top = _FIELDS.check(doc, f"{where}: payload", required={"critical"}, optional={"optional"})
+        crit = _FIELDS.check(
+            top["critical"], f"{where}: critical", required={"identity", "image", "type"}
         )
-        crit = _obj(top["critical"], f"{where}: critical", required={"identity", "image", "type"})
         if crit["type"] != expected_type:
             raise SignatureError(
                 f"{where}: critical.type: expected {expected_type!r}, found {crit['type']!r}"
             )
-        ident = _obj(crit["identity"], f"{where}: critical.identity", required={"docker-reference"})
-        image = _obj(crit["image"], f"{where}: critical.image", required={"docker-manifest-digest"})
-        ref = ident["docker-reference"]
+        ident = _FIELDS.check(
+            crit["identity"], f"{where}: critical.identity", required={"docker-reference"}
+        )
+        image = _FIELDS.check(
+            crit["image"], f"{where}: critical.image", required={"docker-manifest-digest"}
+        )
+        ref = _FIELDS.string(
+            ident, "docker-reference", f"{where}: critical.identity", nonempty=True
+        )
         digest = image["docker-manifest-digest"]
-        if not isinstance(ref, str) or not ref:
-            raise SignatureError(
-                f"{where}: critical.identity.docker-reference: expected a string, found {ref!r}"
-            )
         if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
             raise SignatureError(
                 f"{where}: critical.image.docker-manifest-digest: expected sha256:<64 hex>, "
@@ -98,17 +101,7 @@ class Payload:
         return cls(ref, digest, expected_type, optional)
 
 
-def _obj(value: object, where: str, *, required: set[str], allowed: set[str] | None = None) -> dict:
-    if not isinstance(value, dict):
-        raise SignatureError(f"{where}: expected a JSON object, found {type(value).__name__}")
-    allowed = required if allowed is None else allowed
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise SignatureError(f"{where}: unknown field {unknown[0]!r}")
-    missing = sorted(required - set(value))
-    if missing:
-        raise SignatureError(f"{where}: missing field {missing[0]!r}")
-    return value
+_FIELDS = Fields(SignatureError)
 
 
 def _gpg() -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from coco import yamlio
 from coco.errors import GenpolicyError
+from coco.jsonfields import Fields
 
 POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
 
@@ -241,38 +242,23 @@ def load_documents(text: str, where: str) -> list[Any]:
     return [d for d in docs if d is not None]
 
 
+_FIELDS = Fields(GenpolicyError, unknown="unsupported")
+
+
 def _obj(v: Any, where: str, path: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise GenpolicyError(f"{where}: {path}: expected a mapping, found {_kind(v)}")
-    return v
+    return _FIELDS.expect(v, f"{where}: {path}", dict)
 
 
 def _list(v: Any, where: str, path: str) -> list[Any]:
-    if v is None:
-        return []
-    if not isinstance(v, list):
-        raise GenpolicyError(f"{where}: {path}: expected a list, found {_kind(v)}")
-    return v
+    return [] if v is None else _FIELDS.expect(v, f"{where}: {path}", list)
 
 
 def _str(v: Any, where: str, path: str) -> str:
-    if not isinstance(v, str):
-        raise GenpolicyError(f"{where}: {path}: expected a string, found {_kind(v)}")
-    return v
-
-
-def _kind(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
-        type(v), type(v).__name__
-    )
+    return _FIELDS.expect(v, f"{where}: {path}", str)
 
 
 def _only(obj: Mapping[str, Any], allowed: set[str], where: str, path: str) -> None:
-    for k in obj:
-        if k not in allowed:
-            raise GenpolicyError(
-                f"{where}: unsupported field {path}.{k} (supported: {', '.join(sorted(allowed))})"
-            )
+    _FIELDS.check(obj, f"{where}: {path}", optional=allowed)
 
 
 def iter_documents(docs: list[Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -316,9 +302,7 @@ def workloads(docs: list[Any], where: str) -> list[Workload]:
     """The workloads among ``docs``; refuses unknown kinds and unknown fields."""
     out: list[Workload] = []
     for w, d in iter_documents(docs, where):
-        kind = d.get("kind")
-        if not isinstance(kind, str):
-            raise GenpolicyError(f"{w}: kind: expected a string, found {_kind(kind)}")
+        kind = _FIELDS.expect(d.get("kind"), f"{w}: kind", str)
         if kind in PASS_THROUGH or kind in ("ConfigMap", "Secret"):
             continue
         meta = _obj(d.get("metadata") or {}, w, "metadata")
