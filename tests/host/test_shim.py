@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,23 @@ SHIM = str(Path(sys.executable).parent / "containerd-shim-coco-v2")
 IMAGE_NAME = "io.kubernetes.cri.image-name"
 POLICY = "io.katacontainers.config.agent.policy"
 INITDATA = "io.katacontainers.config.hypervisor.cc_init_data"
-ALLOWED = ["CreateSandboxRequest", "DestroySandboxRequest", "GetGuestDetailsRequest", "CopyFileRequest", "StartContainerRequest", "RemoveContainerRequest", "ExecProcessRequest", "SignalProcessRequest", "WaitProcessRequest", "ReadStreamRequest", "WriteStreamRequest", "CloseStdinRequest", "TtyWinResizeRequest", "UpdateContainerRequest", "StatsContainerRequest"]
+ALLOWED = [
+    "CreateSandboxRequest",
+    "DestroySandboxRequest",
+    "GetGuestDetailsRequest",
+    "CopyFileRequest",
+    "StartContainerRequest",
+    "RemoveContainerRequest",
+    "ExecProcessRequest",
+    "SignalProcessRequest",
+    "WaitProcessRequest",
+    "ReadStreamRequest",
+    "WriteStreamRequest",
+    "CloseStdinRequest",
+    "TtyWinResizeRequest",
+    "UpdateContainerRequest",
+    "StatsContainerRequest",
+]
 
 
 # -- pieces ------------------------------------------------------------------------------------------
@@ -160,7 +177,8 @@ def _leftovers(state: Path, cid: str) -> list[str]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if str(state) in cmd or ("containerd-shim-coco-v2" in cmd and f"-id {cid}" in cmd):
+            shim = "containerd-shim-coco-v2" in cmd or "coco.host.runtime.shim" in cmd
+            if str(state) in cmd or (shim and f"-id {cid} " in cmd + " "):
                 found.append(f"pid {pid}: {cmd}")
     mounts = Path("/proc/self/mounts").read_text()
     found += [m for m in mounts.splitlines() if str(state) in m or cid in m]
@@ -177,14 +195,28 @@ def _pull(containerd, ns: str, image: str) -> None:
 def test_ctr_run_local(containerd, test_images, local_runtime: Path) -> None:
     ns = "coco-shim"
     _pull(containerd, ns, test_images.busybox)
-    run = _ctr_run(
-        containerd, ns, local_runtime, test_images.busybox, "shim-t1",
-        "/bin/sh", "-c", "echo hello-from-guest; echo to-stderr >&2; exit 7",
-        policy=_policy(deny_create=False),
+    events = subprocess.Popen(
+        ["ctr", "--address", str(containerd.address), "events"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
+    try:
+        time.sleep(0.5)  # subscribed
+        run = _ctr_run(
+            containerd, ns, local_runtime, test_images.busybox, "shim-t1",
+            "/bin/sh", "-c", "echo hello-from-guest; echo to-stderr >&2; exit 7",
+            policy=_policy(deny_create=False),
+        )  # fmt: skip
+        time.sleep(0.5)
+    finally:
+        events.terminate()
+        seen = events.communicate(timeout=10)[0]
     assert "hello-from-guest" in run.stdout, run.stderr
     assert "to-stderr" in run.stdout + run.stderr
     assert run.returncode == 7, run.stderr
+    # the shim's events reached containerd, in order, for this task
+    ours = [m.group(1) for ln in seen.splitlines() if '"shim-t1"' in ln
+            for m in [re.search(r" (/tasks/\S+) ", ln)] if m]  # fmt: skip
+    assert ours == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], seen
     deadline = time.monotonic() + 20
     while _leftovers(local_runtime.parent / "st", "shim-t1") and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -217,3 +249,66 @@ def test_delete_prints_a_delete_response(tmp_path: Path) -> None:
     )  # fmt: skip
     reply = pb.DeleteResponse.FromString(out.stdout)
     assert reply.exit_status == 137 and reply.exited_at.seconds > 0
+
+
+def _run_detached(containerd, ns: str, cfg: Path, image: str, cid: str) -> None:
+    registry = image.split("/")[0]
+    subprocess.run(
+        ["ctr", "--address", str(containerd.address), "-n", ns, "run", "-d",
+         "--fifo-dir", str(cfg.parent / "fifo"),
+         "--runtime", SHIM, "--runtime-config-path", str(cfg),
+         "--annotation", f"{IMAGE_NAME}={image}",
+         "--annotation", f"{INITDATA}={_initdata(registry, _policy(deny_create=False))}",
+         image, cid, "/bin/sleep", "300"],
+        capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+
+
+def _remove(containerd, ns: str, cid: str) -> None:
+    containerd.ctr("-n", ns, "task", "kill", "-s", "KILL", cid, check=False)
+    deadline = time.monotonic() + 30
+    while containerd.ctr("-n", ns, "task", "delete", cid, check=False).returncode != 0:
+        if containerd.ctr("-n", ns, "task", "ls", "-q", check=False).stdout.count(cid) == 0:
+            break
+        assert time.monotonic() < deadline, "task not deleted"
+        time.sleep(0.3)
+    containerd.ctr("-n", ns, "containers", "delete", cid, check=False)
+
+
+@pytest.mark.slow
+def test_exec_in_a_running_container(containerd, test_images, local_runtime: Path) -> None:
+    ns, cid = "coco-shim", "shim-exec"
+    state = local_runtime.parent / "st"
+    _pull(containerd, ns, test_images.busybox)
+    _run_detached(containerd, ns, local_runtime, test_images.busybox, cid)
+    try:
+        run = containerd.ctr(
+            "-n", ns, "task", "exec", "--fifo-dir", str(local_runtime.parent / "fifo"),
+            "--exec-id", "e1", cid, "/bin/sh", "-c", "echo from-exec; exit 4", check=False,
+        )  # fmt: skip
+        assert "from-exec" in run.stdout, run.stderr
+        assert run.returncode == 4, run.stderr
+    finally:
+        _remove(containerd, ns, cid)
+    deadline = time.monotonic() + 20
+    while _leftovers(state, cid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(state, cid) == []
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_shim_then_delete_cleans_up(containerd, test_images, local_runtime) -> None:
+    ns, cid = "coco-shim", "shim-k9"
+    state = local_runtime.parent / "st"
+    _pull(containerd, ns, test_images.busybox)
+    _run_detached(containerd, ns, local_runtime, test_images.busybox, cid)
+    bundle = containerd.state / "io.containerd.runtime.v2.task" / ns / cid
+    shim_pid = int((bundle / "shim.pid").read_text())
+    assert (state / cid).is_dir()  # the sandbox runs
+    os.kill(shim_pid, 9)
+    _remove(containerd, ns, cid)
+    deadline = time.monotonic() + 20
+    while _leftovers(state, cid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(state, cid) == []
+    assert not bundle.exists()

@@ -16,7 +16,8 @@ import time
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from coco.rpc import Client, RpcError, Stub
+from coco.errors import CocoError
+from coco.rpc import Client, Stub
 from coco.rpc.protos import containerd_events_pb2 as ev
 from coco.rpc.protos import containerd_events_ttrpc_pb2
 from coco.rpc.service import Service
@@ -50,7 +51,8 @@ def pack(event: Message) -> any_pb2.Any:
 
 class Publisher:
     def __init__(self, address: str, namespace: str) -> None:
-        self.address = address
+        # containerd passes a bare socket path
+        self.address = address if "://" in address or not address else f"unix://{address}"
         self.namespace = namespace
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
@@ -89,7 +91,7 @@ class Publisher:
                         self._client = await Client.connect(self.address, timeout=5)
                     await Stub(self._client, EVENTS, timeout=5).Forward(request)
                     break
-                except RpcError as e:
+                except CocoError as e:  # RpcError, or an address that does not parse
                     self._client = None
                     if attempt == 5:
                         log.error("event %s not delivered to %s: %s", topic, self.address, e)

@@ -228,13 +228,14 @@ async def serve(args: argparse.Namespace) -> int:
     service = TaskService(args.namespace, publisher, on_empty)
     server = Server()
     server.register(TASK, service)
+    listener = None
     if args.socket:
         await server.listen(f"unix://{args.socket}")
         path = args.socket
     else:
         sock = socket.socket(fileno=3)
         sock.setblocking(False)
-        await asyncio.start_unix_server(
+        listener = await asyncio.start_unix_server(
             lambda r, w: server.serve_stream(r, w, peer="containerd"), sock=sock
         )
         path = os.environ.get(SOCKET_ENV, "")
@@ -243,14 +244,16 @@ async def serve(args: argparse.Namespace) -> int:
     reaper = asyncio.create_task(_reap(service))
     log.info("containerd-shim-coco-v2 %s serving (pid %d)", args.id, os.getpid())
     await done.wait()
+    if listener is not None:
+        listener.close()  # nobody may reach a shim that is going away
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     reaper.cancel()
     with contextlib.suppress(Exception):
         await service.shutdown_all()
     await publisher.close()
     await server.stop(grace=1)
-    if path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
     return 0
 
 
@@ -274,7 +277,16 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(logging.Formatter("time=%(asctime)s level=%(levelname)s msg=%(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     _subreaper()
-    sys.exit(asyncio.run(serve(args)))
+    loop = asyncio.new_event_loop()
+    code = 1
+    try:
+        code = loop.run_until_complete(serve(args))
+    except BaseException:
+        log.exception("containerd-shim-coco-v2 %s: serving failed", args.id)
+    finally:
+        logging.shutdown()
+        # threads may still block opening or reading a fifo containerd never opened: no waiting
+        os._exit(code)
 
 
 if __name__ == "__main__":
