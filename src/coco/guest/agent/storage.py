@@ -336,8 +336,10 @@ class Storages:
         _do_mount("overlay", mp, "overlay", data, u)
 
     async def _block(self, s, mp: str, u: Undo) -> None:
-        dev = self._device(s.source, mp)
         opts = list(s.options)
+        if IS_LAYER in opts:
+            require_device_mapper(os.path.basename(mp.rstrip("/")))
+        dev = self._device(s.source, mp)
         if IS_LAYER in opts:
             await self._tardev_layer(dev, mp, opts, u)
             return
@@ -405,14 +407,18 @@ def verity_trailer(dev: str) -> tuple[int, int, int]:
     return dbs, hbs, blocks
 
 
-async def open_verity(dev: str, name: str, root_hash: str, u: Undo) -> str:
-    """Open ``dev`` as dm-verity device ``/dev/mapper/<name>`` with ``root_hash``."""
+def require_device_mapper(name: str) -> None:
     if not os.path.exists("/dev/mapper/control"):
         raise StorageError(
             f"tardev layer {name}: dm-verity needs the kernel's device-mapper, and this machine "
             "has none (/dev/mapper/control is missing); the layer cannot be verified, so it is "
             "not mounted"
         )
+
+
+async def open_verity(dev: str, name: str, root_hash: str, u: Undo) -> str:
+    """Open ``dev`` as dm-verity device ``/dev/mapper/<name>`` with ``root_hash``."""
+    require_device_mapper(name)
     dbs, hbs, blocks = verity_trailer(dev)
     cmd = [
         "veritysetup", "open", "--no-superblock", "--format=1", "--hash=sha256",
