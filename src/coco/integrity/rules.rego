@@ -552,10 +552,20 @@ why_CreateSandboxRequest := array.concat(
 		[viol |
 			some i
 		s := object.get(input, "storages", [])[i]
-			not s in policy_data.sandbox.storages
+			not sandbox_storage_ok(s)
 		viol := violation("sandbox", sprintf("storages[%d]", [i]), "a sandbox storage the policy lists", s)],
 	),
 )
+
+# Equal on every field the policy lists; a field newer agents send (Storage.shared, 3.28) must
+# keep its default unless the policy lists it.
+sandbox_storage_ok(s) {
+	some ps in policy_data.sandbox.storages
+	every k, v in ps {
+		object.get(s, k, null) == v
+	}
+	object.get(s, "shared", false) == object.get(ps, "shared", false)
+}
 
 # ---------------------------------------------------------------------------------------------
 # ExecProcessRequest: only commands the policy lists (joined with spaces) or matches.
