@@ -16,7 +16,6 @@ queue between them keeps memory at a few chunks whatever the layer size.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hmac
 import queue
 import secrets
@@ -73,6 +72,8 @@ def tune_malloc() -> None:
     if _malloc_tuned:
         return
     _malloc_tuned = True
+    import ctypes
+
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD

@@ -6,29 +6,50 @@
 ``KEYFILE:fd=N``, ``CERTFILE``, ``provider:NAME[:VALUE]``) into a :class:`DecryptConfig`.
 :func:`load_keyproviders` reads the file named by ``OCICRYPT_KEYPROVIDER_CONFIG`` (not set: no
 providers; the file missing: ignored, as containers/ocicrypt does).
+
+Private keys are cached in the process by the digest of their file's bytes (and password), so a
+long-running puller loads each key once. ``cryptography`` checks an RSA private key when it loads
+it (primality and consistency, 50-80 ms for 2048 bits); a key whose exact bytes passed that check
+once is remembered in ``$XDG_CACHE_HOME/coco/checked-keys`` (by a digest of the bytes, never the
+key) and later processes load those same bytes without repeating it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwcrypto import jwk as _jwk
 
 from coco.errors import OcicryptError
-from coco.ocicrypt.keywrap.keyprovider import GrpcTls, KeyProvider
 
 ENV_KEYPROVIDER_CONFIG = "OCICRYPT_KEYPROVIDER_CONFIG"
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+try:  # the loaders themselves: the serialization package would also load its SSH code (~10 ms)
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _PRIVATE_LOADERS = (
+        _rust_openssl.keys.load_pem_private_key,
+        _rust_openssl.keys.load_der_private_key,
+    )
+except (ImportError, AttributeError):  # another cryptography layout: the public names
+    from cryptography.hazmat.primitives import serialization as _serialization
+
+    _PRIVATE_LOADERS = (_serialization.load_pem_private_key, _serialization.load_der_private_key)
+
+if TYPE_CHECKING:  # x509, jwcrypto and key providers load only when used
+    from cryptography import x509
+
+    from coco.ocicrypt.keywrap.keyprovider import KeyProvider
 
 
 class KeyConfigError(OcicryptError):
@@ -104,6 +125,8 @@ def load_keyproviders(path: str | os.PathLike[str] | None = None) -> dict[str, K
 
 
 def _provider(name: str, attrs: Any, where: str) -> KeyProvider:
+    from coco.ocicrypt.keywrap.keyprovider import GrpcTls, KeyProvider
+
     if not isinstance(attrs, dict):
         raise KeyConfigError(f"{where}: expected an object")
     extra = sorted(set(attrs) - _PROVIDER_KEYS)
@@ -156,6 +179,8 @@ def _read_file(path: str, flag: str) -> bytes:
 
 
 def _load_public_key(data: bytes, where: str) -> PublicKey:
+    from cryptography.hazmat.primitives import serialization
+
     key: object = None
     for loader in (serialization.load_pem_public_key, serialization.load_der_public_key):
         try:
@@ -164,6 +189,8 @@ def _load_public_key(data: bytes, where: str) -> PublicKey:
         except (ValueError, TypeError):
             continue
     if key is None:
+        from jwcrypto import jwk as _jwk
+
         try:
             j = _jwk.JWK.from_json(data.decode())
             key = j.get_op_key("wrapKey") if not j.has_private else None
@@ -182,6 +209,8 @@ def _load_public_key(data: bytes, where: str) -> PublicKey:
 
 
 def _load_cert(data: bytes, where: str) -> x509.Certificate:
+    from cryptography import x509
+
     for loader in (x509.load_pem_x509_certificate, x509.load_der_x509_certificate):
         try:
             return loader(data)
@@ -265,13 +294,68 @@ def _password(spec: str, where: str) -> bytes:
     return spec.encode()
 
 
+_LOADED: dict[bytes, PrivateKey | x509.Certificate] = {}  # by _key_id (at most _MAX_LOADED)
+_MAX_LOADED = 32
+_LOADED_LOCK = threading.Lock()
+
+
+def _key_id(data: bytes, password: bytes | None) -> bytes:
+    h = hashlib.sha256(b"coco checked private key v1\0")
+    h.update(len(data).to_bytes(8, "big") + data)
+    if password is not None:
+        h.update(b"\1" + password)
+    return h.digest()
+
+
+def _checked_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "coco", "checked-keys")
+
+
+def _was_checked(key_id: bytes) -> bool:
+    try:
+        return (_checked_dir() / key_id.hex()).is_file()
+    except OSError:
+        return False
+
+
+def _remember_checked(key_id: bytes) -> None:
+    """Best effort: a cache that cannot be written only means the next load checks again."""
+    d = _checked_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(d / key_id.hex(), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def _load_private(data: bytes, password: bytes | None, where: str) -> PrivateKey | x509.Certificate:
+    """The key or certificate in ``data``; the same bytes give the same object, loaded once."""
+    key_id = _key_id(data, password)
+    with _LOADED_LOCK:
+        found = _LOADED.get(key_id)
+    if found is not None:
+        return found
+    obj = _parse_private(data, password, where, key_id)
+    with _LOADED_LOCK:
+        if len(_LOADED) >= _MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key_id] = obj
+    return obj
+
+
+def _parse_private(
+    data: bytes, password: bytes | None, where: str, key_id: bytes
+) -> PrivateKey | x509.Certificate:
     if b"CERTIFICATE-----" in data:
         return _load_cert(data, where)
     errors: list[str] = []
-    for loader in (serialization.load_pem_private_key, serialization.load_der_private_key):
+    checked = _was_checked(key_id)
+    for loader in _PRIVATE_LOADERS:
         try:
-            key = loader(data, password)
+            # the RSA key check runs unless these very bytes passed it before
+            key = loader(data, password, unsafe_skip_rsa_key_validation=checked)
         except TypeError as e:  # password missing or given for an unencrypted key
             msg = str(e)
             if "encrypted" in msg and password is None:
@@ -289,7 +373,11 @@ def _load_private(data: bytes, password: bytes | None, where: str) -> PrivateKey
             raise KeyConfigError(
                 f"{where}: expected an RSA or EC private key, found {type(key).__name__}"
             )
+        if isinstance(key, rsa.RSAPrivateKey) and not checked:
+            _remember_checked(key_id)
         return key
+    from jwcrypto import jwk as _jwk
+
     try:
         j = _jwk.JWK.from_json(data.decode())
         if j.has_private:
@@ -298,6 +386,8 @@ def _load_private(data: bytes, password: bytes | None, where: str) -> PrivateKey
                 return key
     except Exception:
         pass
+    from cryptography import x509
+
     try:
         return x509.load_der_x509_certificate(data)
     except ValueError:
@@ -333,7 +423,7 @@ def decrypt_config(
             pw = _password(spec, f"{flag} {path}") if sep else None
         where = f"{flag} {path}"
         obj = _load_private(_read_file(path, flag), pw, where)
-        if isinstance(obj, x509.Certificate):
+        if not isinstance(obj, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             certs.append(obj)
             given.append(f"certificate {Path(path).name}")
         else:
