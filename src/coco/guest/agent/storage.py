@@ -338,6 +338,7 @@ class Storages:
     async def _block(self, s, mp: str, u: Undo) -> None:
         opts = list(s.options)
         if IS_LAYER in opts:
+            _root_hash(opts, mp)
             require_device_mapper(os.path.basename(mp.rstrip("/")))
         dev = self._device(s.source, mp)
         if IS_LAYER in opts:
@@ -367,15 +368,8 @@ class Storages:
         raise StorageError(f"storage {mp}: no block device for {source!r} under /sys/block")
 
     async def _tardev_layer(self, dev: str, mp: str, opts: list[str], u: Undo) -> None:
-        hashes = [o[len(ROOT_HASH) :] for o in opts if o.startswith(ROOT_HASH)]
-        if len(hashes) != 1 or not _HEX64.match(hashes[0]):
-            raise StorageError(
-                f"storage {mp}: tardev layer: expected one option {ROOT_HASH}<64 hex digits>, "
-                f"got {hashes or 'none'}",
-                Code.INVALID_ARGUMENT,
-            )
         name = os.path.basename(mp.rstrip("/"))
-        verified = await open_verity(dev, name, hashes[0], u)
+        verified = await open_verity(dev, name, _root_hash(opts, mp), u)
         _mkdir(mp, u)
         if _has_filesystem("tar"):
             _do_mount(verified, mp, "tar", ["ro"], u)
@@ -383,6 +377,17 @@ class Storages:
         await asyncio.to_thread(_unpack_verified, verified, mp)
         u.add("mounts_under", mp)
         _do_mount(mp, mp, "", ["bind", "ro"], u)
+
+
+def _root_hash(opts: list[str], mp: str) -> str:
+    hashes = [o[len(ROOT_HASH) :] for o in opts if o.startswith(ROOT_HASH)]
+    if len(hashes) != 1 or not _HEX64.match(hashes[0]):
+        raise StorageError(
+            f"storage {mp}: tardev layer: expected one option {ROOT_HASH}<64 hex digits>, "
+            f"got {hashes or 'none'}",
+            Code.INVALID_ARGUMENT,
+        )
+    return hashes[0]
 
 
 def verity_trailer(dev: str) -> tuple[int, int, int]:
