@@ -9,8 +9,10 @@ there is just one). With a superblock, 512 bytes describing the parameters are w
 offset and the tree starts on the next hash-block boundary; without one, the tree starts at hash
 block ``hash_offset // hash_block_size``.
 
-Level 0 dominates the cost. Large inputs are hashed by several processes over ``mmap`` slices of
-the file (one per core, the calling process included); small ones in the calling process.
+Level 0 dominates the cost. The block loop runs in C when :mod:`coco.integrity._native` can build
+it (one call per range, in one thread per core over one ``mmap`` of the file); otherwise in
+Python, large inputs by several processes over ``mmap`` slices of the file (one per core, the
+calling process included). Both give the same bytes.
 
 Public API: :class:`VerityParams`, :class:`VerityTree`, :class:`Superblock`, :func:`build_tree`,
 :func:`format_file`, :func:`verify`, :func:`report`.
@@ -24,12 +26,16 @@ import os
 import stat
 import struct
 import threading
-import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coco.errors import VerityError, VerityMismatchError
+from coco.integrity import _native
+
+if TYPE_CHECKING:  # uuid loads only for a superblock (a few ms of start-up otherwise)
+    import uuid as uuidlib
 
 __all__ = [
     "HASH_ALGORITHMS",
@@ -228,6 +234,8 @@ class Superblock:
             hash_name = name.decode("ascii").lower()
         except UnicodeDecodeError:
             raise VerityError(f"{where}: hash algorithm is not ASCII: {name!r}") from None
+        import uuid as uuidlib
+
         sb = cls(htype, uuidlib.UUID(bytes=uid), hash_name, dbs, hbs, nblocks, salt[:salt_size])
         try:  # reuse the parameter checks
             sb.params(0)
@@ -253,10 +261,37 @@ class Superblock:
 # hashing
 
 
+def _digest_native(
+    fn: Callable[..., int], addr: int, bs: int, count: int, salt: bytes, htype: int, name: str
+) -> bytes | None:
+    """The native loop over ``count`` blocks at address ``addr``; None if OpenSSL refused."""
+    size = hashlib.new(name).digest_size
+    out = bytearray(count * size)
+    out_addr, holder = _native.address(out)
+    salt_first = 1 if htype == 1 else 0
+    rc = fn(name.encode(), addr, bs, count, salt, len(salt), salt_first, out_addr, size)
+    del holder
+    return bytes(out) if rc == 0 else None
+
+
 def _digest_buffer(
     buf: memoryview | bytes, start: int, bs: int, count: int, salt: bytes, htype: int, name: str
 ) -> bytes:
     """Hashes of ``count`` blocks of ``bs`` bytes of ``buf`` from ``start``, concatenated."""
+    fn = _native.native() if isinstance(buf, bytes) else None
+    if fn is not None and count:
+        addr, holder = _native.address(buf)
+        found = _digest_native(fn, addr + start, bs, count, salt, htype, name)
+        del holder
+        if found is not None:
+            return found
+    return _digest_python(buf, start, bs, count, salt, htype, name)
+
+
+def _digest_python(
+    buf: memoryview | bytes, start: int, bs: int, count: int, salt: bytes, htype: int, name: str
+) -> bytes:
+    """:func:`_digest_buffer` in Python (the fallback, and the reference in the tests)."""
     mv = memoryview(buf)
     end = start + count * bs
     if htype == 1 and salt:
@@ -296,10 +331,50 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _digest_file_native(
+    fn: Callable[..., int], path: str, bs: int, count: int, p: VerityParams, n: int
+) -> bytes | None:
+    """Level 0 in C: ``n`` threads over contiguous ranges of one private mapping of the file
+    (ACCESS_COPY gives a writable view ctypes can address; nothing is ever written to it)."""
+    length = count * bs
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY) as mm:
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        addr, holder = _native.address(mm)
+        try:
+            if n <= 1 or length < PARALLEL_THRESHOLD:
+                return _digest_native(fn, addr, bs, count, p.salt, p.hash_type, p.hash_name)
+            cuts = [count * i // n for i in range(n + 1)]
+            parts: list[bytes | None] = [None] * n
+
+            def work(i: int) -> None:
+                parts[i] = _digest_native(
+                    fn, addr + cuts[i] * bs, bs, cuts[i + 1] - cuts[i], p.salt, p.hash_type,
+                    p.hash_name,
+                )  # fmt: skip
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(1, n)]
+            for t in threads:
+                t.start()
+            work(0)
+            for t in threads:
+                t.join()
+            if any(x is None for x in parts):
+                return None
+            return b"".join(parts)  # type: ignore[arg-type]
+        finally:
+            del holder
+
+
 def _digest_file(path: str, bs: int, count: int, p: VerityParams, workers: int | None) -> bytes:
-    """Hashes of the first ``count`` blocks of the file, on several processes when it is large."""
+    """Hashes of the first ``count`` blocks of the file, on several cores when it is large."""
     n = _default_workers() if workers is None else max(1, workers)
     n = min(n, count)
+    fn = _native.native()
+    if fn is not None:
+        found = _digest_file_native(fn, path, bs, count, p, n)
+        if found is not None:
+            return found
     if n <= 1 or count * bs < PARALLEL_THRESHOLD:
         return _digest_file_range(path, 0, bs, count, p.salt, p.hash_type, p.hash_name)
     # contiguous ranges; the calling process takes the first, the pool the others
@@ -456,6 +531,8 @@ def format_file(
     """
     data_path, hash_path = Path(data_path), Path(hash_path)
     if params.superblock and params.uuid is None:
+        import uuid as uuidlib
+
         params = replace(params, uuid=uuidlib.uuid4())
     tree = build_tree(data_path, params, workers=workers, _hash_path=hash_path)
     p = tree.params
