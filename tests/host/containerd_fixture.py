@@ -2,7 +2,8 @@
 
 ``containerd`` (session scope) starts ``containerd --config`` with everything under a temporary
 directory: root, state, the gRPC socket (the ttRPC one beside it), CNI config, the registry hosts
-directory. Its CRI plugin has ``restrict_oom_score_adj = true`` (runc cannot set the pause
+directory. coco's runtime handlers are added by ``coco runtime install`` (the local sandbox's
+state in a short directory under /tmp, removed at the end). Its CRI plugin has ``restrict_oom_score_adj = true`` (runc cannot set the pause
 container's -998 here), the sandbox (pause) image from the session ``open_registry``, and pod
 networking from a CNI plugin of the tests' own (``coco-test-veth``): a veth pair whose both ends
 stay inside the pod's network namespace, an address from 10.250.0.0/16 on ``eth0``; nothing is
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,6 +82,7 @@ class Containerd:
     cni_conf_dir: Path
     cni_bin_dir: Path
     pause_image: str
+    coco_state: Path  # the local sandbox's state_dir (short: its sockets live there)
 
     @property
     def endpoint(self) -> str:
@@ -239,6 +242,16 @@ def containerd(
     (base / "cni-conf" / "10-coco-test.conf").write_text(
         json.dumps({"cniVersion": "0.4.0", "name": "coco-test", "type": "coco-test-veth"})
     )
+    # coco's handlers (coco-qemu, coco-remote, coco-local) as a node gets them, by the real CLI;
+    # the local sandbox keeps its state under the test directory
+    subprocess.run(
+        [sys.executable, "-m", "coco.cli.main", "runtime", "install", "--containerd-config",
+         str(cfg), "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin")],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    local = base / "coco" / "configuration-local.toml"
+    state = Path(tempfile.mkdtemp(prefix="coco-st-", dir="/tmp"))  # short: sockets live in it
+    local.write_text(local.read_text() + f'\n[runtime]\nstate_dir = "{state}"\n')
     log = base / "containerd.log"
     with log.open("wb") as logf:
         proc = subprocess.Popen(
@@ -247,6 +260,8 @@ def containerd(
             stderr=logf,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            # containerd 1.6 finds shims by name on its PATH: the link install made is there
+            env={**os.environ, "PATH": f"{base / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"},
         )
     ctrd = Containerd(
         base,
@@ -259,6 +274,7 @@ def containerd(
         base / "cni-conf",
         base / "cni-bin",
         test_images.pause,
+        state,
     )
     try:
         _wait_socket(ctrd.address, proc, log)
@@ -273,3 +289,5 @@ def containerd(
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
         _umount_under(base)
+        _umount_under(state)
+        shutil.rmtree(state, ignore_errors=True)

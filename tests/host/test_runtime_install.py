@@ -45,6 +45,10 @@ def _args(cfg: Path, tmp_path: Path) -> list[str]:
     return ["--containerd-config", str(cfg), "--config-dir", str(tmp_path / "coco")]
 
 
+def _install_args(cfg: Path, tmp_path: Path) -> list[str]:
+    return [*_args(cfg, tmp_path), "--shim-link-dir", str(tmp_path / "bin")]
+
+
 def _runtimes(cfg: Path) -> dict:
     doc = tomlkit.parse(cfg.read_text()).unwrap()
     return doc["plugins"][CRI]["containerd"]["runtimes"]
@@ -53,7 +57,7 @@ def _runtimes(cfg: Path) -> dict:
 def test_install_uninstall_round_trip(default_config: Path, tmp_path: Path) -> None:
     before = default_config.read_bytes()
     net = tmp_path / "net.d"
-    args = [*_args(default_config, tmp_path), "--restrict-oom-score-adj", "true"]
+    args = [*_install_args(default_config, tmp_path), "--restrict-oom-score-adj", "true"]
     r = coco("runtime", "install", *args, "--cni", "--cni-conf-dir", str(net))
     assert r.returncode == 0, r.stderr
     runtimes = _runtimes(default_config)
@@ -75,6 +79,9 @@ def test_install_uninstall_round_trip(default_config: Path, tmp_path: Path) -> N
     assert [p["type"] for p in conflist["plugins"]] == ["bridge", "portmap"]
     assert conflist["plugins"][0]["ipam"]["type"] == "host-local"
     assert Path(doc["plugins"][CRI]["cni"]["bin_dir"], "bridge").exists()
+    # containerd 1.6 finds the shim by name on its PATH: linked there
+    link = tmp_path / "bin" / "containerd-shim-coco-v2"
+    assert link.is_symlink() and link.resolve() == shim.resolve()
 
     # again: nothing changes, not even the bytes
     installed = default_config.read_bytes()
@@ -88,6 +95,7 @@ def test_install_uninstall_round_trip(default_config: Path, tmp_path: Path) -> N
     assert default_config.read_bytes() == before
     assert not (tmp_path / "coco").exists()
     assert not net.exists()
+    assert not link.is_symlink() and not link.parent.exists()
     r = coco("runtime", "uninstall", *_args(default_config, tmp_path))
     assert r.returncode == 0 and "nothing installed" in r.stderr
 
@@ -102,6 +110,7 @@ def test_uninstall_after_user_edits_removes_only_ours(default_config: Path, tmp_
         containerd_config=default_config,
         config_dir=tmp_path / "coco",
         restrict_oom_score_adj=False,
+        link_dir=None,
     )
     inst.install(opts)
     assert _runtimes(default_config)["coco-local"]["runtime_type"] == "io.containerd.coco.v2"
@@ -124,7 +133,9 @@ def test_config_files_of_others_are_kept(default_config: Path, tmp_path: Path) -
     mine = tmp_path / "coco" / "configuration-local.toml"
     mine.parent.mkdir()
     mine.write_text("[hypervisor.local]\n# the operator's own\n")
-    opts = inst.Options(containerd_config=default_config, config_dir=tmp_path / "coco")
+    opts = inst.Options(
+        containerd_config=default_config, config_dir=tmp_path / "coco", link_dir=tmp_path / "b"
+    )
     inst.install(opts)
     assert mine.read_text() == "[hypervisor.local]\n# the operator's own\n"
     inst.uninstall(opts)
@@ -136,7 +147,10 @@ def test_missing_config_is_created_and_removed(tmp_path: Path) -> None:
     cfg = tmp_path / "etc" / "config.toml"
     cfg.parent.mkdir()
     opts = inst.Options(
-        containerd_config=cfg, config_dir=tmp_path / "coco", restrict_oom_score_adj=False
+        containerd_config=cfg,
+        config_dir=tmp_path / "coco",
+        restrict_oom_score_adj=False,
+        link_dir=None,
     )
     inst.install(opts)
     doc = tomlkit.parse(cfg.read_text()).unwrap()
@@ -149,7 +163,7 @@ def test_missing_config_is_created_and_removed(tmp_path: Path) -> None:
 def test_refusals_leave_nothing(tmp_path: Path) -> None:
     v1 = tmp_path / "v1.toml"
     v1.write_text('root = "/var/lib/containerd"\n[plugins.cri]\n  sandbox_image = "x"\n')
-    r = coco("runtime", "install", *_args(v1, tmp_path))
+    r = coco("runtime", "install", *_install_args(v1, tmp_path))
     assert r.returncode == 1
     assert r.stderr.strip() == (
         f"coco: error: {v1}: expected a containerd config of version 2 (containerd 1.5 and "
@@ -157,11 +171,11 @@ def test_refusals_leave_nothing(tmp_path: Path) -> None:
     )
     bad = tmp_path / "bad.toml"
     bad.write_text("version = 2\n[plugins\n")
-    r = coco("runtime", "install", *_args(bad, tmp_path))
+    r = coco("runtime", "install", *_install_args(bad, tmp_path))
     assert r.returncode == 1
     assert r.stderr.startswith(f"coco: error: {bad}: expected a TOML file:")
     assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "coco").exists()
+    assert not (tmp_path / "coco").exists() and not (tmp_path / "bin").exists()
     assert v1.read_text().startswith('root = "/var/lib/containerd"')
 
 

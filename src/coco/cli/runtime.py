@@ -59,6 +59,18 @@ def _build_install(p: Parser) -> None:
         help="The containerd-shim-coco-v2 to use (default: beside this Python, else on PATH).",
     )
     p.add_argument(
+        "--shim-link-dir",
+        type=path(file_okay=False),
+        default=Path("/usr/local/bin"),
+        metavar="DIR",
+        help=shown(
+            "Link containerd-shim-coco-v2 here, on containerd's PATH: containerd 1.6 ignores "
+            "runtime_path and finds shims by name.",
+            "/usr/local/bin",
+        ),
+    )
+    p.add_argument("--no-shim-link", action="store_true", help="Do not link the shim anywhere.")
+    p.add_argument(
         "--cni",
         action="store_true",
         help="Also write a pod network config (bridge coco0, host-local 10.88.0.0/16, portmap).",
@@ -101,6 +113,8 @@ def install_cmd(
     containerd_config: Path,
     config_dir: Path,
     shim: Path | None,
+    shim_link_dir: Path,
+    no_shim_link: bool,
     cni: bool,
     cni_conf_dir: Path | None,
     restrict_oom_score_adj: bool | None,
@@ -114,6 +128,7 @@ def install_cmd(
         containerd_config=containerd_config,
         config_dir=config_dir,
         shim=shim,
+        link_dir=None if no_shim_link else shim_link_dir,
         cni=cni,
         cni_conf_dir=cni_conf_dir,
         restrict_oom_score_adj=restrict_oom_score_adj,

@@ -14,7 +14,10 @@ the agent policy annotation reaches the shim) and ``options.ConfigPath`` the shi
 TOML per sandbox kind written to the config dir (``configuration-<kind>.toml``, the schema of
 :mod:`coco.host.runtime.config`). ``restrict_oom_score_adj = true`` is set when this machine
 cannot lower a process's OOM score (no CAP_SYS_RESOURCE: runc would fail on the pause
-container), and with ``--cni`` a pod network (Debian's containernetworking-plugins: bridge
+container). containerd 1.6 ignores ``runtime_path`` when it starts a shim and looks the name
+``containerd-shim-coco-v2`` up on its ``PATH`` (as ``ctr run --runtime io.containerd.coco.v2``
+does on any version), so install also links it into ``/usr/local/bin`` (what kata-deploy does for
+its shim) unless a file of that name is there already. With ``--cni`` a pod network (Debian's containernetworking-plugins: bridge
 ``coco0`` with host-local addresses from 10.88.0.0/16, portmap) is written to the CNI conf dir,
 with the CRI's ``bin_dir`` pointed at ``/usr/lib/cni`` if its own has no ``bridge``.
 
@@ -46,6 +49,7 @@ from coco.errors import HostError
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 CONFIG_DIR = Path("/etc/coco")
 CNI_CONF_DIR = Path("/etc/cni/net.d")
+LINK_DIR = Path("/usr/local/bin")
 DEBIAN_CNI_BIN = Path("/usr/lib/cni")
 RUNTIME_TYPE = "io.containerd.coco.v2"
 SHIM = "containerd-shim-coco-v2"
@@ -109,6 +113,7 @@ class Options:
     containerd_config: Path = CONTAINERD_CONFIG
     config_dir: Path = CONFIG_DIR
     shim: Path | None = None  # default: containerd-shim-coco-v2 beside this Python, else on PATH
+    link_dir: Path | None = LINK_DIR  # where a link makes the shim resolvable by name; None: none
     cni: bool = False
     cni_conf_dir: Path | None = None  # default: the CRI's cni.conf_dir, else /etc/cni/net.d
     restrict_oom_score_adj: bool | None = None  # None: when this machine needs it
@@ -381,6 +386,27 @@ def install(opts: Options) -> list[str]:
             raise InstallError(f"{path}: cannot write: {e.strerror}") from None
         entry["files"][name] = _sha(data)
         done.append(f"{path}: written")
+    if opts.link_dir is not None:
+        link = opts.link_dir.absolute() / SHIM
+        links = entry.setdefault("links", {})
+        if link.is_symlink() and str(link) in links:
+            pass  # ours, from an earlier install
+        elif link.exists() or link.is_symlink():
+            if link.resolve() != shim.resolve():
+                opts.say(f"{link}: another {SHIM} is there: kept (containerd 1.6 will run it)")
+        else:
+            if not link.parent.exists():
+                top = link.parent
+                while not top.parent.exists():
+                    top = top.parent
+                entry.setdefault("dirs", []).append(str(top))
+            try:
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(shim)
+            except OSError as e:
+                raise InstallError(f"{link}: cannot link the shim there: {e.strerror}") from None
+            links[str(link)] = str(shim)
+            done.append(f"{link}: linked to {shim}")
     new = tomlkit.dumps(doc).encode()
     if new != original:
         try:
@@ -443,6 +469,11 @@ def uninstall(opts: Options) -> list[str]:
                 opts.say(f"{path}: changed since install: kept")
         except FileNotFoundError:
             pass
+    for name, target in entry.get("links", {}).items():
+        link = Path(name)
+        if link.is_symlink() and os.readlink(link) == target:
+            link.unlink()
+            done.append(f"{link}: removed")
     for d in sorted(entry.get("dirs", []), key=len, reverse=True):
         for sub in sorted(Path(d).glob("**/"), key=lambda p: len(str(p)), reverse=True):
             with contextlib.suppress(OSError):

@@ -1,0 +1,142 @@
+"""``coco pod run --runtime-class coco-local``: a CRI pod through containerd, the handler that
+``coco runtime install`` added, coco's shim and the (insecure) local sandbox: the guest pulls the
+image itself, the agent holds every request against the policy from the pod's initdata."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.host.containerd_fixture import Containerd, CriImages
+from tests.host.test_pod_run import coco, leftovers, sandboxes, write_pod
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ALLOWED = ["CreateSandboxRequest", "DestroySandboxRequest", "GetGuestDetailsRequest",
+           "CopyFileRequest", "StartContainerRequest", "RemoveContainerRequest",
+           "ExecProcessRequest", "SignalProcessRequest", "WaitProcessRequest", "ReadStreamRequest",
+           "WriteStreamRequest", "CloseStdinRequest", "TtyWinResizeRequest",
+           "UpdateContainerRequest", "StatsContainerRequest"]  # fmt: skip
+
+
+def _initdata(registry: str, *, deny: str) -> str:
+    """gzip+base64 initdata: a CDH that may pull from the plain-HTTP test registry, and a policy
+    that allows everything but CreateContainerRequest for ``deny``: "" (none), "app" (every
+    container but the pause container) or "all"."""
+    policy = ["package agent_policy", "", "default AllowRequestsFailingPolicy := false"]
+    policy += [f"default {name} := true" for name in ALLOWED]
+    policy.append(f"default CreateContainerRequest := {'true' if not deny else 'false'}")
+    if deny == "app":
+        policy += [
+            "CreateContainerRequest {",
+            '  input.OCI.Annotations["io.kubernetes.cri.container-type"] == "sandbox"',
+            "}",
+        ]
+    cdh = (
+        '[kbc]\nname = "offline_fs_kbc"\n\n'
+        f'[[image.registry_config.registry]]\nlocation = "{registry}"\ninsecure = true\n'
+    )
+    raw = (
+        'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n'
+        f'"cdh.toml" = {json.dumps(cdh)}\n"policy.rego" = {json.dumps(chr(10).join(policy) + chr(10))}\n'
+    ).encode()
+    return base64.b64encode(gzip.compress(raw)).decode()
+
+
+def _shims_of(ctrd: Containerd) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "containerd-shim-coco-v2" in cmd and str(ctrd.address) in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def _nothing_left(ctrd: Containerd, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 30
+    state = ctrd.coco_state
+    while time.monotonic() < deadline:
+        busy = _shims_of(ctrd) or (state.exists() and any(state.iterdir()))
+        if not busy:
+            break
+        time.sleep(0.2)
+    assert _shims_of(ctrd) == []
+    assert not state.exists() or list(state.iterdir()) == []
+    assert sandboxes(ctrd) == []
+    assert leftovers(tmp_path) == []
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(state) not in mounts
+
+
+def _pod(tmp_path: Path, images: CriImages, name: str, *, deny: str) -> Path:
+    registry = images.busybox.split("/")[0]
+    return write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata:
+          name: {name}
+          annotations:
+            io.katacontainers.config.hypervisor.cc_init_data: {_initdata(registry, deny=deny)}
+        spec:
+          runtimeClassName: coco-local
+          terminationGracePeriodSeconds: 1
+          containers:
+          - name: app
+            image: {images.busybox}
+            command: ["/bin/sh", "-c", "echo hello from $(POD) in the guest; echo to-stderr >&2; exit 5"]
+            env: [{{name: POD, value: {name}}}]
+        """,
+    )
+
+
+def _args(ctrd: Containerd, tmp_path: Path) -> list[str]:
+    return [
+        "--runtime-endpoint",
+        ctrd.endpoint,
+        "--log-root",
+        str(tmp_path / "logs"),
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+
+
+def test_local_pod_output_and_exit_code(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = _pod(tmp_path, test_images, "local-hello", deny="")
+    r = coco("pod", "run", str(pod), *_args(containerd, tmp_path), timeout=400)
+    assert r.stdout == "hello from local-hello in the guest\n", r.stderr
+    assert "to-stderr" in r.stderr
+    assert r.returncode == 5, r.stderr
+    assert "creating pod default/local-hello with runtime class coco-local" in r.stderr
+    _nothing_left(containerd, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("deny", "what"),
+    [("app", "container app did not start"), ("all", "the sandbox did not start")],
+)
+def test_local_pod_policy_deny_is_one_line(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path, deny: str, what: str
+) -> None:
+    pod = _pod(tmp_path, test_images, f"local-denied-{deny}", deny=deny)
+    r = coco("pod", "run", str(pod), *_args(containerd, tmp_path), timeout=400)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"coco: error: pod default/local-denied-{deny}: {what}:"), last
+    assert "CreateContainerRequest is blocked by policy" in last
+    assert "hello from" not in r.stdout
+    _nothing_left(containerd, tmp_path)
