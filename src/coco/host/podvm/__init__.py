@@ -6,3 +6,8 @@
   vTPM from swtpm, the agent's virtio-serial channel, user networking and the initdata disk.
 * :mod:`.guest_init`: the guest's pid 1 (copied into the image, never run on the host).
 """
+
+from coco.host.podvm.boot import PodVm, detect_accel
+from coco.host.podvm.build import Image, build
+
+__all__ = ["Image", "PodVm", "build", "detect_accel"]
