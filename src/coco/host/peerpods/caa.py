@@ -60,6 +60,7 @@ ANN_INITDATA = A + "cc_init_data"
 ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
 ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 CAA_ID_FILE = "caa-id"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 
 
 @dataclass
@@ -260,6 +261,12 @@ class Caa:
             socket_path = self.store.pod_dir(sid) / SOCKET_NAME
             if existing is not None:
                 return hypervisor_pb2.CreateVMResponse(agentSocketPath=str(socket_path))
+            if len(str(socket_path).encode()) > MAX_SOCKET_PATH:
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"CreateVM {sid}: the agent socket {socket_path} is longer than a unix "
+                    f"socket path can be ({MAX_SOCKET_PATH} bytes): use a shorter --pods-dir",
+                )
             name = instance_name(pod_name, sid)
             sb = Sandbox(
                 id=sid, pod_name=pod_name, pod_namespace=namespace, instance_name=name,

@@ -127,6 +127,9 @@ class LibvirtProvider(Provider):
         with self._lock:
             if self._conn is None:
                 libvirt = _libvirt()
+                libvirt.registerErrorHandler(
+                    lambda *_: None, None
+                )  # errors are raised, not printed
                 try:
                     self._conn = libvirt.open(self.config.uri)
                 except libvirt.libvirtError as e:
@@ -201,7 +204,7 @@ class LibvirtProvider(Provider):
         if c.network == USER_NETWORK:
             net = ""
             qemu_args = ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{FORWARDER_PORT}",
-                         "-device", "virtio-net-pci,netdev=n0"]  # fmt: skip
+                         "-device", "virtio-net-pci,netdev=n0,bus=pcie.0,addr=0x10"]  # fmt: skip
         else:
             net = f"<interface type='network'><source network={q(c.network)}/><model type='virtio'/></interface>"
             qemu_args = []
