@@ -4,6 +4,7 @@ the kubelet stand-in proven on its own, independently of coco's shim."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -308,3 +309,77 @@ def test_detached_pod_list_logs_exec_delete_and_same_name(
     assert r.returncode == 0, r.stderr
     assert sandboxes(containerd) == []
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_removes_everything(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path, sig: signal.Signals
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: stopme}}
+        spec:
+          terminationGracePeriodSeconds: 1
+          containers:
+          - {{name: app, image: {test_images.busybox}, command: ["/bin/sh", "-c", "echo ready; exec sleep 600"]}}
+        """,
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coco.cli.main",
+            "pod",
+            "run",
+            str(pod),
+            *pod_args(containerd, tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        assert sandboxes(containerd) == ["default/stopme"]
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "coco: interrupted"
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
+def test_logs_follow_until_the_container_exits(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: ticker}}
+        spec:
+          containers:
+          - name: app
+            image: {test_images.busybox}
+            command: ["/bin/sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.5; done; echo bye >&2"]
+        """,
+    )
+    ep = ["--runtime-endpoint", containerd.endpoint]
+    r = coco("pod", "run", "-d", str(pod), *pod_args(containerd, tmp_path))
+    assert r.returncode == 0, r.stderr
+    try:
+        r = coco("pod", "logs", "-f", "ticker", *ep)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "line1\nline2\nline3\n", "bye\n")
+    finally:
+        d = coco("pod", "delete", "ticker", *ep)
+    assert d.returncode == 0, d.stderr
+    assert sandboxes(containerd) == [] and leftovers(tmp_path) == []

@@ -60,6 +60,10 @@ class LogReader:
                 continue
             yield LogLine(stream, self._partial.pop(stream, b"") + text, time)
         if final:
+            parsed = parse_record(self._buf) if self._buf else None
+            self._buf = b""
+            if parsed is not None:  # a record cut short: what it has is the line's end
+                self._partial[parsed[1]] = self._partial.get(parsed[1], b"") + parsed[3]
             for stream, text in sorted(self._partial.items()):
                 yield LogLine(stream, text, "")
             self._partial.clear()
