@@ -19,6 +19,9 @@ from coco.host.podvm.boot import PodVm, parse_report
 from coco.host.podvm.build import Image
 from tests.host._util import processes_mentioning
 
+# The first test to use the session image pays for a cold build (minutes on a busy machine).
+pytestmark = pytest.mark.timeout(900)
+
 INITDATA = b"""version = "0.1.0"
 algorithm = "sha384"
 
@@ -57,7 +60,6 @@ def _ready_line(log: Path) -> dict[str, str]:
     return parse_report(lines[0])
 
 
-@pytest.mark.timeout(900)
 def test_boot_binds_the_initdata_into_pcr8(
     podvm_image: Image, run_under: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

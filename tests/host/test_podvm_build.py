@@ -14,6 +14,9 @@ from coco.host.podvm import kernel, rootfs
 from coco.host.podvm.build import Image, build, export
 from coco.host.podvm.cache import Cache
 
+# The first test to use the session image pays for a cold build (minutes on a busy machine).
+pytestmark = pytest.mark.timeout(900)
+
 MODULES_DEP = """\
 kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
 kernel/lib/crc16.ko:
