@@ -4,6 +4,7 @@
  * stays the fallback and both give the same bytes (tests/integrity/test_verity_native.py).
  * The EVP prototypes are declared here so no OpenSSL headers are needed to build it. */
 #include <stddef.h>
+#include <string.h>
 
 typedef struct evp_md_st EVP_MD;
 typedef struct evp_md_ctx_st EVP_MD_CTX;
@@ -14,6 +15,41 @@ int EVP_DigestInit_ex(EVP_MD_CTX *ctx, const EVP_MD *type, void *engine);
 int EVP_DigestUpdate(EVP_MD_CTX *ctx, const void *d, size_t cnt);
 int EVP_DigestFinal_ex(EVP_MD_CTX *ctx, unsigned char *md, unsigned int *s);
 int EVP_MD_CTX_copy_ex(EVP_MD_CTX *out, const EVP_MD_CTX *in);
+
+/* SHA-256 without EVP: a plain struct copied per block (the EVP copy costs ~0.5 us a block,
+ * a fifth of hashing 4 KiB). The layout is OpenSSL's public SHA256_CTX. */
+typedef struct {
+    unsigned int h[8];
+    unsigned int Nl, Nh;
+    unsigned int data[16];
+    unsigned int num, md_len;
+} SHA256_CTX;
+int SHA256_Init(SHA256_CTX *c);
+int SHA256_Update(SHA256_CTX *c, const void *data, size_t len);
+int SHA256_Final(unsigned char *md, SHA256_CTX *c);
+
+static int sha256_blocks(const unsigned char *buf, size_t bs, size_t count,
+                         const unsigned char *salt, size_t saltlen, int salt_first,
+                         unsigned char *out)
+{
+    SHA256_CTX base, ctx;
+    size_t i;
+
+    if (!SHA256_Init(&base))
+        return -1;
+    if (salt_first && saltlen && !SHA256_Update(&base, salt, saltlen))
+        return -1;
+    for (i = 0; i < count; i++) {
+        memcpy(&ctx, &base, sizeof ctx);
+        if (!SHA256_Update(&ctx, buf + i * bs, bs))
+            return -1;
+        if (!salt_first && saltlen && !SHA256_Update(&ctx, salt, saltlen))
+            return -1;
+        if (!SHA256_Final(out + i * 32, &ctx))
+            return -1;
+    }
+    return 0;
+}
 
 /* Hash `count` blocks of `bs` bytes from `buf` into `out` (digest_size bytes each).
  * salt_first: H(salt || block) (verity format 1); else H(block || salt) (format 0).
@@ -30,6 +66,8 @@ int coco_hash_blocks(const char *name, const unsigned char *buf, size_t bs, size
 
     if (md == NULL)
         return -1;
+    if (strcmp(name, "sha256") == 0 && digest_size == 32)
+        return sha256_blocks(buf, bs, count, salt, saltlen, salt_first, out);
     base = EVP_MD_CTX_new();
     ctx = EVP_MD_CTX_new();
     if (base == NULL || ctx == NULL)
