@@ -7,6 +7,7 @@ One domain boots for real per test (the tiny image: a few seconds under TCG)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -171,50 +172,52 @@ def test_create_start_reach_agent_stop(libvirtd: Libvirtd, tiny: Path, work: Pat
                      "--proxy-timeout", "180s")  # fmt: skip
     podns = work / "podns"
     podns.write_text("")
-    with AgentThread(work / "agent.sock") as agent, caa_process(args, work / "caa.log", hv):
+    with contextlib.ExitStack() as stack:
+        agent = stack.enter_context(AgentThread(work / "agent.sock"))
+        caa = stack.enter_context(caa_process(args, work / "caa.log", hv))
         assert _read_field1(call(goclient, hv, HV, "Version", b"")["payload"]) == "0.0.0"
         created = call(goclient, hv, HV, "CreateVM", create_vm(SID, POD))
         assert created["code"] == 0, created
         agent_socket = _read_field1(created["payload"])
         assert agent_socket == str(work / "pods" / SID / "agent.ttrpc")
-        start = call_bg(goclient, hv, HV, "StartVM", _field(1, SID))
-        try:
-            # inside the "VM": process-user-data reads the config drive, the forwarder serves
-            iso = _wait_for(lambda: (libvirtd.data_dir / NAME / "cidata.iso").exists()
-                            and libvirtd.data_dir / NAME / "cidata.iso", "config drive")  # fmt: skip
-            root = work / "vmroot"
-            subprocess.run([*COCO, "process-user-data", "--config-drive", str(iso), "--root",
-                            str(root), "--tee", "none"], check=True, capture_output=True)  # fmt: skip
-            fwd = subprocess.Popen([*COCO, "forwarder", "serve", "--config",
-                                    str(root / "run/peerpod/apf.json"), "--listen",
-                                    f"127.0.0.1:{port}", "--kata-agent-socket",
-                                    f"unix://{agent.socket}", "--pod-namespace", str(podns)],
-                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
-            try:
-                out, _ = start.communicate(timeout=240)
-                assert json.loads(out)["code"] == 0, json.loads(out)["message"]
-                assert NAME in libvirtd.virsh("list", "--name").split()
-                xml = libvirtd.virsh("dumpxml", NAME)
-                assert f"sandbox='{SID}'" in xml or f'sandbox="{SID}"' in xml
-                # the shim's agent calls, through the CAA's proxy, the VM, the forwarder
-                reply = call(goclient, Path(agent_socket), "grpc.AgentService",
-                             "CreateContainer", _field(1, "c1"))  # fmt: skip
-                assert reply["code"] == 0, reply
-                got = agent.stub.requests[-1]
-                assert got.container_id == "c1"
-                assert [(n.Type, n.Path) for n in got.OCI.Linux.Namespaces] == [
-                    ("network", str(podns))
-                ]
-                info = call(goclient, hv, "podvminfo.PodVMInfo", "GetInfo",
-                            _field(1, "web") + _field(2, "default"))  # fmt: skip
-                uuid = libvirtd.virsh("domuuid", NAME).strip()
-                assert _read_field1(info["payload"]) == uuid
-            finally:
-                fwd.terminate()
-                fwd.wait(10)
-        finally:
-            if start.poll() is None:
-                start.kill()
+        start = stack.enter_context(call_bg(goclient, hv, HV, "StartVM", _field(1, SID)))
+        # inside the "VM": process-user-data reads the config drive, the forwarder serves
+        iso = _wait_for(lambda: (libvirtd.data_dir / NAME / "cidata.iso").exists()
+                        and libvirtd.data_dir / NAME / "cidata.iso", "config drive")  # fmt: skip
+        root = work / "vmroot"
+        subprocess.run([*COCO, "process-user-data", "--config-drive", str(iso), "--root",
+                        str(root), "--tee", "none"], check=True, capture_output=True)  # fmt: skip
+        fwd = stack.enter_context(subprocess.Popen(
+            [*COCO, "forwarder", "serve", "--config", str(root / "run/peerpod/apf.json"),
+             "--listen", f"127.0.0.1:{port}", "--kata-agent-socket", f"unix://{agent.socket}",
+             "--pod-namespace", str(podns)], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL))  # fmt: skip
+        stack.callback(fwd.terminate)
+        out, _ = start.communicate(timeout=240)
+        assert json.loads(out)["code"] == 0, json.loads(out)["message"]
+        assert NAME in libvirtd.virsh("list", "--name").split()
+        xml = libvirtd.virsh("dumpxml", NAME)
+        assert f"sandbox='{SID}'" in xml or f'sandbox="{SID}"' in xml
+        # the shim's agent calls, through the CAA's proxy, the VM, the forwarder
+        reply = call(goclient, Path(agent_socket), "grpc.AgentService", "CreateContainer",
+                     _field(1, "c1"))  # fmt: skip
+        assert reply["code"] == 0, reply
+        got = agent.stub.requests[-1]
+        assert got.container_id == "c1"
+        assert [(n.Type, n.Path) for n in got.OCI.Linux.Namespaces] == [("network", str(podns))]
+        info = call(goclient, hv, "podvminfo.PodVMInfo", "GetInfo",
+                    _field(1, "web") + _field(2, "default"))  # fmt: skip
+        assert _read_field1(info["payload"]) == libvirtd.virsh("domuuid", NAME).strip()
+
+        # kill -9 the CAA: the VM stays, and the restarted CAA serves the pod again
+        caa.kill()
+        caa.wait()
+        stack.enter_context(caa_process(args, work / "caa2.log", hv))
+        assert NAME in libvirtd.domains()
+        reply = call(goclient, Path(agent_socket), "grpc.AgentService", "CreateContainer",
+                     _field(1, "c2"))  # fmt: skip
+        assert reply["code"] == 0, reply
+        assert agent.stub.requests[-1].container_id == "c2"
+
         stopped = call(goclient, hv, HV, "StopVM", _field(1, SID))
         assert stopped["code"] == 0
         assert NAME not in libvirtd.domains()
@@ -312,3 +315,30 @@ def test_bad_create_vm_requests_are_refused(libvirtd: Libvirtd, tiny: Path, work
         assert reply["code"] == 3 and "sandbox id" in reply["message"]
         reply = call(goclient, hv, HV, "StartVM", _field(1, "nope"))
         assert reply["code"] == 5 and "no sandbox 'nope'" in reply["message"]
+
+
+def test_reconcile_timer_deletes_only_this_caas_orphans(libvirtd: Libvirtd, tiny: Path,
+                                                        work: Path, goclient: Path) -> None:  # fmt: skip
+    from coco.host.peerpods.provider import InstanceTypeSpec, Tags
+    from coco.host.peerpods.providers.libvirt import LibvirtConfig, LibvirtProvider
+
+    provider = LibvirtProvider(LibvirtConfig(uri=libvirtd.uri, image=tiny, memory=256, cpu=1,
+                                             data_dir=libvirtd.data_dir))  # fmt: skip
+
+    def define(name: str, caa: str) -> None:  # a VM left behind (defined in one step)
+        xml = provider.domain_xml(name, InstanceTypeSpec(), Tags(caa, "gone"), work, 0, False)
+        provider.conn().defineXML(xml)
+
+    try:
+        args = _caa_args(libvirtd, tiny, work, "--caa-id", "caa-a")
+        args[args.index("--reconcile-interval") + 1] = "1s"
+        with caa_process(args, work / "caa.log", hv := work / "hv.sock"):
+            define("podvm-theirs-1", "caa-b")
+            define("podvm-ours-1", "caa-a")
+            _wait_for(lambda: "podvm-ours-1" not in libvirtd.domains(), "the timer's reconcile", 60)
+            assert "podvm-theirs-1" in libvirtd.domains()  # another CAA's VM is left alone
+            assert call(goclient, hv, HV, "Version", b"")["code"] == 0
+        assert "podvm-theirs-1" in libvirtd.domains()
+        libvirtd.virsh("undefine", "podvm-theirs-1")
+    finally:
+        provider.teardown()
