@@ -255,3 +255,22 @@ def test_field_numbers_are_upstreams() -> None:
         config=pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata(name="a")), runtime_handler="h"
     )
     assert req.SerializeToString() == bytes.fromhex("0a050a030a0161") + b"\x12\x01h"
+
+
+def test_unreachable_runtime_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pod = tmp_path / "pod.yaml"
+    pod.write_text("kind: Pod\nmetadata: {name: x}\nspec: {containers: [{name: a, image: b}]}\n")
+    sock = tmp_path / "none.sock"
+    r = subprocess.run(
+        [sys.executable, "-m", "coco.cli.main", "pod", "run", str(pod), "--runtime-endpoint",
+         f"unix://{sock}", "--log-root", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"coco: error: CRI Version at unix://{sock}: the runtime is unreachable")
+    assert line.endswith("is containerd running there?")
+    assert not (tmp_path / "logs").exists()

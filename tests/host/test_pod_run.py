@@ -383,3 +383,28 @@ def test_logs_follow_until_the_container_exits(
         d = coco("pod", "delete", "ticker", *ep)
     assert d.returncode == 0, d.stderr
     assert sandboxes(containerd) == [] and leftovers(tmp_path) == []
+
+
+def test_unknown_runtime_class(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: norc}}
+        spec:
+          runtimeClassName: no-such-handler
+          containers: [{{name: app, image: {test_images.busybox}}}]
+        """,
+    )
+    args = [a for a in pod_args(containerd, tmp_path) if a not in ("--runtime-class", "runc")]
+    r = coco("pod", "run", str(pod), *args)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "coco: error: pod default/norc: the sandbox did not start: CRI RunPodSandbox:"
+    )
+    assert "no-such-handler" in last
+    assert sandboxes(containerd) == [] and leftovers(tmp_path) == []
