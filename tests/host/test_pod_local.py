@@ -140,3 +140,43 @@ def test_local_pod_policy_deny_is_one_line(
     assert "CreateContainerRequest is blocked by policy" in last
     assert "hello from" not in r.stdout
     _nothing_left(containerd, tmp_path)
+
+
+def test_local_pod_exec_logs_delete(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    registry = test_images.busybox.split("/")[0]
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata:
+          name: local-svc
+          annotations:
+            io.katacontainers.config.hypervisor.cc_init_data: {_initdata(registry, deny="")}
+        spec:
+          runtimeClassName: coco-local
+          terminationGracePeriodSeconds: 1
+          containers:
+          - name: app
+            image: {test_images.busybox}
+            command: ["/bin/sh", "-c", "echo serving; exec sleep 600"]
+        """,
+    )
+    ep = ["--runtime-endpoint", containerd.endpoint]
+    r = coco("pod", "run", "-d", str(pod), *_args(containerd, tmp_path), timeout=400)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = coco("pod", "exec", "local-svc", *ep, "--", "/bin/sh", "-c", "echo in-guest; exit 3")
+        assert (r.returncode, r.stdout) == (3, "in-guest\n"), r.stderr
+        deadline = time.monotonic() + 30
+        while (r := coco("pod", "logs", "local-svc", *ep)).stdout == "":
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert (r.returncode, r.stdout) == (0, "serving\n"), r.stderr
+    finally:
+        d = coco("pod", "delete", "local-svc", "--grace-period", "1", *ep)
+    assert d.returncode == 0, d.stderr
+    _nothing_left(containerd, tmp_path)
