@@ -42,6 +42,7 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "coco.cli.cloud_api_adaptor",
         "The peer-pods cloud-api-adaptor: pod VMs through a cloud provider.",
     ),
+    "demo": ("coco.cli.demo", "Live the whole life of a confidential pod here, step by step."),
     "forwarder": (
         "coco.cli.forwarder",
         "The agent-protocol-forwarder in a peer-pod VM: TLS 15150 to the kata agent.",

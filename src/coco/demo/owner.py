@@ -1,0 +1,247 @@
+"""Step 1 of the demo, the owner's side and the node: a KBS, a registry, and a containerd.
+
+* ``coco kbs serve`` on loopback with SQLite storage, its admin API behind an Ed25519 key whose
+  signed token the owner's tools present;
+* Debian's ``docker-registry`` on loopback (plain HTTP: the guest and containerd are told so);
+* a containerd of the demo's own (root, state, sockets, CNI config under the work directory),
+  with coco's runtime handlers added by ``coco runtime install``, the way a node gets them. Pod
+  networking comes from a small CNI plugin written here that keeps the pod's network inside the
+  pod's namespace (a veth pair whose both ends stay there), so the host's network is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coco.demo.session import Blocked, DemoError, Session, free_port, listening
+
+CNI_PLUGIN = r'''#!{python}
+"""coco-demo-veth: a CNI plugin that keeps a pod's network inside the pod's namespace."""
+import hashlib, json, os, subprocess, sys
+
+cmd = os.environ.get("CNI_COMMAND", "")
+conf = json.loads(sys.stdin.read() or "{{}}")
+version = conf.get("cniVersion", "0.4.0")
+if cmd == "VERSION":
+    print(json.dumps({{"cniVersion": version, "supportedVersions": ["0.3.1", "0.4.0"]}}))
+    sys.exit(0)
+if cmd != "ADD":
+    sys.exit(0)
+netns, ifname = os.environ["CNI_NETNS"], os.environ.get("CNI_IFNAME", "eth0")
+h = hashlib.sha256(os.environ["CNI_CONTAINERID"].encode()).digest()
+addr = "10.251.%d.%d" % (h[0], 2 + h[1] % 250)
+for args in (["link", "add", ifname, "type", "veth", "peer", "name", "demo0"],
+             ["addr", "add", addr + "/16", "dev", ifname],
+             ["link", "set", ifname, "up"], ["link", "set", "demo0", "up"]):
+    subprocess.run(["nsenter", "--net=" + netns, "ip", *args], check=True, capture_output=True)
+print(json.dumps({{"cniVersion": version, "interfaces": [{{"name": ifname, "sandbox": netns}}],
+                  "ips": [{{"version": "4", "address": addr + "/16", "interface": 0}}]}}))
+'''
+
+
+@dataclass
+class Kbs:
+    url: str  # as this host reaches it
+    port: int
+    admin_key: Path  # Ed25519 private key (PEM) signing the admin token
+    admin_token: Path  # a ready admin token file for `coco kbs-client`
+
+    def config(self, session: Session, *args: str, what: str = "") -> None:
+        session.run(
+            ["coco", "kbs-client", "--url", self.url, "config", "--admin-token-file",
+             str(self.admin_token), *args],
+            what=what,
+        )  # fmt: skip
+
+
+@dataclass
+class Containerd:
+    base: Path
+    config: Path
+    address: Path
+    coco_config_dir: Path
+    local_state: Path  # the local sandbox's state directory (short: its sockets live there)
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.address}"
+
+
+def start_kbs(session: Session) -> Kbs:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from coco.protocol.admin import admin_token, load_admin_key
+
+    d = session.work / "kbs"
+    d.mkdir()
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    (d / "admin.pem").write_bytes(pem)
+    (d / "admin.pem").chmod(0o600)
+    (d / "admin.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    token = d / "admin.token"
+    token.write_text(admin_token(load_admin_key(pem, str(d / "admin.pem"))))
+    token.chmod(0o600)
+    port = free_port()
+    session.spawn(
+        "kbs",
+        ["coco", "kbs", "serve", "--listen", f"127.0.0.1:{port}", "--insecure-http",
+         "--storage", f"sqlite://{d / 'kbs.db'}", "--admin-public-key", str(d / "admin.pub")],
+        ready=listening(port),
+        reach=f"http://127.0.0.1:{port} (SQLite {d / 'kbs.db'}, admin API behind an Ed25519 key)",
+    )  # fmt: skip
+    return Kbs(f"http://127.0.0.1:{port}", port, d / "admin.pem", token)
+
+
+def start_registry(session: Session) -> str:
+    d = session.work / "registry"
+    d.mkdir()
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "error"},
+        "storage": {"filesystem": {"rootdirectory": str(d / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+    (d / "config.yml").write_text(json.dumps(config))
+    host = f"127.0.0.1:{port}"
+    session.spawn(
+        "docker-registry",
+        ["docker-registry", "serve", str(d / "config.yml")],
+        ready=listening(port),
+        reach=f"{host} (plain HTTP, blobs under {d / 'data'})",
+    )
+    return host
+
+
+def registry_blob(session: Session, digest: str) -> Path:
+    algo, hexd = digest.split(":", 1)
+    return (
+        session.work / "registry" / "data" / "docker" / "registry" / "v2" / "blobs" / algo
+        / hexd[:2] / hexd / "data"
+    )  # fmt: skip
+
+
+def start_containerd(session: Session, registry: str, pause_image: str) -> Containerd:
+    """containerd with everything under the work directory and coco's runtime installed."""
+    for tool in ("containerd", "runc", "ctr", "nsenter", "ip"):
+        if shutil.which(tool) is None:
+            raise Blocked(f"{tool} is not installed (scripts/install-system-deps)")
+    if os.geteuid() != 0:
+        raise Blocked("containerd needs root: run the demo as root")
+    import tomlkit
+
+    base = session.work / "containerd"
+    base.mkdir()
+    default = subprocess.run(
+        ["containerd", "config", "default"], check=True, capture_output=True, text=True
+    ).stdout
+    doc = tomlkit.parse(default)
+    doc["root"] = str(base / "root")
+    doc["state"] = str(base / "state")
+    doc["grpc"]["address"] = str(base / "c.sock")  # type: ignore[index]
+    cri = doc["plugins"]["io.containerd.grpc.v1.cri"]  # type: ignore[index]
+    cri["sandbox_image"] = pause_image
+    cri["restrict_oom_score_adj"] = True
+    cri["cni"]["bin_dir"] = str(base / "cni-bin")
+    cri["cni"]["conf_dir"] = str(base / "cni-conf")
+    cri["registry"]["config_path"] = str(base / "certs.d")
+    hosts = base / "certs.d" / registry
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n\n[host."http://{registry}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    config = base / "config.toml"
+    config.write_text(tomlkit.dumps(doc))
+    (base / "cni-bin").mkdir()
+    (base / "cni-conf").mkdir()
+    plugin = base / "cni-bin" / "coco-demo-veth"
+    plugin.write_text(CNI_PLUGIN.format(python=sys.executable))
+    plugin.chmod(0o755)
+    loopback = Path("/usr/lib/cni/loopback")
+    if not loopback.exists():
+        raise Blocked("containernetworking-plugins is not installed (scripts/install-system-deps)")
+    (base / "cni-bin" / "loopback").symlink_to(loopback)
+    (base / "cni-conf" / "10-coco-demo.conf").write_text(
+        json.dumps({"cniVersion": "0.4.0", "name": "coco-demo", "type": "coco-demo-veth"})
+    )
+    session.say("coco's runtime handlers go into this containerd's config, as on a node:")
+    session.run(
+        ["coco", "runtime", "install", "--containerd-config", str(config),
+         "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin")]
+    )  # fmt: skip
+    # the local sandbox keeps its per-pod state (Unix sockets) in a short directory of ours
+    state = Path(tempfile.mkdtemp(prefix="coco-demo-st-", dir="/tmp"))
+    session.on_close("local sandbox state", lambda: _remove_tree(state))
+    local = base / "coco" / "configuration-local.toml"
+    local.write_text(local.read_text() + f'\n[runtime]\nstate_dir = "{state}"\n')
+    ctrd = Containerd(base, config, base / "c.sock", base / "coco", state)
+    session.on_close("containerd's pods", lambda: remove_pods(ctrd.endpoint))
+    session.on_close("mounts under the work directory", lambda: umount_under(session.work))
+    path = f"{base / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    session.spawn(
+        "containerd",
+        ["containerd", "--config", str(config)],
+        env={"PATH": path},  # containerd 1.6 finds shims by name on its PATH
+        ready=lambda: _answers(ctrd.address),
+        timeout=60,
+        reach=f"{ctrd.endpoint} (root, state and CNI under {base})",
+    )
+    return ctrd
+
+
+def _answers(address: Path) -> bool:
+    if not address.exists():
+        return False
+    r = subprocess.run(["ctr", "--address", str(address), "version"], capture_output=True)
+    return r.returncode == 0
+
+
+def remove_pods(endpoint: str) -> None:
+    """Stop and remove every pod sandbox containerd still has (after a failure or Ctrl-C)."""
+    from coco.errors import CocoError
+    from coco.host.pod.cri import CriClient
+
+    with contextlib.suppress(CocoError), CriClient(endpoint, timeout=60) as client:
+        for s in client.list_sandboxes():
+            for step in (client.stop_sandbox, client.remove_sandbox):
+                with contextlib.suppress(CocoError):
+                    step(s.id)
+
+
+def umount_under(base: Path) -> None:
+    prefix = str(base) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], check=False, capture_output=True)
+
+
+def _remove_tree(path: Path) -> None:
+    umount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_until(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise DemoError(f"{what}: not done within {timeout:g} s")
+        time.sleep(0.2)

@@ -1,0 +1,272 @@
+"""The demo's script: the life of a confidential pod, steps 1 to 7 of issue 16, in order.
+
+Each step builds on the ones before; one that fails or is blocked skips those that need it, and
+the demo exits 0 only when every step did what it should.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coco.demo import owner, pod, workload
+from coco.demo.session import Blocked, DemoError, Session, interrupt_on_signals, write_json
+
+LOCAL, QEMU, REMOTE = "coco-local", "coco-qemu", "coco-remote"
+
+
+@dataclass
+class Options:
+    runtime_class: str = "auto"  # auto | coco-qemu | coco-local
+    peer_pods: bool | None = None  # None: where libvirtd exists
+    json_path: Path | None = None
+    keep: bool = False
+
+
+def coco_command() -> list[str]:
+    beside = Path(sys.executable).parent / "coco"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "coco.cli.main"]
+
+
+def choose_runtime_class(session: Session, wanted: str) -> str:
+    if wanted == LOCAL:
+        session.warn("coco-local runs the guest on this host: INSECURE, not a TEE (asked for)")
+        return LOCAL
+    missing = [t for t in ("qemu-system-x86_64", "swtpm") if shutil.which(t) is None]
+    why = (
+        f"{', '.join(missing)} not installed"
+        if missing
+        else "the demo does not yet hold the pod VM's vTPM evidence to reference values "
+        "(trusted AK, PCRs) in the KBS, so a coco-qemu pod could not get its key"
+    )
+    if wanted == QEMU:
+        raise Blocked(f"coco-qemu: {why}")
+    session.warn(
+        f"coco-qemu cannot run here ({why}): falling back to coco-local, which runs the guest "
+        "on this host: INSECURE, not a TEE"
+    )
+    return LOCAL
+
+
+def main(opts: Options) -> int:
+    interrupt_on_signals()
+    work = Path(tempfile.mkdtemp(prefix="coco-demo-"))
+    session = Session(work, coco=coco_command())
+    started = time.monotonic()
+    interrupted = False
+    leftovers: list[str] = []
+    facts: dict[str, object] = {"work_dir": str(work)}
+    try:
+        _steps(session, opts, facts)
+    except KeyboardInterrupt:
+        interrupted = True
+        session.console.print("[bold red]interrupted: stopping everything the demo started[/]")
+    finally:
+        facts["services"] = [{"name": v.name, "pid": v.proc.pid} for v in session.services]
+        if opts.keep and not interrupted:
+            _print_keep(session)
+        else:
+            with session.step("7", "Clean-up", "Stopping everything the demo started.") as s:
+                leftovers = session.close() + _leftovers(work)
+                if leftovers:
+                    raise DemoError("left behind: " + "; ".join(leftovers))
+                shutil.rmtree(work, ignore_errors=True)
+                s.detail = "no process, mount, socket or file left"
+                session.say(s.detail)
+    total = time.monotonic() - started
+    session.console.print(session.table())
+    ok = not interrupted and all(s.status == "ok" for s in session.steps)
+    session.console.print(
+        f"[bold {'green' if ok else 'red'}]demo {'passed' if ok else 'did not pass'}[/] "
+        f"in {total:.1f} s"
+    )
+    if opts.json_path is not None:
+        write_json(opts.json_path, session, {"passed": ok, "seconds": round(total, 3), **facts})
+    return 0 if ok else (130 if interrupted else 1)
+
+
+def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
+    c = session
+    with c.step(
+        "1", "Owner side",
+        "The owner runs a Key Broker Service (KBS): it holds the keys and secrets and releases "
+        "them only to a guest whose evidence it trusts. A registry holds images; the node runs "
+        "containerd with coco's runtime installed.",
+    ) as s:  # fmt: skip
+        kbs = owner.start_kbs(c)
+        registry = owner.start_registry(c)
+        s.facts = {"kbs": kbs.url, "registry": registry}
+    if not c.ok("1"):
+        return _skip_rest(c, "1")
+
+    with c.step(
+        "2", "The workload",
+        "An application image made from nothing on this machine: busybox and a script that "
+        "prints a secret it asks the guest for. It is signed, its layer encrypted with a key "
+        "that only the KBS keeps, and pushed.",
+    ) as s:  # fmt: skip
+        layout, _, _ = workload.build_images(c)
+        w = workload.encrypt_sign_push(c, kbs, registry, layout)
+        s.facts = {"image": w.image, "digest": w.digest}
+        ctrd = owner.start_containerd(c, registry, w.pause)
+        s.detail = f"{w.image} signed and encrypted; key, secret and signature policy in the KBS"
+    if not c.ok("2"):
+        return _skip_rest(c, "2")
+
+    with c.step(
+        "3", "The pod",
+        "A Kubernetes Pod, its agent policy generated from the image, and its initdata (the "
+        "guest's configuration and that policy) whose digest the KBS will require.",
+    ) as s:  # fmt: skip
+        rc = choose_runtime_class(c, opts.runtime_class)
+        kbs_url = kbs.url
+        p = pod.prepare(c, kbs, registry, w, rc, kbs_url)
+        if rc == LOCAL:
+            pod.trust_sample(c, kbs)
+        pod.upload_resource_policy(c, kbs, p.digest_b64, allow_sample=rc == LOCAL)
+        s.detail = f"runtime class {rc}"
+        s.facts = {"runtime_class": rc, "initdata_digest": p.digest_b64}
+    if not c.ok("3"):
+        return _skip_rest(c, "3")
+
+    with c.step(
+        "4", "Inside",
+        "coco pod run asks containerd for the pod; coco's shim starts the sandbox; the guest "
+        "attests to the KBS, pulls and decrypts the image itself (signature checked), and the "
+        "container prints the secret it fetched from the guest's API.",
+    ) as s:  # fmt: skip
+        code, out, err = pod.pod_run(c, ctrd, p.yaml)
+        line = next((ln for ln in out.splitlines() if workload.SECRET_LINE in ln), "")
+        if code != 0 or not line:
+            raise _blocked_or_failed(err, code)
+        if w.secret not in line:
+            raise DemoError(f"the pod printed {line!r}, not the secret the KBS holds")
+        c.say(f"from inside the pod: {line}", "bold green")
+        s.detail, s.facts = line, {"secret_line": line}
+    if not c.ok("4"):
+        return _skip_rest(c, "4")
+    _refusals(c, ctrd, kbs, p, w, rc)
+    _peer_pods(c, opts)
+
+
+def _refusals(
+    c: Session, ctrd: owner.Containerd, kbs: owner.Kbs, p: pod.Pod, w: workload.Workload, rc: str
+) -> None:
+    with c.step(
+        "5a", "Refusal: an altered pod",
+        "The host changes the container's command after the policy was generated: the agent "
+        "in the guest holds CreateContainer against the policy and refuses it.",
+    ) as s:  # fmt: skip
+        path = pod.altered(c, p, "coco-demo-altered", ["/bin/sh", "-c", "cat /etc/passwd"])
+        code, out, err = pod.pod_run(c, ctrd, path)
+        why = pod.reason(err)
+        if code == 0 or "policy" not in why.lower():
+            raise DemoError(f"expected an agent policy denial, got exit {code}: {why}")
+        c.say(f"refused: {why}", "bold yellow")
+        s.detail, s.facts = why, {"reason": why}
+
+    with c.step(
+        "5b", "Refusal: evidence without the pod's initdata",
+        "A pod whose initdata differs (one more line): its evidence carries another digest, "
+        "the KBS refuses the image key, and the pod does not start.",
+    ) as s:  # fmt: skip
+        other = p.initdata.read_text() + '"note.txt" = "changed by the host"\n'
+        path = pod.with_initdata(c, p, "coco-demo-initdata", other)
+        code, out, err = pod.pod_run(c, ctrd, path)
+        why = pod.reason(err)
+        if code == 0 or workload.SECRET_LINE in out:
+            raise DemoError(f"the pod with other initdata ran (exit {code})")
+        if "initdata" not in why and "PolicyDeny" not in why:
+            raise DemoError(f"expected the KBS to refuse the key, got: {why}")
+        c.say(f"refused: {why}", "bold yellow")
+        s.detail, s.facts = why, {"reason": why}
+
+    with c.step(
+        "5c", "Refusal: a tampered layer",
+        "One byte of the encrypted layer is changed in the registry's storage: the guest's pull "
+        "checks every digest and refuses it; nothing runs.",
+    ) as s:  # fmt: skip
+        blob = owner.registry_blob(c, w.layer_digest)
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        c.say(f"flipped one byte of {w.layer_digest} in {blob}")
+        path = pod.altered(c, p, "coco-demo-tampered")
+        code, out, err = pod.pod_run(c, ctrd, path)
+        why = pod.reason(err)
+        if code == 0 or workload.SECRET_LINE in out:
+            raise DemoError(f"the pod ran from a tampered layer (exit {code})")
+        if "digest" not in why.lower() and "mismatch" not in why.lower():
+            raise DemoError(f"expected a digest refusal in the guest, got: {why}")
+        c.say(f"refused: {why}", "bold yellow")
+        s.detail, s.facts = why, {"reason": why}
+
+
+def _peer_pods(c: Session, opts: Options) -> None:
+    wanted = opts.peer_pods
+    if wanted is None:
+        wanted = shutil.which("libvirtd") is not None
+    if not wanted:
+        c.skip("6", "Peer pods", "not asked for (--peer-pods), or libvirtd is not installed")
+        return
+    with c.step(
+        "6", "Peer pods",
+        "The same pod on coco-remote: the cloud-api-adaptor asks libvirt for a pod VM.",
+    ):  # fmt: skip
+        raise Blocked(
+            "the demo does not drive coco-remote yet: it needs a libvirtd of its own, coco "
+            "cloud-api-adaptor serve libvirt with the pod VM image, and the vTPM reference "
+            "values of coco-qemu"
+        )
+
+
+def _blocked_or_failed(stderr: str, code: int) -> DemoError:
+    why = pod.reason(stderr) if stderr.strip() else f"exit {code} and no output"
+    if "unsupported media type" in why or "stream processor" in why or "ctd-decoder" in why:
+        return Blocked(
+            "containerd 1.6 unpacks every image its CRI pulls on the host, and this image is "
+            "encrypted with a key only the attested guest gets; guest pull needs a snapshotter "
+            "that skips the host unpack (upstream: nydus-snapshotter in proxy mode, "
+            "kata-agent-and-shim.md 2.5), which coco does not have yet (issue 14). "
+            f"containerd said: {why.removeprefix('coco: error: ')}"
+        )
+    return DemoError(f"the pod did not print its secret: {why}")
+
+
+def _skip_rest(c: Session, after: str) -> None:
+    titles = {"2": "The workload", "3": "The pod", "4": "Inside", "5": "Three refusals",
+              "6": "Peer pods"}  # fmt: skip
+    for n, t in titles.items():
+        if int(n) > int(after):
+            c.skip(n, t, f"step {after} did not succeed")
+
+
+def _leftovers(work: Path) -> list[str]:
+    found = []
+    mounts = Path("/proc/self/mounts").read_text().split("\n")
+    found += [f"mount {m.split()[1]}" for m in mounts if str(work) in m]
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(work) in cmd:
+            found.append(f"process {pid}: {cmd[:120]}")
+    return found
+
+
+def _print_keep(session: Session) -> None:
+    session.console.rule("[bold cyan]7. Kept running (--keep)")
+    for s in session.services:
+        session.say(f"{s.name}: pid {s.proc.pid}, {s.reach or 'running'}; log {s.log}")
+    pids = " ".join(str(s.proc.pid) for s in session.services)
+    session.say(f"work directory: {session.work}")
+    session.say(f"stop them with: kill -- {' '.join('-' + p for p in pids.split())}")
