@@ -43,7 +43,7 @@ class Blocked(DemoError):
 class StepResult:
     number: str
     title: str
-    status: str = "skipped"  # ok | failed | blocked | skipped
+    status: str = "skipped"  # ok | failed | blocked | skipped | interrupted
     seconds: float = 0.0
     detail: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +97,9 @@ class Session:
         except DemoError as e:
             result.status, result.detail = "failed", str(e)
             self.console.print(f"[bold red]FAILED: {e}[/]")
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            raise
         except Exception as e:  # a bug or an unexpected answer: the step failed, say how
             result.status, result.detail = "failed", f"{type(e).__name__}: {e}"
             self.console.print(f"[bold red]FAILED: {result.detail}[/]")
@@ -224,7 +227,13 @@ class Session:
         t.add_column("result")
         t.add_column("time", justify="right")
         t.add_column("what happened")
-        colour = {"ok": "green", "failed": "red", "blocked": "magenta", "skipped": "dim"}
+        colour = {
+            "ok": "green",
+            "failed": "red",
+            "blocked": "magenta",
+            "skipped": "dim",
+            "interrupted": "red",
+        }
         for s in self.steps:
             t.add_row(
                 f"{s.number}. {s.title}",
@@ -257,6 +266,7 @@ def interrupt_on_signals() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started ignoring it
 
 
 def last_line(proc: subprocess.CompletedProcess[str]) -> str:
