@@ -1,22 +1,23 @@
-"""Fixtures: a real containerd (Debian's 1.6) for the host tests: its own config, root, state and sockets.
+"""Fixtures: a real containerd (Debian's 1.6) with its own config, root, state and sockets.
 
 ``containerd`` (session scope) starts ``containerd --config`` with everything under a temporary
 directory: root, state, the gRPC socket (the ttRPC one beside it), CNI config, the registry hosts
-directory. coco's runtime handlers are added by ``coco runtime install`` (the local sandbox's
-state in a short directory under /tmp, removed at the end). Its CRI plugin has ``restrict_oom_score_adj = true`` (runc cannot set the pause
-container's -998 here), the sandbox (pause) image from the session ``open_registry``, and pod
-networking from a CNI plugin of the tests' own (``coco-test-veth``): a veth pair whose both ends
-stay inside the pod's network namespace, an address from 10.250.0.0/16 on ``eth0``; nothing is
-added to the host's network (no bridge, no address, no route).
+directory. coco's runtime handlers are added by ``coco runtime install`` (the shim linked into
+``<dir>/bin``, on containerd's PATH; the local sandbox's state in a short directory under /tmp).
+Its CRI plugin has ``restrict_oom_score_adj = true`` (runc cannot set the pause container's -998
+here), the sandbox (pause) image from the session ``open_registry``, and pod networking from a
+CNI plugin of the tests' own (``coco-test-veth``): a veth pair whose both ends stay inside the
+pod's network namespace, an address from 10.250.0.0/16 on ``eth0``; nothing is added to the
+host's network (no bridge, no address, no route).
 
 Images: ``test_images`` pushes a busybox image (``busybox-static``, with the applets as symlinks)
 and the pause image to ``open_registry``; containerd pulls them over plain HTTP through its
 ``hosts.toml``.
 
-At the end every pod left is stopped and removed, containerd is stopped by pid, and mounts left
-under the directory are unmounted. Note that containerd 1.6 still writes some state under
-``/run/containerd`` (runc state, shim sockets) and pod network namespaces under
-``/var/run/netns``; removing the pods removes those.
+At the end every pod left is stopped and removed, containerd is stopped by pid, shims it started
+that outlived it are stopped by pid, and mounts left under the directory are unmounted.
+containerd 1.6 still writes some state under ``/run/containerd`` (runc state, shim sockets) and
+pod network namespaces under ``/var/run/netns``; removing the pods removes those.
 """
 
 from __future__ import annotations
@@ -211,6 +212,40 @@ def _remove_pods(endpoint: str) -> None:
         pass
 
 
+def _stop_shims(address: Path) -> None:
+    """Shims this containerd started that outlived it (a shim whose containerd went away before
+    it was shut down waits for it to come back): found by the socket path only this fixture
+    uses, stopped by pid."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-address" in cmd and str(address).encode() in cmd:
+            pids.append(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)]
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _umount_under(base: Path) -> None:
     prefix = str(base) + "/"
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
@@ -288,6 +323,7 @@ def containerd(
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+        _stop_shims(ctrd.address)
         _umount_under(base)
         _umount_under(state)
         shutil.rmtree(state, ignore_errors=True)

@@ -58,7 +58,8 @@ def _shims_of(ctrd: Containerd) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "containerd-shim-coco-v2" in cmd and str(ctrd.address) in cmd:
+        shim = "containerd-shim-coco-v2" in cmd or "coco.host.runtime.shim" in cmd
+        if shim and str(ctrd.address) in cmd:
             found.append(f"{pid}: {cmd}")
     return found
 
