@@ -59,6 +59,10 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "Talk to a KBS: configure it, or attest and fetch a resource.",
     ),
     "pod": ("coco.cli.pod", "Run a Kubernetes pod through a CRI runtime, as the kubelet would."),
+    "peerpods": (
+        "coco.cli.peerpods",
+        "Peer pods in the cluster: the mutating webhook and the cleanup controller.",
+    ),
     "podvm": ("coco.cli.podvm", "The pod VM: build its image, boot it under QEMU with a vTPM."),
     "policy": (
         "coco.cli.policy",
