@@ -104,7 +104,7 @@ def generated(open_registry: Registry, tmp_path_factory: pytest.TempPathFactory)
     r = subprocess.run(
         [sys.executable, "-m", "coco.cli.main", "policy", "generate", str(src), "-o",
          str(d / "out.yaml"), "--settings", str(images.settings), "--src-tls-verify=false",
-         "--raw-out", str(d / "policy.rego")],
+         "--raw-out", str(d / "policy.rego"), "--layers", "tardev"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

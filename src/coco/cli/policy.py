@@ -19,8 +19,42 @@ _FILE = path(dir_okay=False, as_path=False)
 
 
 def _build_generate(p: Parser) -> None:
-    p.description = "Add the agent policy annotation to every workload in YAML_FILE."
+    p.description = (
+        "Add the agent policy to every workload in YAML_FILE.\n\n"
+        "The policy binds each container to its image: by default (--layers guest-pull, as "
+        "upstream kata today) the guest pulls the image itself and the policy checks the "
+        "image_guest_pull storage's reference against the pod's image (its digest too where the "
+        "pod pins one); --layers tardev is the older AKS path, where the host hands the guest "
+        "each layer and the policy holds every layer's dm-verity root (computed here). The "
+        "policy goes into the initdata annotation io.katacontainers.config.hypervisor."
+        'cc_init_data (base64 of gzip of the initdata TOML, policy in data."policy.rego"; '
+        "--initdata adds it to your own document), or with --annotation policy|both into the "
+        "older io.katacontainers.config.agent.policy (base64 Rego)."
+    )
     p.add_argument("yaml_file", metavar="YAML_FILE", type=_FILE)
+    p.add_argument(
+        "--layers",
+        choices=("guest-pull", "tardev"),
+        default="guest-pull",
+        help=shown("How containers get their image.", "guest-pull"),
+    )
+    p.add_argument(
+        "--annotation",
+        choices=("initdata", "policy", "both"),
+        default="initdata",
+        help=shown("Which annotation carries the policy.", "initdata"),
+    )
+    p.add_argument(
+        "--initdata",
+        type=_FILE,
+        metavar="FILE",
+        help="Base initdata TOML (e.g. aa.toml, cdh.toml); policy.rego is added to it.",
+    )
+    p.add_argument(
+        "--initdata-out",
+        metavar="FILE",
+        help="Also write the initdata TOML here (its digest is what the TEE measures).",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -76,6 +110,10 @@ def generate_cmd(
     allow_exec: list[str],
     allow_logs: bool,
     raw_out: str | None,
+    layers: str,
+    annotation: str,
+    initdata: str | None,
+    initdata_out: str | None,
 ) -> None:
     from coco.integrity import genpolicy
     from coco.oci.transport import Access
@@ -97,10 +135,15 @@ def generate_cmd(
         config_files=tuple(config_file),
         allow_exec=tuple(allow_exec),
         allow_logs=allow_logs,
+        layers=layers,
+        annotation=annotation,
+        initdata=initdata,
     )
     result = genpolicy.generate(text, yaml_file, opts)
     if raw_out:
         _write(raw_out, result.policies[0][1])
+    if initdata_out:
+        _write(initdata_out, result.initdata[0].decode())
     if output == "-":
         sys.stdout.write(result.yaml)
     else:
@@ -211,7 +254,7 @@ def _load_json(path: str, what: str) -> object:
 
 COMMANDS: Commands = {
     "evaluate": ("Evaluate an agent request against a policy.", _build_evaluate),
-    "generate": ("Add the agent policy annotation to the workloads in YAML.", _build_generate),
+    "generate": ("Add the agent policy to the workloads in YAML.", _build_generate),
 }
 
 

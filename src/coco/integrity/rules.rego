@@ -6,7 +6,8 @@
 # (query data.agent_policy.why_<RequestName>).
 #
 # The data (policy_data) follows the structure genpolicy writes: containers (OCI fields and
-# storages with dm-verity root hashes), sandbox, common and request_defaults.
+# storages: an image_guest_pull storage naming the pod's image, or tardev layers with their
+# dm-verity root hashes), sandbox, common and request_defaults.
 package agent_policy
 
 import future.keywords.every
@@ -74,11 +75,13 @@ violation(rule, field, expected, got) := {"rule": rule, "field": field, "expecte
 # ---------------------------------------------------------------------------------------------
 # Placeholders: the policy writes values the host only knows at run time as $(name).
 
-bundle_prefix := "/run/containerd/io.containerd.runtime.v2.task/k8s.io/"
-
 input_annotations := object.get(object.get(input, "OCI", {}), "Annotations", {})
 
-bundle_id := trim_prefix(object.get(input_annotations, "io.katacontainers.pkg.oci.bundle_path", ""), bundle_prefix)
+# The bundle directory's name (the container id); the policy's bundle_path annotation pins the
+# directory it is in (containerd's default, or the node's own in the settings).
+bundle_path_parts := split(object.get(input_annotations, "io.katacontainers.pkg.oci.bundle_path", ""), "/")
+
+bundle_id := bundle_path_parts[count(bundle_path_parts) - 1]
 
 sandbox_id := object.get(input_annotations, "io.kubernetes.cri.sandbox-id", "")
 
@@ -206,8 +209,16 @@ annotation_violations(p) := array.concat(array.concat(wrong_identity, unknown_ke
 		pv := p_anno[k]
 		not k in identity_annotations
 		not annotation_ok(k, pv)
-		viol := violation("annotations", sprintf("OCI.Annotations[%s]", [k]), subst(pv), object.get(input_annotations, k, null))
+		viol := violation(annotation_rule(k), sprintf("OCI.Annotations[%s]", [k]), subst(pv), object.get(input_annotations, k, null))
 	]
+}
+
+annotation_rule(k) := "image" {
+	k == "io.kubernetes.cri.image-name"
+}
+
+annotation_rule(k) := "annotations" {
+	k != "io.kubernetes.cri.image-name"
 }
 
 annotation_ok(k, pv) {
@@ -217,6 +228,126 @@ annotation_ok(k, pv) {
 annotation_ok(k, pv) {
 	k == "nerdctl/network-namespace"
 	not k in object.keys(input_annotations)
+}
+
+annotation_ok(k, pv) {
+	k == "io.kubernetes.cri.image-name"
+	image_ok(pv, input_annotations[k])
+}
+
+# --- image references, normalized as the guest's puller does (docker.io and library/ implied,
+# tag latest when neither tag nor digest is given). A reference the pod pins by digest must
+# carry that digest (its tag, if any, the pod's); one it names by tag must carry that tag and no
+# digest (the host may not pick another image of the repository).
+
+image_ok(want, got) {
+	w := image_ref(want)
+	g := image_ref(got)
+	w.name == g.name
+	w.digest != ""
+	g.digest == w.digest
+	tag_ok(w.tag, g.tag)
+}
+
+image_ok(want, got) {
+	w := image_ref(want)
+	g := image_ref(got)
+	w.name == g.name
+	w.digest == ""
+	g.digest == ""
+	tag_or_latest(g.tag) == tag_or_latest(w.tag)
+}
+
+tag_ok(want, got) {
+	got == ""
+}
+
+tag_ok(want, got) {
+	got == want
+}
+
+tag_or_latest(t) := "latest" {
+	t == ""
+}
+
+tag_or_latest(t) := t {
+	t != ""
+}
+
+image_ref(ref) := {"name": ref_name(ref_repo(body)), "tag": ref_tag(body), "digest": ref_digest(ref)} {
+	body := split(ref, "@")[0]
+}
+
+ref_digest(ref) := split(ref, "@")[1] {
+	contains(ref, "@")
+}
+
+ref_digest(ref) := "" {
+	not contains(ref, "@")
+}
+
+ref_last(body) := parts[count(parts) - 1] {
+	parts := split(body, "/")
+}
+
+ref_tag(body) := split(ref_last(body), ":")[1] {
+	contains(ref_last(body), ":")
+}
+
+ref_tag(body) := "" {
+	not contains(ref_last(body), ":")
+}
+
+ref_repo(body) := substring(body, 0, (count(body) - count(ref_tag(body))) - 1) {
+	contains(ref_last(body), ":")
+}
+
+ref_repo(body) := body {
+	not contains(ref_last(body), ":")
+}
+
+ref_has_domain(repo) {
+	parts := split(repo, "/")
+	count(parts) > 1
+	ref_is_domain(parts[0])
+}
+
+ref_is_domain(s) {
+	contains(s, ".")
+}
+
+ref_is_domain(s) {
+	contains(s, ":")
+}
+
+ref_is_domain(s) {
+	s == "localhost"
+}
+
+ref_name(repo) := docker_name(repo) {
+	ref_has_domain(repo)
+}
+
+ref_name(repo) := docker_name(concat("/", ["docker.io", repo])) {
+	not ref_has_domain(repo)
+}
+
+docker_hosts := {"docker.io", "index.docker.io"}
+
+docker_name(n) := concat("/", ["docker.io", "library", parts[1]]) {
+	parts := split(n, "/")
+	parts[0] in docker_hosts
+	count(parts) == 2
+}
+
+docker_name(n) := concat("/", array.concat(["docker.io"], array.slice(parts, 1, count(parts)))) {
+	parts := split(n, "/")
+	parts[0] in docker_hosts
+	count(parts) > 2
+}
+
+docker_name(n) := n {
+	not split(n, "/")[0] in docker_hosts
 }
 
 # --- ids that must agree with each other: the bundle is the container's, the sandbox's bundle
@@ -396,9 +527,82 @@ storage_violations(p) := [violation("storages", "storages", sprintf("%d storages
 storage_violations(p) := [v |
 	some i
 		s := input.storages[i]
-	some v in storage_check(p, i, s)
+	some v in storage_result(p, i, s)
 ] {
 	count(p.storages) == count(input.storages)
+}
+
+storage_result(p, i, s) := storage_check(p, i, s)
+
+# A storage no check applies to (a tardev layer where the policy has the guest pull the image,
+# say) is refused, never let through.
+storage_result(p, i, s) := [violation("storages", sprintf("storages[%d] (%s)", [i, s.mount_point]), "a storage the policy lists", s.driver)] {
+	not storage_check(p, i, s)
+}
+
+# image_guest_pull: the guest pulls the container's image (the pause container: its own bundle).
+storage_check(p, i, s) := vs {
+	s.driver == "image_guest_pull"
+	pulls := [ps | some ps in p.storages; ps.driver == "image_guest_pull"]
+	vs := guest_pull_violations(i, s, pulls)
+}
+
+guest_pull_violations(i, s, pulls) := [violation("storages", sprintf("storages[%d] (%s)", [i, s.mount_point]), "no image_guest_pull storage: the policy binds this container's root to its layers", s.source)] {
+	count(pulls) == 0
+}
+
+guest_pull_violations(i, s, pulls) := vs {
+	ps := pulls[0]
+	src := [viol | not source_ok(ps.source, s.source); viol := violation("image", sprintf("storages[%d].source", [i]), ps.source, s.source)]
+	shape := [viol |
+		some f in ["fstype", "options", "fs_group"]
+		object.get(s, f, null) != ps[f]
+		viol := violation("storages", sprintf("storages[%d].%s", [i, f]), ps[f], object.get(s, f, null))
+	]
+	mp := [viol | not value_matches(ps.mount_point, s.mount_point); viol := violation("storages", sprintf("storages[%d].mount_point", [i]), subst(ps.mount_point), s.mount_point)]
+	vs := array.concat(array.concat(src, shape), array.concat(mp, guest_pull_metadata_violations(i, s)))
+}
+
+source_ok(want, got) {
+	want == "pause"
+	got == "pause"
+}
+
+source_ok(want, got) {
+	want != "pause"
+	image_ok(want, got)
+}
+
+# The one driver option carries the container's metadata (its annotations, which the agent
+# reads: a container-type there must be the container's own; containerd's snapshot labels).
+guest_pull_metadata(s) := md {
+	count(s.driver_options) == 1
+	startswith(s.driver_options[0], "image_guest_pull=")
+	text := trim_prefix(s.driver_options[0], "image_guest_pull=")
+	json.is_valid(text)
+	md := json.unmarshal(text).metadata
+	is_object(md)
+}
+
+guest_pull_metadata_violations(i, s) := [violation("storages", sprintf("storages[%d].driver_options", [i]), "one option image_guest_pull=<JSON with a metadata object>", s.driver_options)] {
+	not guest_pull_metadata(s)
+}
+
+guest_pull_metadata_violations(i, s) := [viol |
+	some k
+	v := md[k]
+	not metadata_ok(k, v)
+	viol := violation("storages", sprintf("storages[%d].driver_options metadata[%s]", [i, k]), object.get(input_annotations, k, "a containerd.io/snapshot/ label or an annotation of the container"), v)
+] {
+	md := guest_pull_metadata(s)
+}
+
+metadata_ok(k, v) {
+	input_annotations[k] == v
+}
+
+metadata_ok(k, v) {
+	startswith(k, "containerd.io/snapshot/")
 }
 
 policy_overlay(p) := [s | some s in p.storages; s.driver == "overlayfs"][0]
@@ -491,15 +695,12 @@ overlay_shown(o) := o {
 
 # Volumes and everything else: equal to one policy storage, the mount point maybe a pattern.
 storage_check(p, i, s) := [] {
-	s.driver != "blk"
-	s.driver != "overlayfs"
-	some ps in p.storages
-	other_storage_ok(ps, s)
+	not s.driver in {"blk", "overlayfs", "image_guest_pull"}
+	any_other_storage_ok(p, s)
 }
 
 storage_check(p, i, s) := [violation("storages", sprintf("storages[%d] (%s)", [i, s.mount_point]), "a storage the policy lists", s)] {
-	s.driver != "blk"
-	s.driver != "overlayfs"
+	not s.driver in {"blk", "overlayfs", "image_guest_pull"}
 	not any_other_storage_ok(p, s)
 }
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip
 import hashlib
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from coco.integrity.genpolicy import POLICY_ANNOTATION, Options
+from coco.integrity.genpolicy import INITDATA_ANNOTATION, POLICY_ANNOTATION, Options
 from coco.oci.copy import CopyOptions, copy_image
 from coco.oci.transport import Access
 from tests.conftest import Registry
@@ -282,12 +284,20 @@ def pod(image: str, **container: Any) -> str:
 
 
 def opts(images: Images, **kw: Any) -> Options:
+    """Options for the tests of the tardev mode (``layers="guest-pull"`` for the other)."""
     kw.setdefault("settings", images.settings)
+    kw.setdefault("layers", "tardev")
     return Options(access=Access(tls_verify=False), **kw)
 
 
 def policy_of(doc_yaml: str) -> tuple[str, dict[str, Any]]:
-    doc = yaml.safe_load(doc_yaml)
-    text = base64.b64decode(doc["metadata"]["annotations"][POLICY_ANNOTATION]).decode()
+    """(policy text, policy_data) of the pod: from the initdata annotation, read independently
+    of the generator (base64, gzip, TOML), or else the legacy policy annotation."""
+    anno = yaml.safe_load(doc_yaml)["metadata"]["annotations"]
+    if INITDATA_ANNOTATION in anno:
+        doc = tomllib.loads(gzip.decompress(base64.b64decode(anno[INITDATA_ANNOTATION])).decode())
+        text = doc["data"]["policy.rego"]
+    else:
+        text = base64.b64decode(anno[POLICY_ANNOTATION]).decode()
     data = json.loads(text.split("\npolicy_data := ", 1)[1])
     return text, data

@@ -90,7 +90,9 @@ def test_generate_rewrites_in_place_by_default(images: Images, tmp_path: Path) -
         "policy", "generate", str(src), "--settings", str(images.settings), "--src-tls-verify=false"
     )
     assert r.returncode == 0, r.stderr
-    assert "io.katacontainers.config.agent.policy" in src.read_text()
+    text = src.read_text()  # the default: the policy inside the initdata, as upstream kata
+    assert "io.katacontainers.config.hypervisor.cc_init_data" in text
+    assert "io.katacontainers.config.agent.policy" not in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pod.yaml"]
 
 
@@ -120,4 +122,4 @@ def test_authfile_for_a_registry_with_auth(registry: Registry, tmp_path: Path) -
     assert registry.authfile is not None
     r = coco(*base, "--authfile", str(registry.authfile))
     assert r.returncode == 0, r.stderr
-    assert "io.katacontainers.config.agent.policy" in (tmp_path / "out.yaml").read_text()
+    assert "io.katacontainers.config.hypervisor.cc_init_data" in (tmp_path / "out.yaml").read_text()

@@ -1,5 +1,9 @@
 """Images for genpolicy: the config and the dm-verity root of every layer, pulled through coco.oci.
 
+With guest pull no root is needed (the guest pulls and checks the image itself): layers are only
+read for ``/etc/passwd`` and ``/etc/group``, and encrypted ones are skipped (the guest decrypts
+them with the key from the KBS; their users cannot be looked up here).
+
 A layer is streamed once: the registry's chunks are hashed (the blob digest, checked by the
 client), decompressed (gzip, zstd or none) and hashed again (the config's diff_id) on their way to
 a temporary file; the tarfs index is appended to that file and its verity root computed, then the
@@ -7,8 +11,8 @@ file is removed. Downloading runs in its own thread so that network, inflate and
 and two layers are processed at a time (hashlib, isal and zstd release the GIL).
 
 Results are kept in a layers-cache JSON file keyed by diff_id (the upstream shape:
-``[{"diff_id": ..., "verity_hash": ..., "passwd": ..., "group": ...}]``), so a second run
-downloads nothing for layers it has seen.
+``[{"diff_id": ..., "verity_hash": ..., "passwd": ..., "group": ...}]``; ``verity_hash`` absent
+for a layer read with guest pull only), so a second run downloads nothing for layers it has seen.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import zstandard
 
 from coco import jsonio
 from coco.errors import CocoError, GenpolicyError
-from coco.integrity import tardev, tarindex, verity
+from coco.integrity import tardev, tarindex
+from coco.integrity import verity as verity_tree
 from coco.oci import mediatypes as mt
 from coco.oci.models import Descriptor, ImageConfig, Index, parse_manifest
 from coco.oci.reference import parse_reference
@@ -53,9 +58,10 @@ class LayerInfo:
     """One layer as the policy needs it."""
 
     diff_id: str
-    verity_hash: str  # hex
+    verity_hash: str  # hex; "" when not computed (guest pull)
     passwd: str = ""  # /etc/passwd of this layer, if it has one
     group: str = ""
+    encrypted: bool = False  # not read (guest pull of an encrypted layer)
 
 
 @dataclass
@@ -98,28 +104,35 @@ class LayersCache:
             if (
                 not isinstance(it, dict)
                 or not isinstance(it.get("diff_id"), str)
-                or not isinstance(it.get("verity_hash"), str)
-                or len(it["verity_hash"]) != 64
+                or not isinstance(it.get("verity_hash", ""), str)
+                or len(it.get("verity_hash", "")) not in (0, 64)
             ):
                 raise GenpolicyError(
                     f"layers cache {self.path}: entry {i}: expected "
-                    '{"diff_id": "sha256:...", "verity_hash": "<64 hex>"}'
+                    '{"diff_id": "sha256:...", "verity_hash": "<64 hex>"} (verity_hash may be '
+                    "left out)"
                 )
             out[it["diff_id"]] = LayerInfo(
                 it["diff_id"],
-                it["verity_hash"],
+                it.get("verity_hash", ""),
                 str(it.get("passwd", "")),
                 str(it.get("group", "")),
             )
         return out
 
-    def get(self, diff_id: str) -> LayerInfo | None:
+    def get(self, diff_id: str, verity: bool = True) -> LayerInfo | None:
+        """The entry of ``diff_id``; with ``verity``, only one that has the root hash."""
         with self._lock:
-            return self._entries.get(diff_id)
+            e = self._entries.get(diff_id)
+        return e if e is not None and (e.verity_hash or not verity) else None
 
     def put(self, info: LayerInfo) -> None:
+        if info.encrypted:  # nothing was learnt about it
+            return
         with self._lock:
-            self._entries[info.diff_id] = info
+            old = self._entries.get(info.diff_id)
+            if old is None or info.verity_hash or not old.verity_hash:
+                self._entries[info.diff_id] = info
 
     def save(self) -> None:
         """Merge our entries into the file (other runs may have added theirs) atomically."""
@@ -129,14 +142,13 @@ class LayersCache:
         with open(lock_path, "a+b") as lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
             merged = self._read() if self.path.exists() else {}
-            merged.update(self._entries)
+            for k, e in self._entries.items():  # never drop a root another run computed
+                old = merged.get(k)
+                merged[k] = e if e.verity_hash or old is None or not old.verity_hash else old
             items = [
-                {
-                    "diff_id": e.diff_id,
-                    "verity_hash": e.verity_hash,
-                    "passwd": e.passwd,
-                    "group": e.group,
-                }
+                {"diff_id": e.diff_id}
+                | ({"verity_hash": e.verity_hash} if e.verity_hash else {})
+                | {"passwd": e.passwd, "group": e.group}
                 for e in sorted(merged.values(), key=lambda e: e.diff_id)
             ]
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent or ".")
@@ -214,9 +226,17 @@ def _read_member(f: Any, entry: tarindex.TarEntry) -> str:
 
 
 def layer_info(
-    source: ImageSource, desc: Descriptor, diff_id: str, where: str, tmpdir: str | None = None
+    source: ImageSource,
+    desc: Descriptor,
+    diff_id: str,
+    where: str,
+    tmpdir: str | None = None,
+    verity: bool = True,
 ) -> LayerInfo:
-    """Download layer ``desc`` and compute its tardev verity root (and its passwd/group)."""
+    """Download layer ``desc`` and compute its tardev verity root (with ``verity``) and read its
+    passwd/group. Without ``verity`` an encrypted layer is not read at all."""
+    if not verity and desc.media_type.endswith(mt.ENCRYPTED_SUFFIX):
+        return LayerInfo(diff_id, "", encrypted=True)
     dec = _decompressor(desc.media_type, where)
     h = hashlib.sha256()
     with tempfile.NamedTemporaryFile(prefix="coco-genpolicy-", suffix=".tar", dir=tmpdir) as f:
@@ -238,7 +258,7 @@ def layer_info(
         tar_size = f.tell()
         f.flush()
         f.seek(0)
-        index, _ = tarindex.index_tar(f, tar_size, name=where)
+        index = tarindex.index_tar(f, tar_size, name=where)[0] if verity else b""
         passwd = group = ""
         f.seek(0)
         for e in tarindex.read_tar(f, tar_size, where):
@@ -247,12 +267,14 @@ def layer_info(
                 passwd = _read_member(f, e)
             elif e.type in (b"0", b"\0") and p == b"etc/group":
                 group = _read_member(f, e)
+        if not verity:
+            return LayerInfo(diff_id, "", passwd, group)
         f.seek(tar_size)
         f.write(index)
         f.flush()
         data_size = tar_size + len(index)
         params = replace(tardev.LAYER_VERITY, hash_offset=data_size, data_blocks=data_size // 4096)
-        tree = verity.build_tree(f.name, params)
+        tree = verity_tree.build_tree(f.name, params)
     return LayerInfo(diff_id, tree.root_hash.hex(), passwd, group)
 
 
@@ -276,8 +298,10 @@ def image_info(
     *,
     tmpdir: str | None = None,
     workers: int = 2,
+    verity: bool = True,
 ) -> ImageInfo:
-    """Config and layer verity roots of ``image`` (``host/repo:tag``, ``docker://...`` or ``oci:``)."""
+    """Config and layer verity roots (with ``verity``) of ``image`` (``host/repo:tag``,
+    ``docker://...`` or ``oci:``)."""
     ref_text = image if "://" in image or image.startswith("oci:") else f"docker://{image}"
     try:
         ref = parse_reference(ref_text)
@@ -297,16 +321,19 @@ def image_info(
         todo = {}
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="genpolicy-layer") as pool:
             for i, (desc, diff_id) in enumerate(zip(man.layers, cfg.diff_ids, strict=True)):
-                if cache.get(diff_id) is None and diff_id not in todo:
+                if cache.get(diff_id, verity) is None and diff_id not in todo:
                     where = f"image {image}: layer {i} ({desc.digest})"
-                    todo[diff_id] = pool.submit(layer_info, source, desc, diff_id, where, tmpdir)
-            for fut in todo.values():
-                cache.put(fut.result())
-        info.downloaded = len(todo)
+                    todo[diff_id] = pool.submit(
+                        layer_info, source, desc, diff_id, where, tmpdir, verity
+                    )
+            done = {d: fut.result() for d, fut in todo.items()}
+        for got in done.values():
+            cache.put(got)
+        info.downloaded = sum(not got.encrypted for got in done.values())
         for diff_id in cfg.diff_ids:
-            cached = cache.get(diff_id)
-            assert cached is not None
-            info.layers.append(cached)
+            layer = cache.get(diff_id, verity) or done.get(diff_id)
+            assert layer is not None
+            info.layers.append(layer)
         return info
     finally:
         source.close()

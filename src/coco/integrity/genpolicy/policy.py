@@ -2,10 +2,15 @@
 
 ``containers[0]`` is the pause container, then the init containers (last first), then the
 regular containers. Each container carries the OCI fields the agent checks (process, root,
-mounts, annotations, Linux) and its storages: one ``blk``/``tar`` storage per image layer (topmost
-first, ``$(hashN)``/``$(layerN)``) plus the ``overlayfs`` storage whose two options list the layer
-ids and the dm-verity root hashes, topmost first. That is what binds the container's root
-filesystem to the image the policy author saw.
+mounts, annotations, Linux) and its storages, which bind the container's root filesystem to the
+image the policy author saw. Two layer modes:
+
+- ``guest-pull`` (the default, as upstream kata today): one ``image_guest_pull`` storage whose
+  source is the pod's image reference (``pause`` for the pause container), mounted at
+  ``/run/kata-containers/$(bundle-id)/rootfs``; the guest pulls and checks the image itself.
+- ``tardev`` (the older AKS path): one ``blk``/``tar`` storage per image layer (topmost first,
+  ``$(hashN)``/``$(layerN)``) plus the ``overlayfs`` storage whose two options list the layer
+  ids and the dm-verity root hashes, topmost first.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from coco.integrity.genpolicy.images import ImageInfo
 from coco.integrity.genpolicy.k8s import Inputs, Workload
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GUEST_PULL = "guest-pull"
+TARDEV = "tardev"
+LAYER_MODES = (GUEST_PULL, TARDEV)
+PAUSE_SOURCE = "pause"
+# Pod annotations the runtime consumes itself (the shims drop them before the agent sees a spec).
+_RUNTIME_ONLY = (
+    "io.katacontainers.config.agent.policy",
+    "io.katacontainers.config.hypervisor.cc_init_data",
+    "io.katacontainers.config.runtime.cc_init_data",
+)
 
 _FIELD_REFS = {
     "metadata.name": "$(sandbox-name)",
@@ -77,6 +92,20 @@ def layer_storages(image: ImageInfo) -> list[dict[str, Any]]:
     return out
 
 
+def guest_pull_storage(source: str, mount_point: str) -> dict[str, Any]:
+    """The ``image_guest_pull`` storage of a container: the guest pulls ``source`` (the pod's
+    image reference, or ``pause``); the rules check the reference, the shape and the metadata."""
+    return {
+        "driver": "image_guest_pull",
+        "driver_options": [],
+        "source": source,
+        "fstype": "overlay",
+        "options": [],
+        "mount_point": mount_point,
+        "fs_group": None,
+    }
+
+
 class _Builder:
     def __init__(
         self,
@@ -84,7 +113,13 @@ class _Builder:
         settings: dict[str, Any],
         images: dict[str, ImageInfo],
         inputs: Inputs,
+        layers: str = GUEST_PULL,
     ) -> None:
+        if layers not in LAYER_MODES:
+            raise GenpolicyError(
+                f"layer mode: expected one of {', '.join(LAYER_MODES)}, found {layers!r}"
+            )
+        self.layers = layers
         self.w = w
         self.s = settings
         self.images = images
@@ -103,8 +138,15 @@ class _Builder:
         if name:
             if name.isdigit():
                 uid = int(name)
-            else:
+            elif not any(
+                "runAsUser" in x for x in (self.pod_sc, (c or {}).get("securityContext") or {})
+            ):
                 entry = _passwd_by_name(passwd, name)
+                if entry is None and any(la.encrypted for la in image.layers):
+                    raise GenpolicyError(
+                        f"{where}: user {name!r} cannot be looked up: the image's layers are "
+                        "encrypted; give a numeric runAsUser (and runAsGroup) in the pod"
+                    )
                 if entry is None:
                     raise GenpolicyError(
                         f"{where}: user {name!r} is not in the image's /etc/passwd"
@@ -283,6 +325,10 @@ class _Builder:
 
     def _annotations(self, base: dict[str, str]) -> dict[str, str]:
         a = dict(base)
+        # containerd passes the pod's io.katacontainers.* annotations through to every spec
+        for k, v in (self.w.annotations or {}).items():
+            if str(k).startswith("io.katacontainers.") and k not in _RUNTIME_ONLY:
+                a[str(k)] = str(v)
         a["io.kubernetes.cri.sandbox-name"] = self.w.name
         a["io.kubernetes.cri.sandbox-namespace"] = self.w.namespace
         return dict(sorted(a.items()))
@@ -314,7 +360,7 @@ class _Builder:
         process = {
             "Terminal": False,
             "User": self._user(None, image, pause=True),
-            "Args": list(ps["Process"].get("Args", ["/pause"])),
+            "Args": self._pause_args(ps, image),
             "Env": env,
             "Cwd": "/",
             "Capabilities": {
@@ -326,15 +372,21 @@ class _Builder:
             },
             "NoNewPrivileges": bool(ps["Process"].get("NoNewPrivileges", True)),
         }
+        mounts = copy.deepcopy(ps["Mounts"])
+        if self.layers == GUEST_PULL:
+            mounts += copy.deepcopy(self.s["guest_pull"]["pause_mounts"])
         return self._container(
-            ps,
-            process,
-            self._annotations(ps["Annotations"]),
-            copy.deepcopy(ps["Mounts"]),
-            image,
-            [],
-            [],
+            ps, process, self._annotations(ps["Annotations"]), mounts, image, [], [], PAUSE_SOURCE
         )
+
+    def _pause_args(self, ps: dict[str, Any], image: ImageInfo) -> list[str]:
+        """Settings' pause args; with guest pull, what containerd runs: the pause image's
+        Entrypoint + Cmd (the settings' args when the image has neither)."""
+        if self.layers == GUEST_PULL:
+            args = list(image.config.get("Entrypoint") or []) + list(image.config.get("Cmd") or [])
+            if args:
+                return [str(a) for a in args]
+        return list(ps["Process"].get("Args", ["/pause"]))
 
     def container(self, c: dict[str, Any], image: ImageInfo) -> dict[str, Any]:
         oc = self.s["other_container"]
@@ -356,9 +408,12 @@ class _Builder:
         anno["io.kubernetes.cri.container-name"] = c["name"]
         anno["io.kubernetes.cri.image-name"] = c["image"]
         mounts, vol_storages = self._mounts_and_storages(c)
+        if self.layers == GUEST_PULL:
+            mounts += copy.deepcopy(self.s["guest_pull"]["other_mounts"])
         return self._container(
-            oc, process, self._annotations(anno), mounts, image, vol_storages, _exec_commands(c)
-        )
+            oc, process, self._annotations(anno), mounts, image, vol_storages,
+            _exec_commands(c), str(c["image"]),
+        )  # fmt: skip
 
     def _container(
         self,
@@ -369,18 +424,27 @@ class _Builder:
         image: ImageInfo,
         vol_storages: list[dict[str, Any]],
         exec_commands: list[str],
+        source: str,
     ) -> dict[str, Any]:
         root = dict(base["Root"])
+        version = self.s["kata_config"]["oci_version"]
+        if self.layers == GUEST_PULL:
+            gp = self.s["guest_pull"]
+            root["Path"] = gp["rootfs"]
+            version = gp["oci_version"]
+            rootfs = [guest_pull_storage(source, gp["rootfs"])]
+        else:
+            rootfs = layer_storages(image)
         return {
             "OCI": {
-                "Version": self.s["kata_config"]["oci_version"],
+                "Version": version,
                 "Process": process,
                 "Root": root,
                 "Mounts": mounts,
                 "Annotations": annotations,
                 "Linux": copy.deepcopy(base["Linux"]),
             },
-            "storages": layer_storages(image) + vol_storages,
+            "storages": rootfs + vol_storages,
             "sandbox_pidns": bool(self.spec.get("shareProcessNamespace", False)),
             "exec_commands": exec_commands,
         }
@@ -440,9 +504,11 @@ def policy_data(
     *,
     allow_exec: tuple[str, ...] = (),
     allow_logs: bool = False,
+    layers: str = GUEST_PULL,
 ) -> dict[str, Any]:
-    """The ``policy_data`` document for workload ``w`` (images already fetched)."""
-    b = _Builder(w, settings, images, inputs)
+    """The ``policy_data`` document for workload ``w`` (images already fetched) in layer mode
+    ``layers`` (:data:`GUEST_PULL` or :data:`TARDEV`)."""
+    b = _Builder(w, settings, images, inputs, layers)
     pause_image = images[settings["cluster_config"]["pause_container_image"]]
     containers = [b.pause(pause_image)]
     for c in reversed(w.spec.get("initContainers") or []):

@@ -2,10 +2,10 @@
 
 The shape follows upstream's ``genpolicy-settings.json`` (``pause_container``,
 ``other_container``, ``kata_config``, ``cluster_config``, ``common``, ``sandbox``,
-``request_defaults``) so a user's existing file can be read; the default values below are written
-for this project from the facts recorded in the spec notes. A settings file given by the user is
-merged over the defaults: mappings key by key, everything else replaced. Unknown top-level keys
-are refused.
+``request_defaults``; ours adds ``guest_pull``, what changes when the guest pulls the image) so a
+user's existing file can be read; the default values below are written for this project from the
+facts recorded in the spec notes. A settings file given by the user is merged over the defaults:
+mappings key by key, everything else replaced. Unknown top-level keys are refused.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 def _mount(dest: str, source: str, type_: str, options: list[str]) -> dict[str, Any]:
     return {"destination": dest, "source": source, "type_": type_, "options": options}
 
+
+_SHM_OPTS = ["nosuid", "noexec", "nodev", "mode=1777"]
 
 _BASE_MOUNTS = [
     _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
@@ -142,6 +144,21 @@ DEFAULT_SETTINGS: dict[str, Any] = {
         "Linux": _LINUX_OTHER,
     },
     "kata_config": {"oci_version": "1.1.0-rc.1"},
+    # Guest pull (the default layer mode): the container's root is an image_guest_pull storage
+    # the guest pulls into /run/kata-containers/<cid>/rootfs. The OCI version is what the CRI of
+    # containerd 1.6 (Debian 12's) writes; the extra mounts are the forms the kata shims send
+    # with shared_fs=none: containerd's own /dev/shm tmpfs, the bind of the sandbox's shm as a
+    # tmpfs (coco's shim) and containerd 1.6's read-only resolv.conf of the sandbox.
+    "guest_pull": {
+        "oci_version": "1.0.2-dev",
+        "rootfs": "/run/kata-containers/$(bundle-id)/rootfs",
+        "pause_mounts": [
+            _mount("/dev/shm", "shm", "tmpfs", [*_SHM_OPTS, "size=65536k"]),
+            _mount("/dev/shm", "shm", "tmpfs", _SHM_OPTS),
+            _mount("/etc/resolv.conf", "$(sfprefix)resolv.conf$", "bind", ["rbind", "ro"]),
+        ],
+        "other_mounts": [_mount("/dev/shm", "shm", "tmpfs", _SHM_OPTS)],
+    },
     "cluster_config": {"pause_container_image": "mcr.microsoft.com/oss/kubernetes/pause:3.6"},
     "common": {
         "cpath": "/run/kata-containers/shared/containers",
