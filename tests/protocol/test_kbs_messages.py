@@ -21,7 +21,8 @@ from coco.crypto.jose import (
     public_jwk,
     sign_jwt,
 )
-from coco.protocol.client import KbsError, TeeKey, parse_resource_path
+from coco.protocol.client import KbsError, TeeKey
+from coco.protocol.resource_uri import ResourceUri
 from coco.protocol.kbs import Attestation, ProtocolError, Request, TeePubKey, report_data
 
 
@@ -69,10 +70,11 @@ def test_strict_messages_name_the_field() -> None:
 
 
 def test_resource_path_rules() -> None:
-    assert parse_resource_path("kbs:///a/b/c.d") == ("a", "b", "c.d")
-    for bad in ("a/b", "a/../c", "a/./c", "a/b/.hidden", "a/b/c/d", "a//b"):
+    assert ResourceUri.from_path("kbs:///a/b/c.d").resource_path == "a/b/c.d"
+    assert ResourceUri.from_path("/a/b/c.d") == ResourceUri("a", "b", "c.d")
+    for bad in ("a/b", "a/../c", "a/./c", "a/b/.hidden", "a/b/c/d", "a//b", "a/b/c\n"):
         with pytest.raises(KbsError):
-            parse_resource_path(bad)
+            ResourceUri.from_path(bad)
 
 
 @pytest.mark.parametrize("alg", ["ec-p256", "ec-p521", "rsa-oaep-256", "rsa1_5"])

@@ -58,7 +58,7 @@ def test_wrong_version_and_unknown_tee(open_kbs: KbsProcess) -> None:
     r = g.http.post(
         open_kbs.url + "/kbs/v0/auth", json={"version": "0.4.0", "tee": "sample", "x": 1}
     )
-    _refused(r, "AttestationError", detail="unknown field(s) x")
+    _refused(r, "AttestationError", detail="unknown field 'x'")
     assert "Version Mismatch" in open_kbs.logs()
 
 

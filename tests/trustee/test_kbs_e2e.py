@@ -243,7 +243,7 @@ def test_cli_kbs_client_round_trip(open_kbs: KbsProcess, tmp_path) -> None:
     bad = subprocess.run(
         [*base, "get-resource", "--path", "a/../c"], capture_output=True, text=True
     )
-    assert bad.returncode == 1 and "expected <repository>/<type>/<tag>" in bad.stderr
+    assert bad.returncode == 1 and "--path 'a/../c': type '..': expected letters" in bad.stderr
     assert bad.stderr.count("\n") == 1
 
 

@@ -76,7 +76,7 @@ def test_init_data_reaches_the_token_and_the_policy(open_kbs: KbsProcess) -> Non
     ):
         c.get_resource("init/data/secret")
     broken = KbsClient(open_kbs.url, get_attester("sample"), init_data_toml="not = [valid")
-    with broken, pytest.raises(KbsRequestError, match="init-data: not valid TOML"):
+    with broken, pytest.raises(KbsRequestError, match="init-data: expected TOML"):
         broken.attest()
 
 

@@ -148,9 +148,7 @@ def test_upstream_configs_parse() -> None:
     assert c.signer_key_path == "./work/token.key" and c.trusted_certs_paths == [
         "./work/ca-cert.pem"
     ]
-    assert c.storage_url.startswith("sqlite://") and c.storage_url.endswith(
-        "/work/storage/coco-kbs.sqlite"
-    )
+    assert c.storage_url.startswith("localfs:///") and c.storage_url.endswith("/work/storage")
     assert not c.http_server.insecure_http
     d = KbsConfig.load(str(VECTORS / "configs" / "kbs-config.default.toml"))
     assert (

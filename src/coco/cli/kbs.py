@@ -25,13 +25,20 @@ def _seconds(text: str) -> float:
 
 def _build_serve(p: Parser) -> None:
     p.description = (
-        "Serve KBS protocol 0.4.0. Either --config FILE, or the quick form:\n\n"
-        "coco kbs serve --listen 127.0.0.1:8080 --insecure-http --storage sqlite:///tmp/kbs.db"
+        "Serve KBS protocol 0.4.0. Either --config-file FILE, or the quick form:\n\n"
+        "coco kbs serve --listen 127.0.0.1:8080 --insecure-http --storage "
+        "sqlite:///var/lib/coco/kbs/kbs.db"
         "\n\nThe quick form's admin API is open (InsecureAllowAll, with a warning) unless "
-        "--admin-public-key or --deny-admin is given."
+        "--admin-public-key or --deny-admin is given. Without --storage it keeps everything in "
+        "memory (upstream's default storage, with a warning): resources, policies and the "
+        "token-signing key are gone when it stops, and nothing is written to the working "
+        "directory.\n\nGET /healthz answers while the process runs; GET /readyz also checks the "
+        "storage (503 when it does not answer). Logs are timestamped, with one access line per "
+        "request (method, path, status, milliseconds)."
     )
     existing = path(exists=True, dir_okay=False, as_path=False)
     p.add_argument(
+        "--config-file",
         "--config",
         "-c",
         dest="config_file",
@@ -47,7 +54,8 @@ def _build_serve(p: Parser) -> None:
     p.add_argument(
         "--storage",
         metavar="TEXT",
-        help="sqlite:///path/kbs.db, postgresql://user@host:port/db or memory://.",
+        help="sqlite:///PATH/kbs.db, localfs:///DIR (a file per resource: DIR/REPO/TYPE/TAG), "
+        "postgresql://USER@HOST:PORT/DB or memory:// [default: memory://]",
     )
     p.add_argument(
         "--workers",
@@ -115,6 +123,13 @@ def _build_serve(p: Parser) -> None:
         metavar="INTEGER",
         help=shown("Memory limit of one policy evaluation (MiB).", 1024),
     )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        metavar="[text|json]",
+        help=shown("Log lines as timestamped text or one JSON object each.", "text"),
+    )
     p.set_defaults(func=serve)
 
 
@@ -136,18 +151,22 @@ def serve(
     max_pending_sessions: int,
     policy_timeout: float,
     policy_memory_mb: int,
+    log_format: str,
 ) -> None:
+    import logging
+
     from coco.trustee.config import AdminIdp, KbsConfig, parse_socket
+    from coco.trustee.kbs import logs
     from coco.trustee.kbs.server import serve as run
     from coco.trustee.policy_engine import PolicyLimits
 
     if config_file:
         if listen or storage or session_storage or insecure_http or admin_public_key or deny_admin:
-            raise UsageError("--config cannot be combined with the quick-form options")
+            raise UsageError("--config-file cannot be combined with the quick-form options")
         cfg = KbsConfig.load(config_file)
     else:
         if not listen:
-            raise UsageError("give --config FILE, or --listen HOST:PORT (quick form)")
+            raise UsageError("give --config-file FILE, or --listen HOST:PORT (quick form)")
         if not insecure_http and not (private_key and certificate):
             raise UsageError("HTTPS needs --private-key and --certificate (or --insecure-http)")
         parse_socket(listen, "--listen")
@@ -158,7 +177,7 @@ def serve(
         cfg.http_server.certificate = certificate
         cfg.http_server.payload_request_size = max_body_mb
         cfg.http_server.request_header_size = max_header_kb
-        cfg.storage_url = storage or "sqlite://" + _default_db()
+        cfg.storage_url = storage or "memory://"
         cfg.session_storage_url = session_storage
         cfg.http_server.worker_count = workers
         cfg.insecure_header_jwk = insecure_header_jwk
@@ -175,17 +194,17 @@ def serve(
             cfg.admin_acls = [("admin", "^/kbs/.+$")]
         else:
             cfg.admin_mode = "InsecureAllowAll"
+    logs.configure(log_format)
+    if cfg.storage_url.startswith("memory:"):
+        logging.getLogger("coco.kbs").warning(
+            "storage memory://: resources, policies and the token-signing key are lost when the "
+            "KBS stops (give --storage sqlite:///var/lib/coco/kbs/kbs.db to keep them)"
+        )
     run(cfg)
 
 
-def _default_db() -> str:
-    import os
-
-    return os.path.abspath("kbs.db")
-
-
 COMMANDS: Commands = {
-    "serve": ("Serve KBS protocol 0.4.0 (--config FILE, or the quick form).", _build_serve),
+    "serve": ("Serve KBS protocol 0.4.0 (--config-file FILE, or the quick form).", _build_serve),
 }
 
 

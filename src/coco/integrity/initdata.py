@@ -96,7 +96,7 @@ class Initdata:
         version, algorithm, data = doc["version"], doc["algorithm"], doc["data"]
         if version != VERSION:
             raise InitdataError(f"{where}: version: expected {VERSION!r}, found {version!r}")
-        if algorithm not in ALGORITHMS:
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise InitdataError(
                 f"{where}: algorithm: expected one of {', '.join(ALGORITHMS)}, found {algorithm!r}"
             )

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from coco.crypto.jose import sign_jwt
 from coco.errors import KbsError
-from coco.protocol.client import _error_from, parse_resource_path, tls_verify
+from coco.protocol.client import _error_from, tls_verify
+from coco.protocol.resource_uri import ResourceUri
 
 __all__ = ["ADMIN_TOKEN_TTL", "AdminClient", "admin_token", "load_admin_key"]
 
@@ -106,13 +107,13 @@ class AdminClient:
 
     def set_resource(self, path: str, data: bytes) -> None:
         """Store ``data`` under ``repo/type/tag`` (a ``kbs:///`` prefix is accepted)."""
-        r, t, g = parse_resource_path(path)
-        self._call("POST", f"resource/{r}/{t}/{g}", f"set resource {path}", content=data,
+        key = ResourceUri.from_path(path).resource_path
+        self._call("POST", f"resource/{key}", f"set resource {path}", content=data,
                    headers={"content-type": "application/octet-stream"})  # fmt: skip
 
     def delete_resource(self, path: str) -> None:
-        r, t, g = parse_resource_path(path)
-        self._call("DELETE", f"resource/{r}/{t}/{g}", f"delete resource {path}")
+        key = ResourceUri.from_path(path).resource_path
+        self._call("DELETE", f"resource/{key}", f"delete resource {path}")
 
     def set_resource_policy(self, rego: str) -> None:
         self._call("POST", "resource-policy", "set resource policy",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -36,13 +35,13 @@ from coco.protocol.kbs import (
     TeePubKey,
     report_data,
 )
+from coco.protocol.resource_uri import ResourceUri
 from coco.tee.base import Attester
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KbsClient", "KbsRequestError", "ResourceNotFoundError", "TeeKey", "parse_resource_path"]
+__all__ = ["KbsClient", "KbsRequestError", "ResourceNotFoundError", "TeeKey"]
 
-_SEGMENT = re.compile(r"^[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*$")
 KEY_ALGORITHMS = ("ec-p256", "ec-p521", "rsa-oaep-256", "rsa1_5")
 # 401 answers after which a fresh handshake (a new token) may succeed.
 _RETRY_VARIANTS = ("TokenNotFound", "TokenVerifierError")
@@ -71,18 +70,6 @@ def tls_verify(verify: str | bool) -> ssl.SSLContext | bool:
     return verify
 
 
-def parse_resource_path(path: str) -> tuple[str, str, str]:
-    """``repo/type/tag`` (a leading ``kbs:///`` or ``/`` is accepted) as three checked segments."""
-    p = path.removeprefix("kbs://").lstrip("/")
-    parts = p.split("/")
-    if len(parts) != 3 or not all(_SEGMENT.match(s) for s in parts):
-        raise KbsError(
-            f"resource path {path!r}: expected <repository>/<type>/<tag>, each segment of "
-            "[A-Za-z0-9_-.] not starting with '.'"
-        )
-    return parts[0], parts[1], parts[2]
-
-
 @dataclass
 class TeeKey:
     """The guest's ephemeral key pair that the KBS encrypts resources to."""
@@ -106,6 +93,37 @@ class TeeKey:
             return cls(key, TeePubKey("RSA", alg, n=jwk["n"], e=jwk["e"]))
         raise KbsError(
             f"TEE key algorithm {algorithm!r}: expected one of {', '.join(KEY_ALGORITHMS)}"
+        )
+
+    @classmethod
+    def from_pem(cls, pem: bytes, where: str = "TEE key") -> TeeKey:
+        """A key pair kept in a PEM file (``--tee-key-file``): EC P-256/P-521 or RSA (OAEP-256)."""
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            key: Any = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise KbsError(f"{where}: expected an unencrypted PEM private key: {e}") from None
+        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in (
+            "secp256r1",
+            "secp521r1",
+        ):
+            jwk = public_jwk(key)
+            return cls(
+                key, TeePubKey("EC", "ECDH-ES+A256KW", crv=jwk["crv"], x=jwk["x"], y=jwk["y"])
+            )
+        if isinstance(key, rsa.RSAPrivateKey):
+            jwk = public_jwk(key)
+            return cls(key, TeePubKey("RSA", "RSA-OAEP-256", n=jwk["n"], e=jwk["e"]))
+        raise KbsError(f"{where}: expected an EC P-256, EC P-521 or RSA private key")
+
+    def to_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
 
 
@@ -133,14 +151,18 @@ class KbsClient:
         verify: str | bool = True,
         timeout: float = 30.0,
         http: httpx.Client | None = None,
+        key: TeeKey | None = None,
+        token: str | None = None,
     ):
+        """``key``: the TEE key to use instead of a fresh one; ``token``: an attestation token
+        (from an earlier :meth:`attest` with the same key) sent as ``Authorization: Bearer``."""
         self.url = url.rstrip("/")
         self.attester = attester
-        self.key = TeeKey.generate(key_algorithm)
+        self.key = key or TeeKey.generate(key_algorithm)
         self.init_data_toml = init_data_toml
         self._http = http or httpx.Client(verify=tls_verify(verify), timeout=timeout)
         self._own_http = http is None
-        self.token: str | None = None
+        self.token: str | None = token
 
     def __enter__(self) -> KbsClient:
         return self
@@ -167,6 +189,11 @@ class KbsClient:
     def attest(self) -> str:
         """Run auth + attest; returns the attestation token (the session cookie is kept)."""
         if self.attester is None:
+            if self.token:
+                raise KbsError(
+                    f"KBS {self.url}: the attestation token given has expired or cannot be read, "
+                    "and no attester is configured to get another"
+                )
             raise KbsError("attest: no attester configured for this client")
         self._http.cookies.clear()
         req = Request(PROTOCOL_VERSION, self.attester.tee, {
@@ -213,14 +240,16 @@ class KbsClient:
 
     def get_resource(self, path: str, plugin: str = "resource", attempts: int = 3) -> bytes:
         """Fetch and decrypt one resource; attests first when there is no valid session."""
-        repo, typ, tag = parse_resource_path(path) if plugin == "resource" else ("", "", "")
-        rel = f"{repo}/{typ}/{tag}" if plugin == "resource" else path.lstrip("/")
+        rel = (
+            ResourceUri.from_path(path).resource_path if plugin == "resource" else path.lstrip("/")
+        )
         last: KbsRequestError | None = None
         for _ in range(attempts):
             if not self._token_valid():
                 self.attest()
             try:
-                resp = self._http.get(f"{self.url}/kbs/v0/{plugin}/{rel}")
+                headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+                resp = self._http.get(f"{self.url}/kbs/v0/{plugin}/{rel}", headers=headers)
             except httpx.HTTPError as e:
                 raise KbsError(f"KBS {self.url}: get {rel} failed: {e}") from None
             if resp.status_code == 200:
@@ -242,6 +271,8 @@ class KbsClient:
                     err.info,
                 ) from None
             if resp.status_code != 401 or variant not in (*_RETRY_VARIANTS, None):
+                raise err
+            if self.attester is None:  # a token given by the caller, and no way to get another
                 raise err
             last = err
             self.token = None  # redo the handshake, as kbs_protocol does

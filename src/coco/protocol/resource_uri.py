@@ -56,19 +56,19 @@ class ResourceUri:
         if not slash:
             raise ResourceUriError(f"{where} {text!r}: expected {_FORM}, found no path")
         _check_address(address, text, where)
-        segments = path.split("/")
-        if len(segments) != 3:
+        return cls(*_segments(path, text, where), address)
+
+    @classmethod
+    def from_path(cls, path: str, where: str = "resource path") -> ResourceUri:
+        """``<repository>/<type>/<tag>``, as in the KBS's HTTP path (a leading ``/`` is accepted;
+        so is a whole ``kbs://`` URI)."""
+        if isinstance(path, str) and path.startswith(SCHEME):
+            return cls.parse(path, where)
+        if not isinstance(path, str):
             raise ResourceUriError(
-                f"{where} {text!r}: expected 3 path segments <repository>/<type>/<tag>, "
-                f"found {len(segments)}"
+                f"{where}: expected <repository>/<type>/<tag>, found {type(path).__name__}"
             )
-        for name, seg in zip(("repository", "type", "tag"), segments, strict=True):
-            if not _SEGMENT.fullmatch(seg):
-                raise ResourceUriError(
-                    f"{where} {text!r}: {name} {seg!r}: expected letters, digits, '_', '-' and "
-                    "'.', not starting with '.'"
-                )
-        return cls(segments[0], segments[1], segments[2], address)
+        return cls(*_segments(path.removeprefix("/"), path, where))
 
     @classmethod
     def of(cls, value: ResourceUri | str, where: str = "resource URI") -> ResourceUri:
@@ -87,6 +87,22 @@ class ResourceUri:
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.address}/{self.resource_path}"
+
+
+def _segments(path: str, text: str, where: str) -> tuple[str, str, str]:
+    segments = path.split("/")
+    if len(segments) != 3:
+        raise ResourceUriError(
+            f"{where} {text!r}: expected 3 path segments <repository>/<type>/<tag>, "
+            f"found {len(segments)}"
+        )
+    for name, seg in zip(("repository", "type", "tag"), segments, strict=True):
+        if not _SEGMENT.fullmatch(seg):
+            raise ResourceUriError(
+                f"{where} {text!r}: {name} {seg!r}: expected letters, digits, '_', '-' and "
+                "'.', not starting with '.'"
+            )
+    return segments[0], segments[1], segments[2]
 
 
 def _check_address(address: str, text: str, where: str) -> None:

@@ -6,6 +6,8 @@ Adding a TEE is adding a folder and one line in :data:`_VERIFIERS` / :data:`_ATT
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from typing import Any
 
 from coco.errors import AttestationError
 from coco.tee.base import Attester, Claims, Verifier
@@ -38,9 +40,17 @@ def _load(table: dict[str, str], tee: str, what: str):
     return getattr(importlib.import_module(module), name)
 
 
-def get_verifier(tee: str) -> Verifier:
-    """The verifier registered for the wire name ``tee`` (``sample``, ``snp``, ``tdx``, ...)."""
-    return _load(_VERIFIERS, tee, "verification")()
+def get_verifier(tee: str, settings: Mapping[str, Any] | None = None) -> Verifier:
+    """The verifier registered for the wire name ``tee`` (``sample``, ``snp``, ``tdx``, ...).
+
+    ``settings`` are its constructor's keyword arguments (``trusted_ak_keys_dir`` for ``tpm``,
+    ``kds_store`` for ``snp``, ``collateral_dir`` for ``tdx``); a name it does not take is refused.
+    """
+    cls = _load(_VERIFIERS, tee, "verification")
+    try:
+        return cls(**(settings or {}))
+    except TypeError as e:
+        raise AttestationError(f"verifier settings for {tee}: {e}") from None
 
 
 def get_attester(tee: str) -> Attester:

@@ -96,7 +96,8 @@ class KbsConfig:
     signer_key_path: str | None = None
     signer_cert_path: str | None = None
     signer_cert_url: str | None = None
-    verifier_config: dict[str, Any] = field(default_factory=dict)
+    # TEE wire name -> keyword arguments of its verifier (coco.tee.get_verifier)
+    verifier_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     admin_mode: str = "InsecureAllowAll"
     admin_idps: list[AdminIdp] = field(default_factory=list)
     admin_acls: list[tuple[str, str]] = field(default_factory=list)
@@ -222,7 +223,7 @@ class KbsConfig:
         )
         if _FIELDS.get(rv, "type", f"{w}.rvps_config", str, "BuiltIn") != "BuiltIn":
             raise ConfigError(f"{w}.rvps_config.type: only 'BuiltIn' is available")
-        self.verifier_config = _FIELDS.get(a, "verifier_config", w, dict, {})
+        self.verifier_settings = _verifier_settings(_FIELDS.get(a, "verifier_config", w, dict, {}))
 
     def _load_admin(self, doc: dict[str, Any]) -> None:
         if "admin" not in doc:
@@ -276,6 +277,21 @@ class KbsConfig:
             self.session_storage_url = _backend_url(kind, sb.get("backends", {}))
 
 
+def _verifier_settings(vc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``[attestation_service.verifier_config]`` as the settings of each TEE's verifier."""
+    w = "attestation_service.verifier_config"
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in vc.items():
+        if name == "tpm_verifier":
+            t = _FIELDS.object(table, f"{w}.{name}")
+            folder = _FIELDS.string(t, "trusted_ak_keys_dir", f"{w}.{name}", None)
+            if folder is not None:
+                out["tpm"] = {"trusted_ak_keys_dir": os.path.abspath(folder)}
+            continue
+        log.warning("%s.%s: not used by this KBS", w, name)
+    return out
+
+
 def _backend_url(kind: str, backends: Any) -> str:
     w = "storage_backend.backends"
     b = _table(backends, w, {"local_fs", "local_json", "postgres", "redis", "sqlite", "memory"})
@@ -291,7 +307,7 @@ def _backend_url(kind: str, backends: Any) -> str:
     if k == "localfs":
         s = _table(b.get("local_fs", {}), f"{w}.local_fs", {"dir_path"})
         d = _FIELDS.get(s, "dir_path", f"{w}.local_fs", str, "/opt/confidential-containers/storage")
-        return "sqlite://" + os.path.join(os.path.abspath(d), "coco-kbs.sqlite")
+        return "localfs://" + os.path.abspath(d)
     if k == "postgres":
         s = _table(
             b.get("postgres", {}), f"{w}.postgres", {"host", "port", "db", "username", "password"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -22,9 +21,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from coco.crypto.jcs import canonicalize
-from coco.errors import AttestationError, RegoError
-from coco.protocol.kbs import InitData, hash_bytes
+from coco.errors import AttestationError, InitdataError, RegoError
+from coco.integrity.initdata import Initdata
+from coco.protocol.kbs import InitData, TeePubKey, report_data, runtime_data_claims
 from coco.rego import RegoPolicy
 from coco.tee import get_verifier
 from coco.trustee.attestation.ear import TokenSigner, check_trust_vector, ear_status
@@ -39,16 +38,34 @@ EAT_PROFILE = "tag:github.com,2024:confidential-containers/Trustee"
 _POLICY_RULES = ("trust_claims", "extensions")
 # query_reference_value(id), the upstream regorus extension, over the RVPS values in data.
 _RV_MODULE = "package policy\n\nquery_reference_value(id) := data.reference_values[id]\n"
-_INITDATA_ALGS = {"sha256": "sha256", "sha384": "sha384", "sha512": "sha512"}
 
 
 @dataclass
 class VerificationRequest:
+    """One piece of evidence and what it must be bound to.
+
+    ``additional_evidence`` is the composite's device evidence string for the primary TEE and
+    ``None`` for a device's own evidence (which binds only the nonce and the key).
+    """
+
     tee: str
     evidence: Any
-    runtime_data: dict[str, Any]
+    nonce: str
+    tee_pubkey: TeePubKey
+    additional_evidence: str | None = ""
     hash_algorithm: str = "sha384"
-    init_data: InitData | None = None
+    init_data: Initdata | None = None
+
+    @property
+    def runtime_data(self) -> dict[str, Any]:
+        return runtime_data_claims(self.nonce, self.tee_pubkey, self.additional_evidence)
+
+    @property
+    def report_data(self) -> bytes:
+        """What the evidence's report data must carry: the client computes it the same way."""
+        return report_data(
+            self.nonce, self.tee_pubkey, self.additional_evidence, self.hash_algorithm
+        )
 
 
 _PER_REQUEST = ("runtime_data_claims", "report_data")
@@ -83,32 +100,28 @@ def compile_attestation_policy(text: str, policy_id: str) -> RegoPolicy:
     )
 
 
-def parse_init_data(init: InitData) -> tuple[bytes, dict[str, Any]]:
-    """The digest of an init-data TOML document and its claims (``data``, nested TOML parsed)."""
+def parse_init_data(init: InitData) -> Initdata:
+    """The init-data of an ``/attest`` request as the one :class:`Initdata` model (TOML only)."""
     if init.format != "toml":
-        raise AttestationError(f"init-data: unsupported format {init.format!r}: expected 'toml'")
+        raise AttestationError(f"init-data: format: expected 'toml', found {init.format!r}")
     try:
-        doc = tomllib.loads(init.body)
-    except tomllib.TOMLDecodeError as e:
-        raise AttestationError(f"init-data: not valid TOML: {e}") from None
-    alg = doc.get("algorithm", "sha256")
-    if not isinstance(alg, str) or alg not in _INITDATA_ALGS:
-        raise AttestationError(
-            f"init-data: algorithm: expected sha256, sha384 or sha512, found {alg!r}"
-        )
-    digest = hashlib.new(alg, init.body.encode()).digest()
-    data = doc.get("data", {})
+        return Initdata.parse(init.body.encode(), "init-data")
+    except InitdataError as e:
+        raise AttestationError(str(e)) from None
+
+
+def init_data_claims(init: Initdata) -> dict[str, Any]:
+    """The policy's ``init_data_claims``: ``data`` with nested ``*.toml`` files parsed."""
     claims: dict[str, Any] = {}
-    if isinstance(data, dict):
-        for k, v in data.items():
-            if k.endswith(".toml") and isinstance(v, str):
-                try:
-                    claims[k] = tomllib.loads(v)
-                    continue
-                except tomllib.TOMLDecodeError:
-                    pass
-            claims[k] = v
-    return digest, claims
+    for k, v in init.data.items():
+        if k.endswith(".toml"):
+            try:
+                claims[k] = tomllib.loads(v)
+                continue
+            except tomllib.TOMLDecodeError:
+                pass
+        claims[k] = v
+    return claims
 
 
 class AttestationService:
@@ -124,8 +137,10 @@ class AttestationService:
         build: str = "coco attestation-service 0.1.0",
         verbose_token: bool = True,
         engine: PolicyEngine | None = None,
+        verifier_settings: dict[str, dict[str, Any]] | None = None,
     ):
-        """``engine`` evaluates the policies in bounded worker processes; None: in this one."""
+        """``engine`` evaluates the policies in bounded worker processes (None: in this one);
+        ``verifier_settings`` are each TEE verifier's arguments, by TEE name."""
         self.store = store
         self.rvps = rvps
         self.signer = signer
@@ -135,6 +150,7 @@ class AttestationService:
         self.build = build
         self.verbose_token = verbose_token
         self.engine = engine
+        self.verifier_settings = verifier_settings or {}
         self._policies: dict[str, RegoPolicy] = {}
         self._results: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -198,12 +214,9 @@ class AttestationService:
     # ------------------------------------------------------------------------------ evaluate
 
     def _annotate(self, req: VerificationRequest) -> tuple[str, dict[str, Any]]:
-        expected_rd = hash_bytes(canonicalize(req.runtime_data), req.hash_algorithm)
-        init_digest, init_claims = (None, None)
-        if req.init_data is not None:
-            init_digest, init_claims = parse_init_data(req.init_data)
-        verifier = get_verifier(req.tee)
-        claims = verifier.verify(req.evidence, expected_rd, init_digest)
+        init = req.init_data
+        verifier = get_verifier(req.tee, self.verifier_settings.get(req.tee))
+        claims = verifier.verify(req.evidence, req.report_data, init.digest() if init else None)
         body = dict(claims.claims)
         report_data = body.pop("report_data", None)
         init_data = body.pop("init_data", None)
@@ -216,7 +229,7 @@ class AttestationService:
             annotated["runtime_data_claims"] = rdc
         if init_data is not None:
             annotated["init_data"] = init_data
-            annotated["init_data_claims"] = init_claims
+            annotated["init_data_claims"] = init_data_claims(init) if init else None
         return claims.tee_class, annotated
 
     def evaluate(

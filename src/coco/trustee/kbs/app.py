@@ -3,7 +3,8 @@
 Routes, as upstream: ``POST /kbs/v0/auth``, ``POST /kbs/v0/attest``, ``GET|POST|DELETE
 /kbs/v0/resource/<repo>/<type>/<tag>``, ``POST /kbs/v0/attestation-policy``, ``POST|GET
 /kbs/v0/resource-policy``, ``POST /kbs/v0/reference-value``, ``GET
-/kbs/v0/reference-value/<id>``, ``GET /healthz``, ``GET /metrics``. All state (resources,
+/kbs/v0/reference-value/<id>``, ``GET /healthz`` (the process answers), ``GET /readyz`` (and its
+storage answers: 503 when not), ``GET /metrics``. All state (resources,
 policies, reference values, the token-signing key, and sessions unless a single process owns a
 SQLite file) lives in the store, so replicas on one PostgreSQL database serve any step of any
 client.
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from coco.crypto.jose import JoseError, jwe_encrypt, public_key_from_jwk
+from coco.crypto.jose import JoseError, jwe_encrypt
 from coco.errors import CocoError, RegoError
 from coco.jsonio import loads as json_loads
 from coco.protocol.kbs import (
@@ -44,8 +45,8 @@ from coco.protocol.kbs import (
     Challenge,
     ProtocolError,
     Request,
-    runtime_data_claims,
 )
+from coco.protocol.resource_uri import ResourceUri, ResourceUriError
 from coco.rego import RegoPolicy
 from coco.tee import verifier_names
 from coco.trustee.attestation.ear import TokenSigner
@@ -55,6 +56,7 @@ from coco.trustee.attestation.service import (
     parse_init_data,
 )
 from coco.trustee.config import KbsConfig
+from coco.trustee.kbs import logs, session
 from coco.trustee.kbs.admin import Acl, AdminAuth, AdminAuthError, IdentityProvider
 from coco.trustee.kbs.errors import KbsHttpError
 from coco.trustee.kbs.metrics import Metrics
@@ -66,7 +68,6 @@ from coco.trustee.storage import NS_KBS, NS_REPOSITORY, NS_SESSION, Store, open_
 log = logging.getLogger("coco.kbs")
 
 RESOURCE_POLICY_KEY = "resource-policy.rego"
-_SEGMENT = re.compile(r"[a-zA-Z0-9_\-]+[a-zA-Z0-9_\-.]*")  # used with fullmatch
 MAX_RESOURCE_KEY = 512  # bytes of repository/type/tag the storage keeps (storage.base.check_key)
 MAX_EXTRA_PARAMS = 64 * 1024  # bytes of an /auth request's extra-params (real clients send ~80)
 _SEMVER = re.compile(
@@ -127,21 +128,6 @@ def _http_date(ts: float) -> str:
     return _fmt_time(ts, "%a, %d %b %Y %H:%M:%S GMT")
 
 
-def _rfc3339(ts: float) -> str:
-    return _fmt_time(ts, "%Y-%m-%dT%H:%M:%SZ")
-
-
-def _apply_verifier_config(vc: dict[str, Any]) -> None:
-    """Hand ``[attestation_service.verifier_config]`` to the TEE verifiers (they read the env)."""
-    for name, table in vc.items():
-        if name == "tpm_verifier" and isinstance(table, dict):
-            folder = table.get("trusted_ak_keys_dir")
-            if isinstance(folder, str):
-                os.environ["COCO_TPM_TRUSTED_AK_KEYS_DIR"] = os.path.abspath(folder)
-            continue
-        log.warning("attestation_service.verifier_config.%s: not used by this KBS", name)
-
-
 @dataclass
 class Reply:
     status: int = 200
@@ -166,7 +152,7 @@ class KbsApp:
         self.store = store or open_store(config.storage_url)
         if config.session_storage_url:
             self.session_store = open_store(config.session_storage_url)
-        elif self.store.url.startswith("sqlite:"):
+        elif self.store.url.startswith(("sqlite:", "localfs:")):
             # One process owns a SQLite file: sessions (short-lived, write-heavy) stay in memory
             # unless session_storage_type says otherwise. PostgreSQL shares them between replicas.
             self.session_store = open_store("memory://")
@@ -176,7 +162,6 @@ class KbsApp:
         self.body_limit = config.http_server.payload_request_size * 1024 * 1024
         self.header_limit = config.http_server.request_header_size * 1024
         self.rvps = Rvps(self.store)
-        _apply_verifier_config(config.verifier_config)
         if config.signer_key_path:
             signer = TokenSigner.from_files(
                 config.signer_key_path, config.signer_cert_path, config.signer_cert_url
@@ -193,6 +178,7 @@ class KbsApp:
             build=config.token_build,
             verbose_token=config.verbose_token,
             engine=self.policy_engine,
+            verifier_settings=config.verifier_settings,
         )
         self.tokens = TokenVerifier(
             own_keys=[signer.key.public_key()],
@@ -248,6 +234,7 @@ class KbsApp:
         m.observe("kbs_http_request_duration_seconds", time.perf_counter() - start, method=method)
         m.observe("kbs_http_request_size_bytes", float(len(body)))
         m.observe("kbs_http_response_size_bytes", float(len(reply.body)))
+        logs.access(method, path, reply.status, (time.perf_counter() - start) * 1000, client)
         return reply
 
     async def _sweep_loop(self) -> None:
@@ -275,6 +262,14 @@ class KbsApp:
             if method != "GET":
                 raise KbsHttpError("MethodNotAllowed", f"{method} /healthz: only GET")
             return Reply(200, b"", [(b"content-type", b"text/plain")])
+        if path == "/readyz":
+            if method != "GET":
+                raise KbsHttpError("MethodNotAllowed", f"{method} /readyz: only GET")
+            try:
+                await asyncio.to_thread(self.store.ready)
+            except CocoError as e:
+                raise KbsHttpError("HTTPFailed", f"storage not ready: {e}", status=503) from None
+            return Reply(200, b"ready\n", [(b"content-type", b"text/plain")])
         if path == "/metrics":
             if method != "GET":
                 raise KbsHttpError("MethodNotAllowed", f"{method} /metrics: only GET")
@@ -383,15 +378,8 @@ class KbsApp:
         challenge = Challenge(nonce, "")
         sid = uuid.uuid4().hex
         expires = now + self.session_ttl
-        state = {  # only what /attest needs: never the request (its extra-params may be large)
-            "Authed": {
-                "tee": req.tee,
-                "challenge": challenge.to_json(),
-                "id": sid,
-                "timeout": _rfc3339(expires),
-            }
-        }
-        self.session_store.put(NS_SESSION, sid, json.dumps(state).encode(), expires=expires)
+        state = session.Authed(sid, req.tee, challenge, session.rfc3339(expires))
+        self.session_store.put(NS_SESSION, sid, state.dump(), expires=expires)
         self._pending[sid] = expires
         m.inc("kbs_auth_successes_total")
         return Reply(
@@ -423,9 +411,8 @@ class KbsApp:
                 return value
         return None
 
-    def _load_session(self, sid: str) -> dict[str, Any] | None:
-        raw = self.session_store.get(NS_SESSION, sid)
-        return json.loads(raw) if raw is not None else None
+    def _load_session(self, sid: str) -> session.Session | None:
+        return session.load(self.session_store.get(NS_SESSION, sid))
 
     async def _attest(self, headers: dict[str, str], body: bytes) -> Reply:
         m = self.metrics
@@ -441,23 +428,22 @@ class KbsApp:
         state = self._load_session(sid)
         if state is None:
             raise fail(f"session {sid} not found or expired")
-        if "Authed" not in state:
+        if not isinstance(state, session.Authed):
             raise fail(f"session {sid}: its nonce was already used; start again with /kbs/v0/auth")
         # Claim the nonce: only one /attest per session, even with concurrent replicas.
         self._pending.pop(sid, None)
         if not self.session_store.delete(NS_SESSION, sid):
             raise fail(f"session {sid}: its nonce was already used; start again with /kbs/v0/auth")
-        authed = state["Authed"]
-        tee = authed["tee"]
-        challenge = Challenge.from_json(authed["challenge"])
+        tee, challenge = state.tee, state.challenge
         doc = _read_json(body, "Attestation (/kbs/v0/attest body)", "AttestationError")
         try:
             att = Attestation.from_json(doc)
         except ProtocolError as e:
             raise fail(str(e)) from None
+        init_data = None
         if att.init_data is not None:
             try:  # unreadable init-data is the client's fault: 400, before any verification
-                parse_init_data(att.init_data)
+                init_data = parse_init_data(att.init_data)
             except CocoError as e:
                 m.inc("kbs_attestation_errors_total")
                 raise KbsHttpError(
@@ -468,15 +454,9 @@ class KbsApp:
         rd = att.runtime_data
         if rd.nonce != challenge.nonce:
             raise fail("runtime-data.nonce is not the nonce of this session's challenge")
-        try:
-            public_key_from_jwk(rd.tee_pubkey.to_json(), "runtime-data.tee-pubkey")
-            if (rd.tee_pubkey.kty, rd.tee_pubkey.alg) not in (
-                ("EC", "ECDH-ES+A256KW"), ("RSA", "RSA-OAEP-256"), ("RSA", "RSA1_5"),
-            ) or (rd.tee_pubkey.kty == "EC" and rd.tee_pubkey.crv not in ("P-256", "P-521")):  # fmt: skip
-                raise JoseError(
-                    f"runtime-data.tee-pubkey: unsupported kty={rd.tee_pubkey.kty} alg={rd.tee_pubkey.alg}"
-                )
-        except JoseError as e:
+        try:  # kty/alg were checked by the parser; the key itself must load
+            rd.tee_pubkey.public_key("runtime-data.tee-pubkey")
+        except ProtocolError as e:
             raise fail(str(e)) from None
         hash_alg = challenge.hash_algorithm()
         ev = att.tee_evidence
@@ -484,19 +464,18 @@ class KbsApp:
             VerificationRequest(
                 tee,
                 ev.primary_evidence,
-                runtime_data_claims(rd.nonce, rd.tee_pubkey, ev.additional_evidence),
+                rd.nonce,
+                rd.tee_pubkey,
+                ev.additional_evidence,
                 hash_alg,
-                att.init_data,
+                init_data,
             )
         ]
         try:
             for dev_tee, dev_evidence in ev.additional().items():
                 requests.append(
                     VerificationRequest(
-                        dev_tee,
-                        dev_evidence,
-                        runtime_data_claims(rd.nonce, rd.tee_pubkey, None),
-                        hash_alg,
+                        dev_tee, dev_evidence, rd.nonce, rd.tee_pubkey, None, hash_alg
                     )
                 )
         except ProtocolError as e:
@@ -511,8 +490,8 @@ class KbsApp:
             ) from None
         self.tokens.remember(token, payload)
         expires = time.time() + self.session_ttl
-        attested = {"Attested": {"token": token, "id": sid, "timeout": _rfc3339(expires)}}
-        self.session_store.put(NS_SESSION, sid, json.dumps(attested).encode(), expires=expires)
+        attested = session.Attested(sid, token, session.rfc3339(expires))
+        self.session_store.put(NS_SESSION, sid, attested.dump(), expires=expires)
         m.inc("kbs_attestation_successes_total", tee_type=tee)
         return Reply(
             200, json.dumps({"token": token}).encode(), [*_JSON, self._cookie(sid, expires)]
@@ -580,14 +559,12 @@ class KbsApp:
     ) -> Reply:
         m = self.metrics
         m.inc("kbs_plugin_requests_total", plugin="resource")
-        if len(sub) != 3 or not all(_SEGMENT.fullmatch(s) for s in sub):
-            m.inc("kbs_plugin_errors_total", plugin="resource")
-            raise KbsHttpError(
-                "InvalidRequestPath",
-                f"Invalid request path: resource/{'/'.join(sub)}: expected <repository>/<type>/<tag>, "
-                "each of [A-Za-z0-9_-.] not starting with '.'",
-            )
         key = "/".join(sub)
+        try:
+            ResourceUri.from_path(key, "resource")
+        except ResourceUriError as e:
+            m.inc("kbs_plugin_errors_total", plugin="resource")
+            raise KbsHttpError("InvalidRequestPath", f"Invalid request path: {e}") from None
         if len(key.encode()) > MAX_RESOURCE_KEY:
             m.inc("kbs_plugin_errors_total", plugin="resource")
             raise KbsHttpError(
@@ -615,8 +592,8 @@ class KbsApp:
         sid = self._session_id(headers)
         if sid is not None:
             state = self._load_session(sid)
-            if state is not None and "Attested" in state:
-                token = state["Attested"]["token"]
+            if isinstance(state, session.Attested):
+                token = state.token
         if token is None:
             auth = headers.get("authorization", "")
             if auth.startswith("Bearer "):

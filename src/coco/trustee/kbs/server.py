@@ -14,6 +14,7 @@ import ssl
 from coco.errors import KbsError
 from coco.trustee.config import KbsConfig, parse_socket
 from coco.trustee.kbs.app import KbsApp
+from coco.trustee.storage.localfs import DB_NAME
 
 log = logging.getLogger("coco.kbs")
 
@@ -52,9 +53,15 @@ def serve(config: KbsConfig) -> None:
             ) from None
     workers = max(1, config.http_server.worker_count or 1)
     if workers > 1 and config.storage_url.startswith("memory:"):
-        raise KbsError("http_server.worker_count > 1 needs shared storage (SQLite or PostgreSQL)")
-    if workers > 1 and not config.session_storage_url and config.storage_url.startswith("sqlite:"):
-        config.session_storage_url = config.storage_url  # workers share sessions through the file
+        raise KbsError(
+            "http_server.worker_count > 1 needs shared storage (SQLite, LocalFs or PostgreSQL)"
+        )
+    if workers > 1 and not config.session_storage_url:  # workers share sessions through a file
+        if config.storage_url.startswith("sqlite:"):
+            config.session_storage_url = config.storage_url
+        elif config.storage_url.startswith("localfs://"):
+            folder = config.storage_url[len("localfs://") :]
+            config.session_storage_url = "sqlite://" + os.path.join(folder, DB_NAME)
     sockets: list[socket.socket] = []
     new_files = [f for f in _sqlite_files(config) if not os.path.exists(f)]
     try:
@@ -90,7 +97,9 @@ def serve(config: KbsConfig) -> None:
 
 def _sqlite_files(config: KbsConfig) -> list[str]:
     urls = [config.storage_url, config.session_storage_url or ""]
-    return [u[len("sqlite://") :] for u in urls if u.startswith("sqlite://")]
+    files = [u[len("sqlite://") :] for u in urls if u.startswith("sqlite://")]
+    return files + [os.path.join(u[len("localfs://") :], DB_NAME) for u in urls
+                    if u.startswith("localfs://")]  # fmt: skip
 
 
 def _run(app: KbsApp, sockets: list[socket.socket], ctx: ssl.SSLContext | None) -> None:

@@ -1,4 +1,7 @@
-"""The storage contract and the URL dispatcher; an in-memory store for tests."""
+"""The storage contract, the key rule, and an in-memory store (tests, throwaway servers).
+
+The backends import this module; :func:`coco.trustee.storage.open_store` picks one by URL.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,10 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from urllib.parse import urlsplit
 
 from coco.errors import KbsError
 
+NS_PROBE = "readiness_probe"  # never written: a read that no backend answers from a cache
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]*$")
 
 
@@ -63,6 +66,10 @@ class Store(ABC):
                 out[k] = v
         return out
 
+    def ready(self) -> None:
+        """Raise :class:`StorageError` unless the backend answers a read now (``/readyz``)."""
+        self.get(NS_PROBE, "ready")
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -114,24 +121,3 @@ class MemoryStore(Store):
             for k in dead:
                 del self._d[k]
             return len(dead)
-
-
-def open_store(url: str) -> Store:
-    """Open ``sqlite:///path``, ``postgresql://...`` (or ``postgres://``) or ``memory://``."""
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
-        from coco.trustee.storage.sqlite import SqliteStore
-
-        path = url[len("sqlite://") :]
-        if not path or path == "/":
-            raise StorageError(f"storage URL {url!r}: expected sqlite:///path/to/kbs.db")
-        return SqliteStore(path)
-    if scheme in ("postgresql", "postgres"):
-        from coco.trustee.storage.postgres import PostgresStore
-
-        return PostgresStore(url)
-    if scheme == "memory":
-        return MemoryStore()
-    raise StorageError(
-        f"storage URL {url!r}: expected sqlite:///PATH, postgresql://USER@HOST:PORT/DB or memory://"
-    )
