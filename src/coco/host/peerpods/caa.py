@@ -136,6 +136,13 @@ class Caa:
                 )
                 sb.state, sb.instance_id, sb.ips = "created", "", []
                 self.store.save(sb)
+        present = {i.id for i in await asyncio.to_thread(self.provider.list_instances, self.caa_id)}
+        for sb in self.sandboxes.values():
+            if sb.state == "running" and sb.instance_id not in present:
+                log.warning("sandbox %s: its VM %s is gone; StartVM makes a new one",
+                            sb.id, sb.instance_name)  # fmt: skip
+                sb.state, sb.instance_id, sb.ips, sb.forwarder_port = "created", "", [], 0
+                self.store.save(sb)
         await self.reconcile()
         for sb in list(self.sandboxes.values()):
             if sb.state == "running":

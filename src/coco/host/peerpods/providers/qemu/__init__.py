@@ -51,9 +51,15 @@ class QemuProvider(Provider):
     name = "qemu"
 
     def __init__(
-        self, image: Path | None, data_dir: Path, cpu: int = 1, memory: int = 2048
+        self,
+        image: Path | None,
+        data_dir: Path,
+        cpu: int = 1,
+        memory: int = 2048,
+        kernel_args: tuple[str, ...] = (),
     ) -> None:
         self.image = image
+        self.kernel_args = kernel_args
         self.data_dir = data_dir
         self.cpu = cpu
         self.memory = memory
@@ -95,7 +101,7 @@ class QemuProvider(Provider):
                 cpus=spec.vcpus or self.cpu,
                 forwards=[(port, FORWARDER_PORT)],
                 run_dir=run_dir / "vm",
-                kernel_args=["coco.peerpod=1"],
+                kernel_args=["coco.peerpod=1", *self.kernel_args],
             )
             vm.config_drive = run_dir / "cidata.iso"
             vm.start()
@@ -185,12 +191,18 @@ class QemuFactory(ProviderFactory):
             default=int(env("QEMU_CPU", "1")),
             help="vCPUs when the pod asks none (default 1).",
         )
-        parser.add_argument("--memory", type=int, default=int(env("QEMU_MEMORY", "2048")),
-                            help="MiB when the pod asks none (default 2048).")  # fmt: skip
+        parser.add_argument(
+            "--memory",
+            type=int,
+            default=int(env("QEMU_MEMORY", "2048")),
+            help="MiB when the pod asks none (default 2048).",
+        )
+        parser.add_argument("--kernel-arg", dest="kernel_args", action="append", default=[],
+                            metavar="ARG", help="An extra kernel argument for the pod VMs (repeatable).")  # fmt: skip
 
     def new_provider(self, args: argparse.Namespace) -> Provider:
         image = Path(args.podvm_image) if args.podvm_image else None
-        return QemuProvider(image, args.data_dir, args.cpu, args.memory)
+        return QemuProvider(image, args.data_dir, args.cpu, args.memory, tuple(args.kernel_args))
 
 
 FACTORY = QemuFactory()
