@@ -8,13 +8,15 @@ import base64
 import gzip
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.host.containerd_fixture import Containerd, CriImages
+from tests.host.containerd_fixture import Containerd, CriImages, _busybox_layer
 from tests.host.test_pod_run import coco, leftovers, sandboxes, write_pod
+from tests.imagekit import tar_layer, write_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -107,6 +109,7 @@ def _args(ctrd: Containerd, tmp_path: Path) -> list[str]:
     return [
         "--runtime-endpoint",
         ctrd.endpoint,
+        "--tls-verify=false",  # the host reads guest-pulled images' configs from a plain-HTTP registry
         "--log-root",
         str(tmp_path / "logs"),
         "--state-dir",
@@ -180,4 +183,92 @@ def test_local_pod_exec_logs_delete(
     finally:
         d = coco("pod", "delete", "local-svc", "--grace-period", "1", *ep)
     assert d.returncode == 0, d.stderr
+    _nothing_left(containerd, tmp_path)
+
+
+def _layers(ctrd: Containerd) -> set[str]:
+    out = ctrd.ctr("-n", "k8s.io", "content", "ls", "-q").stdout
+    return set(out.split())
+
+
+def test_guest_pull_never_brings_layers_to_the_host(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    registry = test_images.busybox.split("/")[0]
+    image = f"{registry}/coco-test/guest-only:1"
+    # busybox's layer (the pause image has it too) and one of its own the host must never fetch
+    base = tmp_path / "img"
+    write_image(base, [_busybox_layer(), tar_layer({"etc/guest-only": "x\n"})], tag="1")
+    subprocess.run(
+        ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{base}:1", f"docker://{image}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    manifest = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{image}"],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    )  # fmt: skip
+    layer = manifest["layers"][1]["digest"]
+    pod = _pod(tmp_path, test_images, "guest-only", deny="")
+    pod.write_text(pod.read_text().replace(test_images.busybox, image))
+    r = coco("pod", "run", str(pod), *_args(containerd, tmp_path), timeout=400)
+    assert (r.returncode, r.stdout) == (5, "hello from guest-only in the guest\n"), r.stderr
+    assert f"{image}: guest pull (the host reads its config, never its layers)" in r.stderr
+    assert layer not in _layers(containerd)  # the host never fetched the layer
+    _nothing_left(containerd, tmp_path)
+
+    # the same image on a host runtime: the placeholder is no rootfs, the real image is pulled
+    runc = tmp_path / "runc"
+    runc.mkdir()
+    pod2 = write_pod(
+        runc,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: host-after-guest}}
+        spec:
+          containers: [{{name: app, image: {image}, command: ["/bin/echo", "on the host"]}}]
+        """,
+    )
+    r = coco("pod", "run", str(pod2), *_args(containerd, runc), "--runtime-class", "runc")
+    assert (r.returncode, r.stdout) == (0, "on the host\n"), r.stderr
+    assert layer in _layers(containerd)
+
+
+def test_encrypted_image_host_unpack_fails_guest_pull_reaches_the_guest(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    registry = test_images.busybox.split("/")[0]
+    image = f"{registry}/coco-test/encrypted:1"
+    key = tmp_path / "key.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    pub = tmp_path / "pub.pem"
+    subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    # a layer no other image has (containerd skips layers whose snapshot it already holds)
+    base = tmp_path / "img"
+    write_image(base, [_busybox_layer(), tar_layer({"etc/secret-app": "s\n"})], tag="1")
+    subprocess.run(
+        ["skopeo", "copy", "-q", "--dest-tls-verify=false", "--encryption-key", f"jwe:{pub}",
+         f"oci:{base}:1", f"docker://{image}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pod = _pod(tmp_path, test_images, "enc", deny="")
+    pod.write_text(pod.read_text().replace(test_images.busybox, image))
+
+    # containerd 1.6 unpacks what its CRI pulls, on the host: an encrypted layer cannot be
+    r = coco("pod", "run", str(pod), *_args(containerd, tmp_path), "--guest-pull", "never")
+    assert r.returncode == 1
+    assert "pulling " + image in r.stderr.strip().splitlines()[-1]
+    assert sandboxes(containerd) == []
+
+    # guest pull: the host is done, the guest pulls and cannot decrypt without the key
+    r = coco("pod", "run", str(pod), *_args(containerd, tmp_path), timeout=400)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("coco: error: pod default/enc: container app did not start:"), last
+    assert "hello from" not in r.stdout
     _nothing_left(containerd, tmp_path)

@@ -10,7 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coco.cli._args import Commands, Parser, env_default, int_range, path, run_group, shown
+from coco.cli._args import (
+    Commands,
+    Parser,
+    add_tls_verify,
+    env_default,
+    int_range,
+    path,
+    run_group,
+    shown,
+)
 
 DESCRIPTION = (
     "Run a Kubernetes pod through a CRI runtime (containerd) as the kubelet would: images, "
@@ -87,6 +96,9 @@ def _build_run(p: Parser) -> None:
         "volumeMounts of emptyDir, configMap, secret (from the same file) and hostPath volumes, "
         "hostPort, hostNetwork/PID/IPC, dnsConfig. restartPolicy is taken as Never; probes, "
         "lifecycle hooks and service account tokens are ignored."
+        "\n\nWith a runtime that pulls in the guest (coco-*), the host reads each image's config "
+        "from its registry and gives containerd a layerless placeholder under the image's name "
+        "(see --guest-pull); the guest pulls, checks and decrypts the real image."
     )
     p.add_argument("pod_file", metavar="POD_YAML", type=path(exists=True, dir_okay=False))
     p.add_argument(
@@ -107,6 +119,19 @@ def _build_run(p: Parser) -> None:
         metavar="FILE",
         help="auth.json with registry credentials (used after --creds and imagePullSecrets).",
     )
+    p.add_argument(
+        "--guest-pull",
+        choices=["auto", "always", "never"],
+        default="auto",
+        metavar="[auto|always|never]",
+        help=shown(
+            "Pull the images in the guest only: the host reads their configs and gives containerd "
+            "a placeholder with no layers (containerd 1.6 would unpack them on the host, which "
+            "fails for encrypted images). auto: for runtime classes named coco-*.",
+            "auto",
+        ),
+    )
+    add_tls_verify(p, "--tls-verify", "")
     p.add_argument(
         "--log-root",
         type=path(file_okay=False),
@@ -153,6 +178,8 @@ def run_cmd(
     state_dir: Path,
     detach: bool,
     grace_period: int | None,
+    guest_pull: str,
+    tls_verify: bool,
 ) -> None:
     from coco.host.pod import manifest
     from coco.host.pod.runner import PodFailed, RunOptions, run
@@ -173,6 +200,8 @@ def run_cmd(
         authfile=authfile,
         detach=detach,
         grace=grace_period,
+        guest_pull=guest_pull,
+        tls_verify=tls_verify,
         stdout=sys.stdout.buffer,
         stderr=sys.stderr.buffer,
         say=_say,

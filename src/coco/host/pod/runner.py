@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from coco.errors import CocoError
-from coco.host.pod import PodError
+from coco.host.pod import PodError, guestpull
 from coco.host.pod import translate as tr
 from coco.host.pod.cri import CriClient
 from coco.host.pod.logs import LogReader
@@ -56,6 +56,8 @@ class RunOptions:
     credentials: tuple[str, str] | None = None  # (user, password) for every image
     authfile: Path | None = None
     detach: bool = False
+    guest_pull: str = "auto"  # always | never | auto: for runtime classes named coco-*
+    tls_verify: bool = True  # for the registry, when the host reads a guest-pulled image's config
     grace: int | None = None  # seconds; default the pod's terminationGracePeriodSeconds or 30
     stdout: BinaryIO | None = None
     stderr: BinaryIO | None = None
@@ -89,6 +91,9 @@ class _Run:
         self.prefix = len(pod.all_containers) > 1
         self.out = opts.stdout
         self.err = opts.stderr
+        self.guest_pull = opts.guest_pull == "always" or (
+            opts.guest_pull == "auto" and self.handler.startswith("coco-")
+        )
 
     # pulling
 
@@ -133,7 +138,12 @@ class _Run:
             if not policy:
                 tagged = ":" in c.image.rpartition("/")[2] or "@" in c.image
                 policy = "IfNotPresent" if tagged and not c.image.endswith(":latest") else "Always"
+            if self.guest_pull and policy != "Never":
+                refs[c.image] = self._placeholder(c)
+                continue
             present = self.client.image_status(c.image)
+            if present is not None and guestpull.is_placeholder(self.client, c.image):
+                present = None  # a guest-pull placeholder: no rootfs for a host runtime
             if present is not None and policy != "Always":
                 refs[c.image] = present.id
                 continue
@@ -152,6 +162,22 @@ class _Run:
                     f"pod {self.pod.full_name}: container {c.name}: pulling {c.image}: {e}"
                 ) from None
         return refs
+
+    def _placeholder(self, c: Container) -> str:
+        """The image of ``c`` as a guest-pull placeholder (see :mod:`.guestpull`)."""
+        from coco.oci.auth import Credentials
+        from coco.oci.transport import Access
+
+        auth = self._auth(c.image)
+        creds = Credentials(auth.username, auth.password) if auth is not None else None
+        access = Access(credentials=creds, tls_verify=self.opts.tls_verify)
+        self.opts.say(f"{c.image}: guest pull (the host reads its config, never its layers)")
+        try:
+            return guestpull.ensure(
+                self.client, guestpull.socket_path(self.client.endpoint), c.image, access
+            )
+        except CocoError as e:
+            raise PodError(f"pod {self.pod.full_name}: container {c.name}: {e}") from None
 
     # files on the host
 
