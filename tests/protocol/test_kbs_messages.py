@@ -22,8 +22,8 @@ from coco.crypto.jose import (
     sign_jwt,
 )
 from coco.protocol.client import KbsError, TeeKey
-from coco.protocol.resource_uri import ResourceUri
 from coco.protocol.kbs import Attestation, ProtocolError, Request, TeePubKey, report_data
+from coco.protocol.resource_uri import ResourceUri
 
 
 def test_jcs_upstream_vector() -> None:

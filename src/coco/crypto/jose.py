@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "JoseError",
+    "JwkSet",
     "PrivateKey",
     "PublicKey",
     "b64url_decode",
@@ -41,9 +42,11 @@ __all__ = [
     "decode_jwt_unverified",
     "jwe_decrypt",
     "jwe_encrypt",
+    "load_jwk_set",
     "private_key_jwk",
     "public_jwk",
     "public_key_from_jwk",
+    "read_source",
     "sign_jwt",
     "verify_jws",
 ]
@@ -393,3 +396,66 @@ def verify_jws(signing_input: bytes, signature: bytes, key: PublicKey, alg: str)
             raise JoseError(f"JWS: unsupported alg {alg!r}: expected one of {', '.join(JWS_ALGS)}")
     except InvalidSignature:
         raise JoseError(f"JWS: bad {alg} signature") from None
+
+
+# ---------------------------------------------------------------------------------- JWK sets
+
+
+@dataclass(frozen=True)
+class JwkSet:
+    """The public keys of a JWK set, in order, and those that carry a ``kid`` by it."""
+
+    keys: tuple[PublicKey, ...]
+    by_kid: dict[str, PublicKey]
+
+
+def read_source(uri: str, where: str) -> bytes:
+    """The bytes at ``https://``/``http://`` URL, ``file://`` URI or path ``uri``."""
+    if uri.startswith(("https://", "http://")):
+        import httpx
+
+        try:
+            r = httpx.get(uri, timeout=10)
+            r.raise_for_status()
+            return r.content
+        except httpx.HTTPError as e:
+            raise JoseError(f"{where}: {e}") from None
+    path = uri.removeprefix("file://")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise JoseError(f"{where}: {e}") from None
+
+
+def load_jwk_set(uri: str, where: str, *, require_kid: bool = False) -> JwkSet:
+    """Load the JWK set at ``uri`` (see :func:`read_source`) once.
+
+    An OpenID discovery document is followed to its ``jwks_uri``. Refuses a document that is not
+    ``{"keys": [...]}``, an empty set, a key that does not load, and (``require_kid``) a key
+    without a ``kid``.
+    """
+    from coco import jsonio
+
+    doc = jsonio.loads(read_source(uri, where), what=where, error=JoseError)
+    if isinstance(doc, dict) and isinstance(doc.get("jwks_uri"), str) and "keys" not in doc:
+        src = doc["jwks_uri"]
+        doc = jsonio.loads(
+            read_source(src, f"{where}: jwks_uri {src}"), what=where, error=JoseError
+        )
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        raise JoseError(f'{where}: expected a JWK set {{"keys": [...]}}')
+    if not keys:
+        raise JoseError(f"{where}: no keys in the JWK set")
+    loaded: list[PublicKey] = []
+    by_kid: dict[str, PublicKey] = {}
+    for i, k in enumerate(keys):
+        kid = k.get("kid") if isinstance(k, dict) else None
+        if require_kid and not isinstance(kid, str):
+            raise JoseError(f"{where}: key {i} has no 'kid'")
+        pub = public_key_from_jwk(k, f"{where} key {kid if isinstance(kid, str) else i}")
+        loaded.append(pub)
+        if isinstance(kid, str):
+            by_kid[kid] = pub
+    return JwkSet(tuple(loaded), by_kid)

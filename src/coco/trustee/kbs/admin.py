@@ -8,7 +8,6 @@ matches and whose regex matches the request path and query allows the call.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -21,7 +20,8 @@ from coco.crypto.jose import (
     JoseError,
     PublicKey,
     decode_jwt_unverified,
-    public_key_from_jwk,
+    load_jwk_set,
+    read_source,
     verify_jws,
 )
 from coco.errors import KbsError
@@ -50,47 +50,21 @@ class IdentityProvider:
                 "admin identity provider: expected exactly one of public_key_uri, jwk_set_uri"
             )
         src = self.public_key_uri or self.jwk_set_uri or ""
-        data = _fetch(src)
-        if self.public_key_uri:
-            try:
-                key = serialization.load_pem_public_key(data)
-            except ValueError as e:
-                raise KbsError(
-                    f"admin identity provider {src}: not a PEM public key: {e}"
-                ) from None
-            self.keys.append(key)  # type: ignore[arg-type]
-        else:
-            try:
-                doc = json.loads(data)
-            except ValueError as e:
-                raise KbsError(f"admin identity provider {src}: not JSON: {e}") from None
-            if isinstance(doc, dict) and "jwks_uri" in doc:
-                doc = json.loads(_fetch(doc["jwks_uri"]))
-            for i, k in enumerate(doc.get("keys", []) if isinstance(doc, dict) else []):
-                pub = public_key_from_jwk(k, f"admin JWK set {src} key {i}")
-                if isinstance(k.get("kid"), str):
-                    self.kid_keys[k["kid"]] = pub
-                self.keys.append(pub)
-            if not self.keys:
-                raise KbsError(f"admin identity provider {src}: no keys in the JWK set")
-
-
-def _fetch(uri: str) -> bytes:
-    if uri.startswith(("https://", "http://")):
-        import httpx
-
+        where = f"admin identity provider {src}"
         try:
-            r = httpx.get(uri, timeout=10)
-            r.raise_for_status()
-            return r.content
-        except httpx.HTTPError as e:
-            raise KbsError(f"admin identity provider {uri}: {e}") from None
-    path = uri.removeprefix("file://")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise KbsError(f"admin identity provider {uri}: {e}") from None
+            if self.jwk_set_uri:
+                jwks = load_jwk_set(src, where)
+                self.keys.extend(jwks.keys)
+                self.kid_keys.update(jwks.by_kid)
+                return
+            data = read_source(src, where)
+        except JoseError as e:
+            raise KbsError(str(e)) from None
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError as e:
+            raise KbsError(f"{where}: not a PEM public key: {e}") from None
+        self.keys.append(key)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from coco.crypto.jose import (
     JoseError,
     PublicKey,
     decode_jwt_unverified,
+    load_jwk_set,
     public_key_from_jwk,
     verify_jws,
 )
@@ -135,30 +135,11 @@ class TokenVerifier:
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def _load_jwks(self, src: str) -> None:
-        path = src.removeprefix("file://")
-        if src.startswith(("https://", "http://")):
-            import httpx
-
-            try:
-                doc = httpx.get(src, timeout=10).json()
-            except (httpx.HTTPError, ValueError) as e:
-                raise TokenVerifierError(f"trusted_jwk_sets {src}: {e}") from None
-        else:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    doc = json.load(f)
-            except (OSError, ValueError) as e:
-                raise TokenVerifierError(f"trusted_jwk_sets {src}: {e}") from None
-        keys = doc.get("keys") if isinstance(doc, dict) else None
-        if not isinstance(keys, list):
-            raise TokenVerifierError(
-                f'trusted_jwk_sets {src}: expected a JWK set {{"keys": [...]}}'
-            )
-        for i, k in enumerate(keys):
-            kid = k.get("kid") if isinstance(k, dict) else None
-            if not isinstance(kid, str):
-                raise TokenVerifierError(f"trusted_jwk_sets {src}: key {i} has no 'kid'")
-            self.jwks[kid] = public_key_from_jwk(k, f"trusted_jwk_sets {src} key {kid}")
+        try:
+            jwks = load_jwk_set(src, f"trusted_jwk_sets {src}", require_kid=True)
+        except JoseError as e:
+            raise TokenVerifierError(str(e)) from None
+        self.jwks.update(jwks.by_kid)
 
     def _key_for(self, header: dict[str, Any]) -> PublicKey:
         jwk = header.get("jwk")
