@@ -445,7 +445,9 @@ class _Builder:
                 "Linux": copy.deepcopy(base["Linux"]),
             },
             "storages": rootfs + vol_storages,
-            "sandbox_pidns": bool(self.spec.get("shareProcessNamespace", False)),
+            # the pause container owns the pod's pid namespace; the others join it when shared
+            "sandbox_pidns": source != PAUSE_SOURCE
+            and bool(self.spec.get("shareProcessNamespace", False)),
             "exec_commands": exec_commands,
         }
 
