@@ -128,7 +128,18 @@ def test_tree_inside_the_data_file(tmp_path):
         "--data-blocks=200",
     )
     assert r.returncode == 0, r.stderr
-    res = invoke(["verity", "format", str(data), "--no-superblock", f"--salt={'00' * 32}"])
+    res = invoke(
+        [
+            "verity",
+            "format",
+            str(data),
+            str(data),
+            f"--hash-offset={off}",
+            "--no-superblock",
+            f"--salt={'00' * 32}",
+            "--data-blocks=200",
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert data.read_bytes() == ref.read_bytes()
     assert root_of(res.output) == root_of(r.stdout)
@@ -232,7 +243,28 @@ def test_cli_verify(tmp_path):
 
     with pytest.raises(SystemExit) as e:
         main(["verity", "verify", str(data), str(h), root])
-    assert e.value.code == 1
+    assert e.value.code == 2
+
+
+def test_exit_statuses_are_veritysetup_s(tmp_path):
+    """verify: 0 when it matches, 2 on corruption; format DATA alone and verify without a root
+    hash are refused with 1, nothing written: each the status veritysetup gives the same line."""
+    data, h, root = _formatted(tmp_path, 20)
+    assert veritysetup("verify", data, h, root).returncode == 0
+    assert run_main(["verity", "verify", str(data), str(h), root])[0] == 0
+    _flip(data, 5 * 4096)
+    want = veritysetup("verify", data, h, root).returncode
+    code, err = run_main(["verity", "verify", str(data), str(h), root])
+    assert (code, want) == (2, 2) and "data block 5" in err, err
+    want = veritysetup("format", data).returncode
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_main(["verity", "format", str(data)])
+    assert (code, want) == (1, 1), err
+    assert "expected DATA HASH_FILE, found only DATA" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    want = veritysetup("verify", data, h).returncode
+    code, err = run_main(["verity", "verify", str(data), str(h)])
+    assert (code, want) == (1, 1) and "expected DATA HASH_FILE ROOT_HASH" in err, err
 
 
 def test_parallel_hashing_gives_the_same_tree(tmp_path, monkeypatch):
@@ -354,7 +386,8 @@ def test_root_hash_file_like_veritysetup(tmp_path):
 
 def test_verify_tree_inside_data_without_superblock(tmp_path):
     data = _data(tmp_path, 64 * 4096, 13)
-    res = invoke(["verity", "format", str(data), "--no-superblock", "-s", "-"])
+    off = f"--hash-offset={64 * 4096}"
+    res = invoke(["verity", "format", str(data), str(data), off, "--no-superblock", "-s", "-"])
     root = root_of(res.output)
     r = veritysetup(
         "verify",
@@ -368,11 +401,11 @@ def test_verify_tree_inside_data_without_superblock(tmp_path):
         f"--hash-offset={64 * 4096}",
     )
     assert r.returncode == 0, r.stderr
-    ok = ["verity", "verify", str(data), root, "--no-superblock", "-s", "-", "--data-blocks=64"]
-    assert invoke(ok).exit_code == 0
+    ok = ["verity", "verify", str(data), str(data), root, off, "--no-superblock", "-s", "-"]
+    assert invoke([*ok, "--data-blocks=64"]).exit_code == 0
     _flip(data, 64 * 4096 + 7)  # a byte of the (single) hash block
     code, err = run_main(ok)
-    assert code == 1 and "(level 0, the top) does not match the root hash" in err
+    assert code == 2 and "(level 0, the top) does not match the root hash" in err
 
 
 def test_tree_with_superblock_inside_the_data_file(tmp_path):
@@ -390,11 +423,15 @@ def test_tree_with_superblock_inside_the_data_file(tmp_path):
         f"--uuid={UUID}",
     )
     assert r.returncode == 0, r.stderr
-    res = invoke(["verity", "format", str(data), "-s", "77", f"--uuid={UUID}"])
+    off = f"--hash-offset={33 * 4096}"
+    res = invoke(
+        ["verity", "format", str(data), str(data), off, "--data-blocks=33", "-s", "77"]
+        + [f"--uuid={UUID}"]
+    )
     assert res.exit_code == 0, res.output
     assert res.output == r.stdout.replace(str(ref), str(data))
     assert data.read_bytes() == ref.read_bytes()
-    ok = ["verity", "verify", str(data), root_of(r.stdout), f"--hash-offset={33 * 4096}"]
+    ok = ["verity", "verify", str(data), str(data), root_of(r.stdout), off]
     assert invoke(ok).exit_code == 0
 
 

@@ -1,10 +1,9 @@
 """``coco image``: copy and inspect OCI images (``oci:PATH[:TAG]``, ``docker://HOST/REPO[:TAG]``).
 
-Other modules add options to ``coco image copy`` that turn into a layer transform (the ocicrypt
-keys, :mod:`coco.cli.image_crypt`) through :func:`add_copy_transform`, or into a signer run after
-the copy (:mod:`coco.cli.image_sign`) through :func:`add_copy_signer`. They are imported only when
-``copy`` is the command, so other commands (a warm ``pull`` above all) do not pay for the
-cryptography stack.
+The options of ``coco image copy`` that turn into a layer transform (the ocicrypt keys,
+:mod:`coco.cli.image_crypt`) or into a signer run after the copy (:mod:`coco.cli.image_sign`) live
+in those modules; they are imported only when ``copy`` is the command, so other commands (a warm
+``pull`` above all) do not pay for the cryptography stack.
 """
 
 from __future__ import annotations
@@ -34,16 +33,7 @@ if TYPE_CHECKING:  # modules load in the commands: `pull --service` needs almost
     from typing import Any
 
     from coco.oci.auth import Credentials
-    from coco.oci.copy import CopyOptions, LayerTransform
     from coco.oci.reference import ImageReference
-
-    AddArguments = Callable[[Parser], None]
-    TransformFactory = Callable[[dict[str, Any]], LayerTransform | None]
-    CopySigner = Callable[[ImageReference, Any, CopyOptions], None]
-    SignerFactory = Callable[[dict[str, Any], ImageReference], CopySigner | None]
-
-_FACTORIES: list[tuple[AddArguments, TransformFactory]] = []
-_SIGNERS: list[tuple[AddArguments, SignerFactory]] = []
 
 
 DESCRIPTION = "Copy, inspect and pull OCI images."
@@ -131,10 +121,7 @@ def _policy_file(policy: str | None, insecure_policy: bool) -> str | None:
 
 
 def _build_copy(p: Parser) -> None:
-    from coco.cli import (
-        image_crypt,  # noqa: F401  (registers through add_copy_transform)
-        image_sign,  # noqa: F401  (registers through add_copy_signer)
-    )
+    from coco.cli import image_crypt, image_sign
 
     p.description = (
         "Copy an image from SRC to DST (oci:PATH[:TAG] or docker://HOST[:PORT]/REPO[:TAG|@DIGEST])."
@@ -161,10 +148,8 @@ def _build_copy(p: Parser) -> None:
     )
     _policy_options(p)
     _quiet(p)
-    for add_arguments, _ in _FACTORIES:
-        add_arguments(p)
-    for add_arguments, _ in _SIGNERS:
-        add_arguments(p)
+    image_crypt.add_arguments(p)
+    image_sign.add_arguments(p)
     p.set_defaults(func=copy_cmd)
 
 
@@ -186,6 +171,8 @@ def copy_cmd(
     quiet: bool,
     **extra: Any,
 ) -> None:
+    from coco.cli import image_crypt, image_sign
+    from coco.cli._progress import bars
     from coco.oci.copy import CopyOptions, copy_image
 
     src_ref = _ref(src, "SRC")
@@ -211,23 +198,13 @@ def copy_cmd(
         override_variant=override_variant,
     )
     values = {"src": src, "dst": dst, **extra}
-    transform = _make_transform(values)
-    signers = [sg for _, factory in _SIGNERS if (sg := factory(values, dst_ref))]
-    if not quiet and sys.stderr.isatty():
-        from coco.oci.progress import RichProgress  # rich only on a terminal
-
-        with RichProgress() as progress:
-            result = copy_image(
-                src_ref,
-                dst_ref,
-                options=options,
-                transform=transform,
-                progress=progress,
-                accept=accept,
-            )
-    else:
-        result = copy_image(src_ref, dst_ref, options=options, transform=transform, accept=accept)
-    for sign in signers:
+    transform = image_crypt.transform(values)
+    sign = image_sign.signer(values, dst_ref)
+    with bars(quiet) as progress:
+        result = copy_image(
+            src_ref, dst_ref, options=options, transform=transform, progress=progress, accept=accept
+        )
+    if sign is not None:
         sign(dst_ref, result, options)
     if digestfile is not None:
         digestfile.write_text(result.manifest_digest)
@@ -238,32 +215,6 @@ def copy_cmd(
         summary = ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) or "no layers"
         print(f"copied {src_ref} -> {dst_ref} (layers: {summary})", file=sys.stderr)
     print(result.manifest_digest)
-
-
-def _make_transform(values: dict[str, Any]) -> LayerTransform | None:
-    chosen: list[LayerTransform] = []
-    for _, factory in _FACTORIES:
-        t = factory(values)
-        if t is not None:
-            chosen.append(t)
-    if len(chosen) > 1:
-        raise Usage("these copy options cannot be combined (more than one transform)")
-    return chosen[0] if chosen else None
-
-
-def add_copy_signer(add_arguments: AddArguments, factory: SignerFactory) -> None:
-    """``add_arguments(parser)`` adds options to ``coco image copy``; ``factory`` gets the parsed
-    values (by dest, with ``src`` and ``dst``) and the destination before the copy (it checks its
-    keys then) and returns a signer called with the destination, the CopyResult and the
-    CopyOptions once the image is written, or None when its options were not used."""
-    _SIGNERS.append((add_arguments, factory))
-
-
-def add_copy_transform(add_arguments: AddArguments, factory: TransformFactory) -> None:
-    """``add_arguments(parser)`` adds options to ``coco image copy``; ``factory`` gets the parsed
-    values (by dest, with ``src`` and ``dst``) and returns a LayerTransform, or None when its
-    options were not used. It raises :class:`~coco.cli._args.Usage` for a bad combination."""
-    _FACTORIES.append((add_arguments, factory))
 
 
 def _build_inspect(p: Parser) -> None:
@@ -489,13 +440,10 @@ def pull_cmd(
     store_dir = Path(store or _default_store())
     bundle = Path(bundle_dir)
     with _terminate_cleanly():
-        if not quiet and sys.stderr.isatty():
-            from coco.oci.progress import RichProgress  # rich only on a terminal
+        from coco.cli._progress import bars
 
-            with RichProgress() as progress:
-                result = pull_image(r, bundle, store_dir, options, progress=progress)
-        else:
-            result = pull_image(r, bundle, store_dir, options)
+        with bars(quiet) as progress:
+            result = pull_image(r, bundle, store_dir, options, progress=progress)
     if not quiet:
         pulled = sum(1 for x in result.layers if x.action == "pulled")
         print(

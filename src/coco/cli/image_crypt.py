@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from coco.cli._args import Parser, Usage, integer
-from coco.cli.image import add_copy_transform
 from coco.oci.copy import LayerTransform
 from coco.ocicrypt import DecryptLayers, EncryptLayers, decrypt_config, encrypt_config
 
 
-def _factory(values: dict[str, Any]) -> LayerTransform | None:
+def transform(values: dict[str, Any]) -> LayerTransform | None:
+    """The layer transform the parsed copy options (by dest) ask for, or None."""
     enc = tuple(values.get("encryption_key") or ())
     layers = tuple(values.get("encrypt_layer") or ())
     dec = tuple(values.get("decryption_key") or ())
@@ -31,7 +31,8 @@ def _factory(values: dict[str, Any]) -> LayerTransform | None:
     return None
 
 
-def _add_arguments(p: Parser) -> None:
+def add_arguments(p: Parser) -> None:
+    """Add the encryption options to ``coco image copy``."""
     p.add_argument(
         "--encryption-key",
         action="append",
@@ -53,6 +54,3 @@ def _add_arguments(p: Parser) -> None:
         help="Decrypt layers with this private key, certificate or provider:NAME[:VALUE] "
         "(repeatable).",
     )
-
-
-add_copy_transform(_add_arguments, _factory)

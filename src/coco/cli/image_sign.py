@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coco.cli._args import Parser, Usage, path
-from coco.cli.image import add_copy_signer
 from coco.errors import SignatureError
 from coco.oci.reference import DockerReference, ImageReference
 
 if TYPE_CHECKING:
-    from coco.cli.image import CopySigner
+    from collections.abc import Callable
+
+    from coco.oci.copy import CopyOptions
+
+    CopySigner = Callable[[ImageReference, Any, CopyOptions], None]
 
 
-def _add_arguments(p: Parser) -> None:
+def add_arguments(p: Parser) -> None:
+    """Add the signing options to ``coco image copy``."""
     p.add_argument(
         "--sign-by",
         metavar="FINGERPRINT",
@@ -49,7 +53,9 @@ def _add_arguments(p: Parser) -> None:
     )
 
 
-def _factory(values: dict[str, Any], dst: ImageReference) -> CopySigner | None:
+def signer(values: dict[str, Any], dst: ImageReference) -> CopySigner | None:
+    """The signer the parsed copy options (by dest) ask for, keys checked now, or None; it is
+    called with the destination, the CopyResult and the CopyOptions once the image is written."""
     fpr = values.get("sign_by")
     key = values.get("sign_by_sigstore_private_key")
     pfile: Path | None = values.get("sign_passphrase_file")
@@ -121,6 +127,3 @@ def _push_sigstore(dst, identity, digest, pem, passphrase, options, sign_sigstor
             if not client.blob_exists(dst.repository, d, what, push=True):
                 client.upload_bytes(dst.repository, blob, f"{what}: {d}", d)
         client.put_manifest(dst.repository, sm.tag, sm.manifest, MANIFEST_MEDIA_TYPE, what)
-
-
-add_copy_signer(_add_arguments, _factory)

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coco.cli._args import Commands, Parser, Usage, int_range, integer, path, run_group, shown
-from coco.errors import UsageError
+from coco.cli._args import Commands, Parser, int_range, integer, path, run_group, shown
+from coco.cli._progress import busy
+from coco.errors import UsageError, VerityMismatchError
 from coco.integrity import verity
 
 if TYPE_CHECKING:
@@ -108,38 +109,17 @@ def _jobs_option(p: Parser) -> None:
     )
 
 
-@contextlib.contextmanager
-def busy(message: str) -> Iterator[None]:
-    """A spinner on stderr while long work runs, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
-        yield
-        return
-    from rich.console import Console
-
-    with Console(stderr=True).status(message):
-        yield
-
-
-def _single_file_offset(data: Path, dbs: int, data_blocks: int | None) -> int:
-    if data_blocks is not None:
-        return data_blocks * dbs
-    try:
-        size = data.stat().st_size
-    except OSError as e:
-        raise UsageError(f"data file {data}: cannot read it: {e.strerror}") from None
-    return size // dbs * dbs
-
-
 def _build_format(p: Parser) -> None:
     p.description = (
-        "Write the hash tree of DATA to HASH_FILE (or into DATA after its data) and print the "
-        "root.\n\nThe tree bytes and the printed lines are those of `veritysetup format` with "
-        "the same options."
+        "Write the hash tree of DATA to HASH_FILE and print the root.\n\nThe tree bytes and the "
+        "printed lines are those of `veritysetup format` with the same options. As with "
+        "veritysetup, the tree goes inside DATA when DATA is named twice with --hash-offset "
+        "(and --data-blocks) past the data."
     )
     p.add_argument("data", metavar="DATA", type=path(dir_okay=False, as_path=False))
     p.add_argument(
         "hash_file", metavar="HASH_FILE", nargs="?", type=path(dir_okay=False, as_path=False)
-    )
+    )  # optional for the parser, so that its absence is refused in veritysetup's words
     _params_options(p)
     p.add_argument(
         "-s", "--salt", metavar="TEXT", help="Salt as hex, '-' for none [default: 32 random bytes]."
@@ -172,11 +152,11 @@ def format_cmd(
     uuid_text: str | None,
     jobs: int | None,
 ) -> None:
-    if hash_file is None and hash_offset is None:
-        hash_offset = _single_file_offset(Path(data), data_block_size, data_blocks)
-    if hash_file is None and data_blocks is None:
-        assert hash_offset is not None
-        data_blocks = hash_offset // data_block_size or None
+    if hash_file is None:  # veritysetup: "format: requires <data_device> <hash_device>" (exit 1)
+        raise UsageError(
+            f"format: expected DATA HASH_FILE, found only DATA ({data}); for the tree inside DATA "
+            "name it twice and give --hash-offset"
+        )
     params = verity.VerityParams(
         hash_name=hash_name,
         data_block_size=data_block_size,
@@ -262,9 +242,10 @@ def _read_root(path: Path) -> str:
 
 def _build_verify(p: Parser) -> None:
     p.description = (
-        "Check DATA [HASH_FILE] ROOT_HASH; name the first block that does not match.\n\n"
-        "With a superblock (the default) the parameters are read from it. Without HASH_FILE the "
-        "tree is read from DATA at --hash-offset (default: right after the data)."
+        "Check DATA HASH_FILE ROOT_HASH; name the first block that does not match.\n\n"
+        "With a superblock (the default) the parameters are read from it. As with veritysetup, "
+        "the tree is read from inside DATA when DATA is named twice with --hash-offset; "
+        "the exit status is 2 when the data or the tree does not match the root hash."
     )
     p.add_argument("files", metavar="FILES", nargs="+")
     _params_options(p)
@@ -299,27 +280,19 @@ def verify_cmd(
 ) -> None:
     if root_hash_file is not None:
         files = [*files, _read_root(root_hash_file)]
-    if len(files) not in (2, 3):
-        raise Usage(
-            f"expected DATA [HASH_FILE] ROOT_HASH (or --root-hash-file), found {len(files)} "
-            "arguments"
+    if len(files) != 3:  # veritysetup refuses both with exit status 1
+        raise UsageError(
+            f"verify: expected DATA HASH_FILE ROOT_HASH (or DATA HASH_FILE --root-hash-file), "
+            f"found {len(files)} argument(s)"
         )
-    data = Path(files[0])
-    hash_file = Path(files[1]) if len(files) == 3 else data
+    data, hash_file = Path(files[0]), Path(files[1])
     root_text = files[-1]
     if not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", root_text):
         raise UsageError(f"ROOT_HASH: expected hex digits, found {root_text[:80]!r}")
     if no_superblock and salt is None:
         raise UsageError("--salt is needed with --no-superblock (use '-' for an empty salt)")
-    if len(files) == 2 and hash_offset is None:
-        if data_blocks is None:
-            raise UsageError(
-                "with the tree inside DATA, give --hash-offset (or --data-blocks) to say where it is"
-            )
-        hash_offset = data_blocks * data_block_size
-    if len(files) == 2 and no_superblock and data_blocks is None:
-        assert hash_offset is not None
-        data_blocks = hash_offset // data_block_size or None
+    if data.resolve() == hash_file.resolve() and no_superblock and data_blocks is None:
+        data_blocks = (hash_offset or 0) // data_block_size or None
     params = verity.VerityParams(
         hash_name=hash_name,
         data_block_size=data_block_size,
@@ -330,8 +303,13 @@ def verify_cmd(
         data_blocks=data_blocks,
         superblock=not no_superblock,
     )
-    with busy(f"verifying {data}"):
-        used = verity.verify(data, hash_file, bytes.fromhex(root_text), params, workers=jobs)
+    try:
+        with busy(f"verifying {data}"):
+            used = verity.verify(data, hash_file, bytes.fromhex(root_text), params, workers=jobs)
+    except VerityMismatchError as e:  # veritysetup's status for a failed verification
+        sys.stdout.flush()
+        print(f"coco: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     print(
         f"Verification succeeded: {data}: {used.data_blocks} data blocks match root hash "
         f"{root_text.lower()}"

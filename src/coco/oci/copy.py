@@ -72,7 +72,7 @@ class ProgressTask(Protocol):
 
 
 class Progress(Protocol):
-    """Receives progress; :mod:`coco.oci.progress` has a rich implementation."""
+    """Receives progress; the CLI draws it with rich."""
 
     def task(self, description: str, total: int | None) -> ProgressTask: ...
 
