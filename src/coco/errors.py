@@ -10,7 +10,15 @@ class CocoError(Exception):
 
 
 class UsageError(CocoError):
-    """The caller asked for something that cannot be done as asked (bad flag value, bad reference)."""
+    """The caller asked for something that cannot be done as asked (bad flag value, bad reference).
+
+    The one usage error: ``status`` is the exit code the CLI gives it, 1 by default, 2 for a
+    command line that does not parse (argparse's code; :func:`coco.cli._args.Usage` makes those).
+    """
+
+    def __init__(self, message: str = "", *, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RegoError(CocoError):

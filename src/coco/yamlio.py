@@ -27,11 +27,11 @@ from coco.jsonio import decode_text
 MAX_NODES = 1_000_000
 
 
-class _TooBig(Exception):
+class _TooBig(CocoError):
     pass
 
 
-class _Recursive(Exception):
+class _Recursive(CocoError):
     pass
 
 

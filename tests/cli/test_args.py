@@ -162,7 +162,7 @@ def test_repeatable_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         (["tardev", "inspect", "--format", "xml", "f"], ["--format", "'xml'"]),
         (["image", "inspect", "--raw", "--config", "oci:/x"], ["--raw and --config"]),
         (["image", "copy", "oci:/x", "ftp://h/x"], ["unsupported transport 'ftp'"]),
-        (["kbs-client", "get-resource", "--path", "a/b/c"], ["required", "--url"]),
+        (["kbs-client", "get-resource"], ["required", "--path"]),
         (["no-such-group"], ["No such command 'no-such-group'"]),
         (["image", "nope"], ["No such command 'nope'", "pull"]),
         (["--nope"], ["unrecognized", "--nope"]),

@@ -8,7 +8,8 @@
 * Value types that check while parsing (so a bad value is a usage error naming the option):
   :func:`boolean`, :func:`int_range`, :func:`integer`, :func:`size`, :func:`path`.
 * Option builders shared by the image commands: :func:`add_tls_verify`, :func:`add_authfile`.
-* :class:`Usage`: raised by a command that finds a usage error after parsing (exit 2).
+* :func:`Usage`: the :class:`~coco.errors.UsageError` a command raises when it finds a usage
+  error after parsing (exit 2).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+
+from coco.errors import UsageError
 
 TYPE_CHECKING = False  # typing and pathlib stay unloaded: `pull --service` does not need them
 if TYPE_CHECKING:
@@ -27,8 +30,9 @@ Builder = Callable[["Parser"], None]
 Commands = dict[str, tuple[str, Builder]]
 
 
-class Usage(Exception):
+def Usage(message: str) -> UsageError:
     """A usage error found by a command after parsing: ``coco`` prints it on one line, exits 2."""
+    return UsageError(message, status=2)
 
 
 class _Formatter(argparse.HelpFormatter):

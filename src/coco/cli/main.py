@@ -15,8 +15,8 @@ import os
 import sys
 
 from coco import __version__
-from coco.cli._args import Parser, Usage, dispatch
-from coco.errors import CocoError
+from coco.cli._args import Parser, dispatch
+from coco.errors import CocoError, UsageError
 
 TYPE_CHECKING = False  # typing is not loaded at run time: start-up stays small
 if TYPE_CHECKING:
@@ -69,6 +69,10 @@ _GROUPS: dict[str, tuple[str, str]] = {
         "Agent policies: generate them from pod YAML, evaluate agent requests against them.",
     ),
     "runtime": ("coco.cli.runtime", "Install coco's runtime handlers into containerd's config."),
+    "snapshotter": (
+        "coco.cli.snapshotter",
+        "containerd's snapshotter that leaves guest pulls to the guest.",
+    ),
     "process-user-data": (
         "coco.cli.userdata",
         "Peer-pod VM: write the userdata's files after checking its initdata.",
@@ -165,8 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     _state["prog"] = "coco"
     try:
         _run(args)
-    except Usage as e:
-        _error(f"{_state['prog']}: error: {_one_line(str(e))}", 2)
+    except UsageError as e:
+        if e.status == 2:  # the command line itself: argparse's form and code
+            _error(f"{_state['prog']}: error: {_one_line(str(e))}", 2)
+        _error(f"coco: error: {_one_line(str(e))}", e.status, e)
     except KeyboardInterrupt:
         _error("coco: interrupted", 130)
     except (CocoError, OSError, ValueError) as e:

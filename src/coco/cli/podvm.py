@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coco.cli._args import Commands, Parser, env_default, int_range, path, run_group, shown
-from coco.errors import PodVmError
+from coco.errors import CocoError, PodVmError
 
 DESCRIPTION = "The pod VM: build its image, boot it under QEMU with a vTPM."
 
@@ -162,7 +162,7 @@ def _forward(text: str) -> tuple[int, int]:
     return pair
 
 
-class _Stopped(Exception):
+class _Stopped(CocoError):
     pass
 
 

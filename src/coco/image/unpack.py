@@ -47,7 +47,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from coco.errors import UnpackError
+from coco.errors import CocoError, UnpackError
 
 __all__ = ["OPAQUE_XATTR", "UnpackLimits", "UnpackStats", "unpack_layer"]
 
@@ -187,7 +187,7 @@ def _components(name: str, where: str, *, strict: bool = False) -> list[str]:
     return out
 
 
-class _HeaderLimit(Exception):
+class _HeaderLimit(CocoError):
     """An entry's extension headers went past a bound (reported with the entry count)."""
 
 

@@ -33,13 +33,15 @@ import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from coco.errors import OciError
+
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10
 _DRAIN = 64 << 10  # read up to this much of an unwanted body to keep the connection
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
-class TransportError(Exception):
+class TransportError(OciError):
     """The request could not be completed: connection, TLS, timeout, truncated or bad answer."""
 
 

@@ -14,10 +14,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from coco.errors import CocoError
+
 _END = object()
 
 
-class Cancelled(Exception):
+class Cancelled(CocoError):
     """Another layer failed: this one stops quietly (the first error is the one reported)."""
 
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from coco.errors import OcicryptError
+from coco.errors import CocoError, OcicryptError
 from coco.ocicrypt.keywrap import KeyUnwrapError
 
 SCHEME = "pkcs7"
@@ -37,7 +37,7 @@ _AES128_GCM = "2.16.840.1.101.3.4.1.6"
 # --- a minimal DER reader/writer ---------------------------------------------------------------
 
 
-class _DerError(Exception):
+class _DerError(CocoError):
     pass
 
 
