@@ -16,6 +16,14 @@ from coco.jsonio import decode_text, loads
 
 DESCRIPTION = "Agent policies: generate them from pod YAML, evaluate agent requests against them."
 _FILE = path(dir_okay=False, as_path=False)
+_UPSTREAM_CACHE = "layers-cache.json"  # upstream genpolicy's -u: in the working directory
+
+
+def _stdin_or_file(text: str) -> str:
+    return text if text == "-" else _FILE(text)
+
+
+_stdin_or_file.__name__ = "file"
 
 
 def _build_generate(p: Parser) -> None:
@@ -31,7 +39,17 @@ def _build_generate(p: Parser) -> None:
         "--initdata adds it to your own document), or with --annotation policy|both into the "
         "older io.katacontainers.config.agent.policy (base64 Rego)."
     )
-    p.add_argument("yaml_file", metavar="YAML_FILE", type=_FILE)
+    p.add_argument(
+        "yaml_file", metavar="YAML_FILE", nargs="?", type=_stdin_or_file, help="'-': stdin."
+    )
+    p.add_argument(
+        "-y",
+        "--yaml-file",
+        dest="yaml_flag",
+        type=_stdin_or_file,
+        metavar="FILE",
+        help="The same as YAML_FILE (upstream genpolicy's flag). Neither: stdin to stdout.",
+    )
     p.add_argument(
         "--layers",
         choices=("guest-pull", "tardev"),
@@ -62,12 +80,41 @@ def _build_generate(p: Parser) -> None:
         help="Write the annotated YAML here ('-': stdout). Default: in place.",
     )
     p.add_argument(
-        "--layers-cache", type=_FILE, metavar="FILE", help="Layer cache JSON (by diff_id)."
+        "--layers-cache",
+        "--layers-cache-file-path",
+        dest="layers_cache",
+        type=_FILE,
+        metavar="FILE",
+        help="Layer cache JSON (by diff_id); made when missing.",
     )
-    p.add_argument("--settings", type=_FILE, metavar="FILE", help="genpolicy settings JSON.")
-    p.add_argument("--rules", type=_FILE, metavar="FILE", help="Rego rules (default: coco's own).")
     p.add_argument(
+        "-u",
+        "--use-cached-files",
+        action="store_true",
+        help=f"Use the layer cache {_UPSTREAM_CACHE} (as upstream; --layers-cache names another).",
+    )
+    p.add_argument(
+        "-j",
+        "--settings",
+        "--json-settings-path",
+        dest="settings",
+        type=_FILE,
+        metavar="FILE",
+        help="genpolicy settings JSON.",
+    )
+    p.add_argument(
+        "-p",
+        "--rules",
+        "--rego-rules-path",
+        dest="rules",
+        type=_FILE,
+        metavar="FILE",
+        help="Rego rules (default: coco's own).",
+    )
+    p.add_argument(
+        "-c",
         "--config-file",
+        "--config-map-file",
         action="append",
         default=[],
         type=_FILE,
@@ -94,12 +141,27 @@ def _build_generate(p: Parser) -> None:
     p.add_argument(
         "--allow-logs", action="store_true", help="Allow ReadStreamRequest (container logs)."
     )
-    p.add_argument("--raw-out", type=_FILE, metavar="FILE", help="Also write the policy text here.")
+    p.add_argument(
+        "--raw-out",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="Also write the policy text here (alone or '-': stdout).",
+    )
+    p.add_argument(
+        "-r", dest="raw_out", action="store_const", const="-", help="Print the policy text."
+    )
+    p.add_argument(
+        "-b", "--base64-out", action="store_true", help="Print the policy text in base64."
+    )
     p.set_defaults(func=generate_cmd)
 
 
 def generate_cmd(
-    yaml_file: str,
+    yaml_file: str | None,
+    yaml_flag: str | None,
+    use_cached_files: bool,
+    base64_out: bool,
     output: str | None,
     layers_cache: str | None,
     settings: str | None,
@@ -122,11 +184,21 @@ def generate_cmd(
         print(
             "coco: warning: --src-tls-verify=false: registry TLS is not verified", file=sys.stderr
         )
-    try:
-        raw = Path(yaml_file).read_bytes()
-    except OSError as e:
-        raise GenpolicyError(f"{yaml_file}: cannot read it: {e.strerror}") from None
-    text = decode_text(raw, what=yaml_file, error=GenpolicyError)
+    if yaml_file is not None and yaml_flag is not None:
+        raise Usage("give the YAML once: YAML_FILE or -y/--yaml-file")
+    yaml_file = yaml_file or yaml_flag or "-"
+    if yaml_file == "-":
+        raw, where = sys.stdin.buffer.read(), "<stdin>"
+        output = output or "-"
+    else:
+        where = yaml_file
+        try:
+            raw = Path(yaml_file).read_bytes()
+        except OSError as e:
+            raise GenpolicyError(f"{yaml_file}: cannot read it: {e.strerror}") from None
+    text = decode_text(raw, what=where, error=GenpolicyError)
+    if use_cached_files and layers_cache is None:
+        layers_cache = _UPSTREAM_CACHE
     opts = genpolicy.Options(
         settings=settings,
         rules=rules,
@@ -139,9 +211,16 @@ def generate_cmd(
         annotation=annotation,
         initdata=initdata,
     )
-    result = genpolicy.generate(text, yaml_file, opts)
-    if raw_out:
-        _write(raw_out, result.policies[0][1])
+    result = genpolicy.generate(text, where, opts)
+    policy = result.policies[0][1]
+    if raw_out == "-":
+        sys.stdout.write(policy)
+    elif raw_out:
+        _write(raw_out, policy)
+    if base64_out:
+        import base64
+
+        print(base64.b64encode(policy.encode()).decode())
     if initdata_out:
         _write(initdata_out, result.initdata[0].decode())
     if output == "-":

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from coco.errors import GenpolicyError, InitdataError
+from coco.errors import CocoError, GenpolicyError, InitdataError
 from coco.integrity import initdata as idata
 from coco.integrity.agent_policy import default_rules, policy_text
 from coco.integrity.genpolicy.images import ImageInfo, LayersCache, image_info
@@ -170,7 +170,14 @@ def generate(text: str, where: str, options: Options | None = None) -> Result:
     documents = []
     try:
         for w in found:
-            fetch(settings["cluster_config"]["pause_container_image"])
+            pause = settings["cluster_config"]["pause_container_image"]
+            try:
+                fetch(pause)
+            except CocoError as e:
+                raise GenpolicyError(
+                    f"{e} (the pause image, cluster_config.pause_container_image of the "
+                    f"settings {options.settings or '(built in)'}: --settings can name another)"
+                ) from None
             for key in ("initContainers", "containers"):
                 for c in w.spec.get(key) or []:
                     fetch(c["image"])
