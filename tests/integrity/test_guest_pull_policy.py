@@ -22,6 +22,7 @@ import asyncio
 import base64
 import copy
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -54,6 +55,13 @@ from tests.guest.test_agent import (
     pytestmark,  # noqa: F401
     run_agent,
 )
+from tests.host.containerd_fixture import (
+    Containerd,
+    CriImages,
+    containerd,  # noqa: F401 (fixture)
+    test_images,  # noqa: F401 (fixture)
+)
+from tests.host.test_pod_run import leftovers, sandboxes
 from tests.imagekit import tar_layer
 from tests.integrity.genpolicy.helpers import push
 
@@ -384,3 +392,71 @@ ALTERATIONS = {
     "privileged": _privileged,
     "mount": _mount,
 }
+
+
+# --- the same through a real containerd: `coco pod run` on coco-local ----------------------------
+
+UUID_RE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+GUEST_CDH = (  # the guest's CDH may pull from the plain-HTTP test registry
+    '[kbc]\nname = "offline_fs_kbc"\n\n'
+    '[[image.registry_config.registry]]\nlocation = "{registry}"\ninsecure = true\n'
+)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_coco_pod_run_with_the_generated_policy(
+    containerd: Containerd,  # noqa: F811
+    test_images: CriImages,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The node's settings (this containerd's state dir, the log root of `coco pod run`), a base
+    initdata with the guest's cdh.toml: the pod runs; its command altered afterwards: refused."""
+    registry = test_images.busybox.split("/")[0]
+    bundles = f"{containerd.state}/io.containerd.runtime.v2.task/k8s.io/$(bundle-id)"
+    logs = tmp_path / "logs"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({
+        "cluster_config": {"pause_container_image": test_images.pause},
+        "pause_container": {"Annotations": {
+            "io.katacontainers.pkg.oci.bundle_path": bundles,
+            "io.kubernetes.cri.sandbox-log-directory":
+                f"^{re.escape(str(logs))}/$(sandbox-namespace)_$(sandbox-name)_{UUID_RE}$",
+        }},
+        "other_container": {"Annotations": {"io.katacontainers.pkg.oci.bundle_path": bundles}},
+    }))  # fmt: skip
+    base = tmp_path / "initdata.toml"
+    cdh_toml = GUEST_CDH.format(registry=registry)
+    base.write_text(
+        f'version = "0.1.0"\nalgorithm = "sha384"\n[data]\n"cdh.toml" = {json.dumps(cdh_toml)}\n'
+    )
+    pod = tmp_path / "pod.yaml"
+    pod.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gp-local"},
+        "spec": {"runtimeClassName": "coco-local", "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "app", "image": test_images.busybox,
+                                 "command": ["/bin/sh", "-c", "echo policy-checked; exit 3"]}]},
+    }))  # fmt: skip
+    r = coco("policy", "generate", str(pod), "--settings", str(settings), "--initdata", str(base),
+             "--src-tls-verify=false", "--allow-logs")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    run = ["pod", "run", str(pod), "--runtime-endpoint", containerd.endpoint, "--log-root",
+           str(logs), "--state-dir", str(tmp_path / "state"), "--tls-verify=false"]  # fmt: skip
+    r = coco(*run)
+    assert (r.returncode, r.stdout) == (3, "policy-checked\n"), r.stderr
+
+    # the owner's command changed after the policy was made: the agent refuses the container
+    doc = yaml.safe_load(pod.read_text())
+    doc["spec"]["containers"][0]["command"][2] = "echo altered"
+    pod.write_text(yaml.safe_dump(doc))
+    r = coco(*run)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("coco: error: pod default/gp-local: container app did not start:"), last
+    assert (
+        "CreateContainerRequest is blocked by policy: rule args: OCI.Process.Args[2] expected "
+        "echo policy-checked; exit 3, got echo altered" in last
+    )
+    assert "altered" not in r.stdout
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
