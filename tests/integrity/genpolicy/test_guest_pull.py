@@ -87,6 +87,18 @@ def test_guest_pull_policy_shape_and_pinned_digest(images: Images, tmp_path: Pat
     assert app["OCI"]["Process"]["Args"] == ["/usr/bin/python3", "/srv/app.py"]
     assert app["OCI"]["Process"]["User"]["UID"] == 1234
     assert res.layers_downloaded == 3  # read for passwd, no verity tree
+    # the policy is found in the initdata annotation by `coco policy evaluate --policy POD.yaml`
+    (tmp_path / "pod.yaml").write_text(res.yaml)
+    (tmp_path / "exec.json").write_text(json.dumps({"process": {"Args": ["/bin/sh"]}}))
+    r = subprocess.run(
+        [sys.executable, "-m", "coco.cli.main", "policy", "evaluate", "--policy",
+         str(tmp_path / "pod.yaml"), "ExecProcessRequest", str(tmp_path / "exec.json")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout) == (
+        1,
+        "denied: ExecProcessRequest: rule exec: process.Args expected [], got /bin/sh\n",
+    ), r.stderr
 
 
 def test_layers_cache_shared_by_both_modes(images: Images, tmp_path: Path) -> None:
