@@ -58,8 +58,11 @@ def test_install_uninstall_round_trip(default_config: Path, tmp_path: Path) -> N
     before = default_config.read_bytes()
     net = tmp_path / "net.d"
     args = [*_install_args(default_config, tmp_path), "--restrict-oom-score-adj", "true"]
-    r = coco("runtime", "install", *args, "--cni", "--cni-conf-dir", str(net))
+    (tmp_path / "podvm").mkdir()
+    podvm = ["--podvm-image", str(tmp_path / "podvm")]
+    r = coco("runtime", "install", *args, *podvm, "--cni", "--cni-conf-dir", str(net))
     assert r.returncode == 0, r.stderr
+    assert "has no pod VM image" not in r.stderr
     runtimes = _runtimes(default_config)
     assert set(runtimes) == {"runc", "coco-qemu", "coco-remote", "coco-local"}
     for handler, kind in inst.HANDLERS.items():
@@ -71,6 +74,8 @@ def test_install_uninstall_round_trip(default_config: Path, tmp_path: Path) -> N
         assert os.access(shim, os.X_OK)
         cfg = shim_config.load(h["options"]["ConfigPath"])  # the shim's own reader accepts it
         assert cfg.kind == kind
+        if kind == "qemu":
+            assert cfg.sandbox["image"] == str(tmp_path / "podvm")
         assert cfg.insecure == (kind == "local")
     assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"  # untouched
     doc = tomlkit.parse(default_config.read_text()).unwrap()
@@ -85,7 +90,7 @@ def test_install_uninstall_round_trip(default_config: Path, tmp_path: Path) -> N
 
     # again: nothing changes, not even the bytes
     installed = default_config.read_bytes()
-    r = coco("runtime", "install", *args, "--cni", "--cni-conf-dir", str(net))
+    r = coco("runtime", "install", *args, *podvm, "--cni", "--cni-conf-dir", str(net))
     assert r.returncode == 0, r.stderr
     assert "already installed: nothing to do" in r.stderr
     assert default_config.read_bytes() == installed
@@ -146,13 +151,16 @@ def test_config_files_of_others_are_kept(default_config: Path, tmp_path: Path) -
 def test_missing_config_is_created_and_removed(tmp_path: Path) -> None:
     cfg = tmp_path / "etc" / "config.toml"
     cfg.parent.mkdir()
+    said: list[str] = []
     opts = inst.Options(
         containerd_config=cfg,
         config_dir=tmp_path / "coco",
         restrict_oom_score_adj=False,
         link_dir=None,
+        say=said.append,
     )
     inst.install(opts)
+    assert any(x.startswith("coco-qemu has no pod VM image: give --podvm-image DIR") for x in said)
     doc = tomlkit.parse(cfg.read_text()).unwrap()
     assert doc["version"] == 2
     assert set(doc["plugins"][CRI]["containerd"]["runtimes"]) == set(inst.HANDLERS)

@@ -119,6 +119,7 @@ class Options:
     restrict_oom_score_adj: bool | None = None  # None: when this machine needs it
     podvm_image: Path | None = None
     remote_socket: str = "/run/peerpod/hypervisor.sock"
+    snapshotter: str | None = None  # coco's snapshotter socket: make it the CRI snapshotter
     say: Callable[[str], None] = field(default=lambda text: None)
 
 
@@ -315,6 +316,11 @@ def install(opts: Options) -> list[str]:
         table[key] = value
         done.append(f"{cfg_path}: set {'.'.join([*where, key])}")
 
+    if opts.podvm_image is None:
+        opts.say(
+            "coco-qemu has no pod VM image: give --podvm-image DIR (from `coco podvm build -o "
+            "DIR`), else its pods fail with the shim's reason"
+        )
     # the shim's config files
     files: dict[str, bytes] = {}
     for kind in HANDLERS.values():
@@ -360,6 +366,14 @@ def install(opts: Options) -> list[str]:
     )
     if want_oom:
         set_value(_cri(doc, cfg_path), "restrict_oom_score_adj", True, ["plugins", CRI])
+    if opts.snapshotter is not None:  # images pulled in the guest are not unpacked here
+        from coco.host.snapshotter import containerd_settings
+
+        for keys, value in containerd_settings(opts.snapshotter):
+            node = doc
+            for i, key in enumerate(keys[:-1]):
+                node = _table(node, key, cfg_path, ".".join(keys[:i]), super_table=i == 0)
+            set_value(node, keys[-1], value, keys[:-1])
 
     # write: the files first (a config naming missing files would break the handlers)
     for name, data in files.items():
