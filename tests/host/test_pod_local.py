@@ -259,10 +259,15 @@ def test_encrypted_image_host_unpack_fails_guest_pull_reaches_the_guest(
     pod = _pod(tmp_path, test_images, "enc", deny="")
     pod.write_text(pod.read_text().replace(test_images.busybox, image))
 
-    # containerd 1.6 unpacks what its CRI pulls, on the host: an encrypted layer cannot be
+    # CRI PullImage: containerd 1.6 unpacks what it pulls, on the host, and an encrypted layer
+    # cannot be; with coco's snapshotter as the CRI snapshotter the layer is left to the guest
     r = coco("pod", "run", str(pod), *_args(containerd, tmp_path), "--guest-pull", "never")
     assert r.returncode == 1
-    assert "pulling " + image in r.stderr.strip().splitlines()[-1]
+    last = r.stderr.strip().splitlines()[-1]
+    if getattr(containerd, "snapshotter", None) is None:
+        assert "pulling " + image in last, last
+    else:
+        assert "container app did not start" in last, last
     assert sandboxes(containerd) == []
 
     # guest pull: the host is done, the guest pulls and cannot decrypt without the key
