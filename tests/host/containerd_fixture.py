@@ -14,8 +14,13 @@ Images: ``test_images`` pushes a busybox image (``busybox-static``, with the app
 and the pause image to ``open_registry``; containerd pulls them over plain HTTP through its
 ``hosts.toml``.
 
+coco's snapshotter (``coco snapshotter serve``, root and socket under the directory) runs beside
+it as the CRI snapshotter (``coco runtime install --snapshotter``): ordinary images are unpacked
+by it, images with encrypted layers are left to the guest.
+
 At the end every pod left is stopped and removed, containerd is stopped by pid, shims it started
-that outlived it are stopped by pid, and mounts left under the directory are unmounted.
+that outlived it are stopped by pid, then the snapshotter, and mounts left under the directory are
+unmounted.
 containerd 1.6 still writes some state under ``/run/containerd`` (runc state, shim sockets) and
 pod network namespaces under ``/var/run/netns``; removing the pods removes those.
 """
@@ -84,6 +89,7 @@ class Containerd:
     cni_bin_dir: Path
     pause_image: str
     coco_state: Path  # the local sandbox's state_dir (short: its sockets live there)
+    snapshotter: Snapshotter | None = None  # coco's snapshotter, the CRI snapshotter
 
     @property
     def endpoint(self) -> str:
@@ -96,6 +102,44 @@ class Containerd:
             capture_output=True,
             text=True,
         )
+
+
+@dataclass
+class Snapshotter:
+    """``coco snapshotter serve`` as the fixture runs it; restartable by the tests."""
+
+    socket: Path
+    root: Path
+    containerd_address: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "coco.cli.main", "snapshotter", "serve", "--socket",
+                 str(self.socket), "--root", str(self.root), "--containerd-address",
+                 str(self.containerd_address)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"coco snapshotter did not start: {self.log.read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
 
 
 @dataclass
@@ -278,12 +322,15 @@ def containerd(
         json.dumps({"cniVersion": "0.4.0", "name": "coco-test", "type": "coco-test-veth"})
     )
     # coco's handlers (coco-qemu, coco-remote, coco-local) as a node gets them, by the real CLI;
-    # the local sandbox keeps its state under the test directory
+    # the local sandbox keeps its state under the test directory; coco's snapshotter
+    snapshotter = Snapshotter(base / "snap.sock", base / "snap", base / "c.sock", base / "snap.log")
     subprocess.run(
         [sys.executable, "-m", "coco.cli.main", "runtime", "install", "--containerd-config",
-         str(cfg), "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin")],
+         str(cfg), "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin"),
+         "--snapshotter", str(snapshotter.socket)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+    snapshotter.start()
     local = base / "coco" / "configuration-local.toml"
     state = Path(tempfile.mkdtemp(prefix="coco-st-", dir="/tmp"))  # short: sockets live in it
     local.write_text(local.read_text() + f'\n[runtime]\nstate_dir = "{state}"\n')
@@ -310,6 +357,7 @@ def containerd(
         base / "cni-bin",
         test_images.pause,
         state,
+        snapshotter,
     )
     try:
         _wait_socket(ctrd.address, proc, log)
@@ -324,6 +372,7 @@ def containerd(
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
         _stop_shims(ctrd.address)
+        snapshotter.stop()
         _umount_under(base)
         _umount_under(state)
         shutil.rmtree(state, ignore_errors=True)

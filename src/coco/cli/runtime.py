@@ -102,6 +102,16 @@ def _build_install(p: Parser) -> None:
         help=shown("The cloud-api-adaptor socket for coco-remote.", "/run/peerpod/hypervisor.sock"),
     )
     p.add_argument(
+        "--snapshotter",
+        nargs="?",
+        const="/run/coco/snapshotter.sock",
+        metavar="SOCKET",
+        help="Make coco's snapshotter (`coco snapshotter serve`, listening on SOCKET, default "
+        "/run/coco/snapshotter.sock) containerd's CRI snapshotter, with snapshot annotations on: "
+        "images pulled in the guest (encrypted ones) are then not unpacked on this host. It must "
+        "run whenever containerd does.",
+    )
+    p.add_argument(
         "--print-runtimeclasses",
         action="store_true",
         help="Print the Kubernetes RuntimeClass objects of the handlers (YAML) on stdout.",
@@ -121,6 +131,7 @@ def install_cmd(
     podvm_image: Path | None,
     remote_hypervisor_socket: str,
     print_runtimeclasses: bool,
+    snapshotter: str | None = None,
 ) -> None:
     from coco.host import install
 
@@ -134,6 +145,7 @@ def install_cmd(
         restrict_oom_score_adj=restrict_oom_score_adj,
         podvm_image=podvm_image.absolute() if podvm_image else None,
         remote_socket=remote_hypervisor_socket,
+        snapshotter=snapshotter,
         say=_say,
     )
     done = install.install(opts)
