@@ -37,7 +37,12 @@ def _build_generate(p: Parser) -> None:
         "policy goes into the initdata annotation io.katacontainers.config.hypervisor."
         'cc_init_data (base64 of gzip of the initdata TOML, policy in data."policy.rego"; '
         "--initdata adds it to your own document), or with --annotation policy|both into the "
-        "older io.katacontainers.config.agent.policy (base64 Rego)."
+        "older io.katacontainers.config.agent.policy (base64 Rego).\n\n"
+        "--settings describes the node (upstream's genpolicy-settings.json shape, merged over "
+        "coco's defaults): e.g. guest_pull.oci_version for the containerd in use, or the "
+        "io.katacontainers.pkg.oci.bundle_path and io.kubernetes.cri.sandbox-log-directory "
+        "annotations of pause_container/other_container when containerd's state directory or "
+        "the pod log root is not the default."
     )
     p.add_argument(
         "yaml_file", metavar="YAML_FILE", nargs="?", type=_stdin_or_file, help="'-': stdin."
@@ -64,6 +69,7 @@ def _build_generate(p: Parser) -> None:
     )
     p.add_argument(
         "--initdata",
+        "--initdata-path",  # upstream genpolicy's name
         type=_FILE,
         metavar="FILE",
         help="Base initdata TOML (e.g. aa.toml, cdh.toml); policy.rego is added to it.",
