@@ -23,7 +23,7 @@ from coco.integrity.agent_policy import AgentPolicy, default_rules
 from coco.integrity.genpolicy import INITDATA_ANNOTATION, POLICY_ANNOTATION, generate
 from tests.conftest import Registry
 from tests.imagekit import tar_layer, write_image
-from tests.integrity.genpolicy.helpers import Images, opts, pod, policy_of
+from tests.integrity.genpolicy.helpers import Images, create_container_request, opts, pod, policy_of
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -209,3 +209,30 @@ def _manifest_digest(ref: str) -> str:
     import hashlib
 
     return "sha256:" + hashlib.sha256(r.stdout).hexdigest()
+
+
+def test_storage_of_another_mode_is_refused(images: Images) -> None:
+    """A host answering a guest-pull policy with a tardev layer (its own block device as the
+    root) meets a check that names it, not a silence."""
+    _, gp = policy_of(generate(pod(images.app), "p.yaml", opts(images, layers="guest-pull")).yaml)
+    _, td = policy_of(generate(pod(images.app), "p.yaml", opts(images)).yaml)
+    req = create_container_request(td, 1)
+    req["storages"] = req["storages"][:1]  # as many storages as the policy has
+    whys = [
+        str(v) for v in AgentPolicy.from_data(gp).evaluate("CreateContainerRequest", req).violations
+    ]
+    layer = req["storages"][0]["mount_point"]
+    assert (
+        f"rule storages: storages[0] ({layer}) expected a storage the policy lists, got blk" in whys
+    )
+    # and the other way round: a guest pull where the policy holds the layers' roots
+    req = create_container_request(td, 1)
+    pull = {"driver": "image_guest_pull", "driver_options": ['image_guest_pull={"metadata":{}}'],
+            "source": images.app, "fstype": "overlay", "options": [], "fs_group": None,
+            "mount_point": req["OCI"]["Root"]["Path"]}  # fmt: skip
+    req["storages"][-1] = pull
+    whys = [
+        str(v) for v in AgentPolicy.from_data(td).evaluate("CreateContainerRequest", req).violations
+    ]
+    assert any(w.startswith("rule storages: storages[2] (") and "no image_guest_pull storage" in w
+               for w in whys), whys  # fmt: skip
