@@ -1,6 +1,7 @@
-"""What the CLI shows while long work runs: rich bars per blob and a spinner, on a terminal only.
+"""What the CLI draws on a terminal: rich bars per blob and a spinner while long work runs, and
+the readable form of ``coco image inspect`` (a summary and a layer table).
 
-Nothing is drawn when stderr is piped or ``--quiet`` is given, and rich is imported only when
+Nothing is drawn when the stream is piped or ``--quiet`` is given, and rich is imported only when
 something is drawn.
 """
 
@@ -10,7 +11,7 @@ import contextlib
 import sys
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -90,3 +91,53 @@ def busy(message: str) -> Iterator[None]:
 
     with Console(stderr=True).status(message):
         yield
+
+
+def print_image_table(view: dict[str, Any]) -> None:
+    """``coco image inspect`` on a terminal: the skopeo fields as lines, then one row a layer."""
+    import re
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column(overflow="fold")
+    platform = "/".join(str(view[k]) for k in ("Os", "Architecture", "Variant") if view.get(k))
+    labels = view.get("Labels") or {}
+    rows = [
+        ("Name", view.get("Name", "")),
+        ("Digest", view["Digest"]),
+        ("Tags", ", ".join(view["RepoTags"])),
+        ("Created", view.get("Created") or ""),
+        ("Platform", platform),
+        ("Labels", "\n".join(f"{k}={v}" for k, v in labels.items())),
+        ("Env", "\n".join(view.get("Env") or [])),
+    ]
+    for key, value in rows:
+        if value:
+            summary.add_row(key, str(value))
+    console.print(summary)
+    layers = Table(box=box.SIMPLE_HEAD, title=f"Layers ({len(view['LayersData'])})")
+    layers.title_justify = "left"
+    layers.add_column("#", justify="right")
+    layers.add_column("Digest", no_wrap=True)
+    layers.add_column("Size", justify="right", no_wrap=True)
+    layers.add_column("Type", no_wrap=True)
+    for i, layer in enumerate(view["LayersData"], 1):
+        kind = re.search(r"tar.*$", layer["MIMEType"])  # tar+gzip, tar.gzip, tar+zstd+encrypted
+        mime = kind.group(0) if kind else layer["MIMEType"]
+        short = layer["Digest"][:19]  # sha256: and 12 hex digits, as docker shows image ids
+        layers.add_row(str(i), short, _human(layer["Size"]), mime)
+    console.print(layers)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

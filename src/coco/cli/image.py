@@ -218,7 +218,11 @@ def copy_cmd(
 
 
 def _build_inspect(p: Parser) -> None:
-    p.description = "Print the manifest and config of REF as JSON."
+    p.description = (
+        "Print what `skopeo inspect` prints for REF: Name, Digest, RepoTags, Created, "
+        "DockerVersion, Labels, Architecture, Os, Layers, LayersData, Env (JSON when piped, a "
+        "summary with a layer table on a terminal unless --json)."
+    )
     p.add_argument("ref", metavar="REF")
     _source_options(p)
     p.add_argument(
@@ -230,6 +234,13 @@ def _build_inspect(p: Parser) -> None:
         action="store_true",
         help="Print the config bytes as stored.",
     )
+    p.add_argument(
+        "-n",
+        "--no-tags",
+        action="store_true",
+        help="Do not list the repository's tags (RepoTags stays empty).",
+    )
+    p.add_argument("--json", action="store_true", help="JSON even on a terminal.")
     _platform_options(p)
     p.set_defaults(func=inspect_cmd)
 
@@ -241,13 +252,13 @@ def inspect_cmd(
     tls_verify: bool,
     raw: bool,
     show_config: bool,
+    no_tags: bool,
+    json: bool,
     override_os: str | None,
     override_arch: str | None,
     override_variant: str | None,
 ) -> None:
-    import json
-
-    from coco.oci.inspect import inspect_image
+    from coco.oci.inspect import inspect_image, skopeo_json, skopeo_view
     from coco.oci.transport import Access
 
     r = _ref(ref, "REF")
@@ -259,27 +270,19 @@ def inspect_cmd(
         os=override_os,
         arch=override_arch,
         variant=override_variant,
+        tags=not (raw or show_config or no_tags),
     )
-    if raw:
-        sys.stdout.buffer.write(info.raw)
+    if raw or show_config:
+        sys.stdout.buffer.write(info.raw if raw else info.config.raw)
         sys.stdout.buffer.flush()
         return
-    if show_config:
-        sys.stdout.buffer.write(info.config.raw)
-        sys.stdout.buffer.flush()
+    view = skopeo_view(info)
+    if json or not sys.stdout.isatty():
+        print(skopeo_json(view))
         return
-    out = {
-        "Name": info.reference,
-        "Digest": info.digest,
-        "MediaType": info.media_type,
-        "ManifestDigest": info.manifest.digest,
-        "Platform": f"{info.config.os}/{info.config.architecture}"
-        + (f"/{info.config.variant}" if info.config.variant else ""),
-        "Layers": [layer.digest for layer in info.manifest.layers],
-        "Manifest": json.loads(info.manifest.raw),
-        "Config": json.loads(info.config.raw),
-    }
-    print(json.dumps(out, indent=2))
+    from coco.cli._progress import print_image_table
+
+    print_image_table(view)
 
 
 def _default_store() -> str:

@@ -258,6 +258,27 @@ class RegistryClient:
         ctype = resp.headers.get("content-type", "").split(";")[0].strip()
         return raw, ctype
 
+    def list_tags(self, repo: str, what: str, *, limit: int = 100_000) -> list[str]:
+        """The repository's tags, as the registry lists them (pages followed by their Link)."""
+        from coco.jsonio import loads
+
+        tags: list[str] = []
+        url = f"/v2/{repo}/tags/list"
+        while url and len(tags) < limit:
+            resp = self._send("GET", url, (f"repository:{repo}:pull",), what)
+            if resp.status_code != 200:
+                raise RegistryError(f"{what}: tags: registry answered {_status(resp)}")
+            body = loads(resp.content, what=f"{what}: tags", error=RegistryError)
+            page = body.get("tags") if isinstance(body, dict) else None
+            if page is not None and (
+                not isinstance(page, list) or not all(isinstance(t, str) for t in page)
+            ):
+                raise RegistryError(f"{what}: tags: expected a list of strings, found {page!r:.80}")
+            tags += page or []
+            link = re.match(r"\s*<([^>]+)>", resp.headers.get("link", ""))
+            url = urllib.parse.urljoin(self._base or "", link.group(1)) if link else ""
+        return tags
+
     def put_manifest(
         self, repo: str, reference: str, raw: bytes, media_type: str, what: str
     ) -> str:

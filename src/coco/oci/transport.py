@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coco.crypto.digest import sha256_digest
-from coco.errors import DigestMismatchError, UsageError
+from coco.errors import DigestMismatchError, ManifestError, UsageError
 from coco.oci.auth import AuthFile, Credentials, default_authfile
-from coco.oci.models import Descriptor
+from coco.oci.models import Descriptor, Index, Manifest, parse_manifest
 from coco.oci.reference import DockerReference, ImageReference, LayoutReference
 
 if TYPE_CHECKING:  # each transport's module loads only when it is used
@@ -60,6 +60,10 @@ class ImageSource:
     def open_blob(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         """The blob in ~1 MiB chunks; raises DigestMismatchError at the end if it is corrupt."""
         raise NotImplementedError
+
+    def tags(self) -> list[str]:
+        """The repository's tags (none for a transport without repositories)."""
+        return []
 
     def close(self) -> None:
         pass
@@ -206,6 +210,9 @@ class RegistrySource(ImageSource):
     def open_blob(self, desc: Descriptor, what: str) -> Iterator[bytes]:
         return self.client.open_blob(self.ref.repository, desc.digest, desc.size, what)
 
+    def tags(self) -> list[str]:
+        return self.client.list_tags(self.ref.repository, str(self.ref))
+
     def close(self) -> None:
         self.client.close()
 
@@ -287,6 +294,29 @@ class RegistryDestination(ImageDestination):
 
     def close(self) -> None:
         self.client.close()
+
+
+def resolve_platform(
+    source: ImageSource,
+    top: Manifest | Index,
+    where: str,
+    *,
+    os: str | None = None,
+    arch: str | None = None,
+    variant: str | None = None,
+) -> tuple[Manifest, Descriptor | None]:
+    """The image manifest of ``top`` for one platform (default: linux on this host's arch, as
+    skopeo picks it): ``top`` itself, or the index entry's manifest and that entry."""
+    if isinstance(top, Manifest):
+        return top, None
+    chosen = top.select(os, arch, variant, where=where)
+    what = f"{where}: manifest {chosen.digest}"
+    m = parse_manifest(source.child_manifest(chosen, what), chosen.media_type, what)
+    if not isinstance(m, Manifest):
+        raise ManifestError(
+            f"{where}: expected an image manifest for {chosen.platform}, found a nested index"
+        )
+    return m, chosen
 
 
 def open_source(ref: ImageReference, access: Access) -> ImageSource:
