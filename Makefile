@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@scripts/install-system-deps
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip uninstall -q -y coco 2>/dev/null || true  # the old distribution name
 	@$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 

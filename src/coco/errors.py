@@ -21,6 +21,17 @@ class UsageError(CocoError):
         self.status = status
 
 
+class MissingExtraError(CocoError):
+    """A feature whose Python package comes with an extra that is not installed."""
+
+    def __init__(self, module: str, extra: str, what: str) -> None:
+        super().__init__(
+            f"{what} needs the Python package {module}, which is not installed: "
+            f"pip install 'confidential-containers[{extra}]'"
+        )
+        self.module, self.extra = module, extra
+
+
 class RegoError(CocoError):
     """A Rego policy that does not compile, an unusable input, or a failed evaluation (coco.rego)."""
 

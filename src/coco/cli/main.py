@@ -37,6 +37,10 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "aa": ("coco.cli.aa", "The Attestation Agent: evidence, KBS tokens, TPM AK, ttRPC service."),
     "api-server": ("coco.cli.api_server", "The guest's REST API over the AA and the Data Hub."),
     "attestation": ("coco.cli.attestation", "Attestation Service tools."),
+    "completion": (
+        "coco.cli.completion",
+        "Shell completion: print the script for bash, zsh or fish.",
+    ),
     "cdh": ("coco.cli.cdh", "The Confidential Data Hub: resources, secrets, pulls in the guest."),
     "cloud-api-adaptor": (
         "coco.cli.cloud_api_adaptor",

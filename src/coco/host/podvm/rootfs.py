@@ -27,6 +27,7 @@ from coco.errors import PodVmError
 from coco.host.podvm.cache import Cache, digest
 from coco.host.podvm.run import run
 
+DIST = "confidential-containers"  # the distribution name (pyproject.toml); the package is coco
 SUITE = "bookworm"
 VARIANT = "apt"
 PACKAGES = (
@@ -40,6 +41,7 @@ PACKAGES = (
     "tpm2-tools",
     "libtss2-tcti-device0",
     "ca-certificates",
+    "libatomic1",  # regopy's librego_shared.so (the agent's policy engine) links it
 )
 DPKG_EXCLUDES = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
 BASE_FORMAT = "1"
@@ -105,16 +107,17 @@ def find_source(start: Path | None = None) -> Path:
             f"pod VM build: {root}: expected the coco source tree (pyproject.toml and "
             "src/coco), found none: pass --source DIR"
         )
-    if not re.search(r'(?m)^name\s*=\s*"coco"', pyproject.read_text()):
-        raise PodVmError(f"pod VM build: {pyproject}: expected the project named 'coco'")
+    if not re.search(rf'(?m)^name\s*=\s*"{DIST}"', pyproject.read_text()):
+        raise PodVmError(f"pod VM build: {pyproject}: expected the project named {DIST!r}")
     return root
 
 
 def source_files(root: Path) -> list[Path]:
     """What the wheel is built from: pyproject.toml, README.md and the package's files."""
     files = [root / "pyproject.toml"]
-    if (root / "README.md").is_file():
-        files.append(root / "README.md")
+    for name in ("README.md", "LICENSE"):
+        if (root / name).is_file():
+            files.append(root / name)
     for path in (root / "src/coco").rglob("*"):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
             files.append(path)
@@ -133,7 +136,7 @@ def build_wheel(root: Path, files: Sequence[Path], out: Path) -> Path:
              "--no-build-isolation", "--wheel-dir", out, tmp],
             "pod VM build: the coco wheel",
         )  # fmt: skip
-    wheels = list(out.glob("coco-*.whl"))
+    wheels = list(out.glob(DIST.replace("-", "_") + "-*.whl"))
     if len(wheels) != 1:
         raise PodVmError(f"pod VM build: expected one coco wheel, found {len(wheels)}")
     return wheels[0]

@@ -19,7 +19,12 @@ from collections import deque
 from typing import Any
 from urllib.parse import unquote
 
-import httptools
+from coco.errors import MissingExtraError
+
+try:
+    import httptools
+except ModuleNotFoundError:
+    raise MissingExtraError("httptools", "kbs", "coco kbs serve") from None
 
 from coco.trustee.kbs.app import KbsApp, Reply
 from coco.trustee.kbs.errors import KbsHttpError

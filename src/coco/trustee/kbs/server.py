@@ -14,6 +14,7 @@ import ssl
 from coco.errors import KbsError
 from coco.trustee.config import KbsConfig, parse_socket
 from coco.trustee.kbs.app import KbsApp
+from coco.trustee.kbs.http import serve_forever  # at import: no kbs extra, nothing is bound
 from coco.trustee.storage.localfs import DB_NAME
 
 log = logging.getLogger("coco.kbs")
@@ -103,8 +104,6 @@ def _sqlite_files(config: KbsConfig) -> list[str]:
 
 
 def _run(app: KbsApp, sockets: list[socket.socket], ctx: ssl.SSLContext | None) -> None:
-    from coco.trustee.kbs.http import serve_forever
-
     # Everything loaded so far lives as long as the server: keep it out of the collector's scans.
     gc.collect()
     gc.freeze()

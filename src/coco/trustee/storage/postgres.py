@@ -10,7 +10,12 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-import psycopg
+from coco.errors import MissingExtraError
+
+try:
+    import psycopg
+except ModuleNotFoundError:
+    raise MissingExtraError("psycopg", "postgres", "PostgreSQL storage") from None
 
 from coco.trustee.storage.base import StorageError, Store, check_key
 

@@ -75,7 +75,7 @@ def _libvirt() -> Any:
     except ImportError:
         raise ProviderError(
             "libvirt provider: the Python module libvirt is missing: install coco with the "
-            "`libvirt` extra (pip install 'coco[libvirt]'; it builds against libvirt-dev)"
+            "`libvirt` extra (pip install 'confidential-containers[libvirt]'; it builds against libvirt-dev)"
         ) from None
     return libvirt
 
