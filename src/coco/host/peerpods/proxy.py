@@ -22,12 +22,13 @@ from coco.rpc.client import Client
 from coco.rpc.protos import health_pb2
 from coco.rpc.relay import relay_handlers
 from coco.rpc.server import Server
-from coco.rpc.status import UnavailableError
+from coco.rpc.status import Code, RpcError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "agent.ttrpc"
-MAX_BACKOFF = 5.0
+DIAL_TRY = 2.0  # seconds for one connection + TLS handshake while waiting for the VM
+MAX_BACKOFF = 1.0  # a try is one TCP connect: cheap next to the seconds a late retry costs
 
 
 class AgentProxy:
@@ -60,7 +61,7 @@ class AgentProxy:
         await server.listen(f"unix://{self.socket_path}")
         self._server = server
 
-    async def _dial(self) -> Client:
+    async def _dial(self, timeout: float) -> Client:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -69,7 +70,7 @@ class AgentProxy:
                     ssl=self.ssl_context,
                     server_hostname=self.server_hostname if self.ssl_context else None,
                 ),
-                timeout=10,
+                timeout=timeout,
             )
         except ssl.SSLError as e:
             raise UnavailableError(
@@ -82,14 +83,21 @@ class AgentProxy:
             ) from None
         return Client(reader, writer, address=f"tcp://{self.target}")
 
-    async def _upstream(self) -> Client:
+    async def _upstream(self, timeout: float = 10.0) -> Client:
         async with self._lock:
             if self._client is None or self._client._closed is not None:
                 if self._client is not None:
                     with contextlib.suppress(Exception):
                         await self._client.close()
-                self._client = await self._dial()
+                self._client = await self._dial(timeout)
             return self._client
+
+    async def _drop(self) -> None:
+        async with self._lock:
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    await self._client.close()
+                self._client = None
 
     async def wait_ready(self, timeout: float) -> None:
         """Dial until the forwarder answers a health check; :class:`PeerPodError` after
@@ -98,20 +106,23 @@ class AgentProxy:
         delay = 0.2
         while True:
             try:
-                client = await self._upstream()
+                # a VM still booting may take the connection (user networking does) and never
+                # answer it: give each try a short handshake, then try again
+                client = await self._upstream(timeout=DIAL_TRY)
                 await client.call(
                     services.HEALTH.name,
                     "Check",
                     health_pb2.CheckRequest(),
                     health_pb2.HealthCheckResponse,
-                    timeout=10,
+                    timeout=DIAL_TRY * 2,
                 )
                 return
-            except UnavailableError as e:
+            except RpcError as e:
+                if e.code not in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
+                    log.debug("agent proxy %s: health check answered %s", self.target, e)
+                    return  # the agent answered: the path through the VM works
                 reason = e.message.removeprefix("agent proxy: ")
-            except Exception as e:  # the agent answered something: the forwarder is up
-                log.debug("agent proxy %s: health check answered %s", self.target, e)
-                return
+                await self._drop()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerPodError(
