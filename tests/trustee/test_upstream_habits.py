@@ -173,15 +173,20 @@ def _config(tmp_path: Path, port: int, storage: str) -> Path:
     return cfg
 
 
+def _localfs_kbs(tmp_path: Path, store: Path, flag: str) -> KbsProcess:
+    """A KBS started from a config file (``flag``: how it is named) with LocalFs storage."""
+    port = free_port()
+    cfg = _config(tmp_path, port, '[storage_backend]\nstorage_type = "LocalFs"\n'
+                  f'[storage_backend.backends.local_fs]\ndir_path = "{store}"\n')  # fmt: skip
+    return KbsProcess(["kbs", "serve", flag, str(cfg)], f"http://127.0.0.1:{port}",
+                      tmp_path / "log").start()  # fmt: skip
+
+
 def test_config_file_and_localfs_files_are_served(tmp_path: Path) -> None:
     store = tmp_path / "repository"
     (store / "default" / "key").mkdir(parents=True)
     (store / "default" / "key" / "provisioned").write_bytes(b"from a file")
-    port = free_port()
-    cfg = _config(tmp_path, port, '[storage_backend]\nstorage_type = "LocalFs"\n'
-                  f'[storage_backend.backends.local_fs]\ndir_path = "{store}"\n')  # fmt: skip
-    kbs = KbsProcess(["kbs", "serve", "--config-file", str(cfg)], f"http://127.0.0.1:{port}",
-                     tmp_path / "log").start()  # fmt: skip
+    kbs = _localfs_kbs(tmp_path, store, "--config-file")
     try:
         url = kbs.url
         ok(client(url, "config", "set-resource-policy", "--allow-all"))
@@ -242,11 +247,7 @@ def test_text_logs_carry_timestamps_and_access_lines(open_kbs: KbsProcess) -> No
 def test_readyz_is_503_when_the_storage_does_not_answer(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    port = free_port()
-    cfg = _config(tmp_path, port, '[storage_backend]\nstorage_type = "LocalFs"\n'
-                  f'[storage_backend.backends.local_fs]\ndir_path = "{store}"\n')  # fmt: skip
-    kbs = KbsProcess(["kbs", "serve", "-c", str(cfg)], f"http://127.0.0.1:{port}",
-                     tmp_path / "log").start()  # fmt: skip
+    kbs = _localfs_kbs(tmp_path, store, "-c")
     try:
         assert httpx.get(kbs.url + "/readyz").status_code == 200
         os.chmod(store, 0)
