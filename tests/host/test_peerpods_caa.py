@@ -89,3 +89,35 @@ def test_userdata_is_what_the_guest_reads() -> None:
     doc = json.loads(files[0].content)
     assert doc == {"pod-namespace": "default", "pod-name": "web", "tls-server-key": "K",
                    "tls-server-cert": "C", "tls-client-ca": "A", "tls-min-version": "TLSv1.3"}  # fmt: skip
+
+
+def test_proxy_does_not_take_a_silent_peer_for_a_ready_vm(tmp_path: Path) -> None:
+    """A VM still booting behind user networking accepts the connection and never answers:
+    waiting for it must time out with the reason, not report the VM ready."""
+    import asyncio
+
+    from coco.host.peerpods.proxy import AgentProxy
+    from tests.rpc.conftest import arun
+
+    async def main() -> str:
+        held: list = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # accept, read nothing, answer nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        proxy = AgentProxy(tmp_path / "a.sock", "127.0.0.1", port, None, "podvm-x")
+        try:
+            with pytest.raises(PeerPodError) as err:
+                await proxy.wait_ready(6)
+            return str(err.value)
+        finally:
+            await proxy.stop()
+            for w in held:
+                w.close()
+            server.close()
+
+    message = arun(main(), timeout=60)
+    assert message.startswith("agent proxy: the forwarder at 127.0.0.1:")
+    assert "did not answer within 6 s" in message
