@@ -3,6 +3,7 @@ the kubelet stand-in proven on its own, independently of coco's shim."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from coco.host.pod.cri import CriClient
+from tests.conftest import Registry
 from tests.host.containerd_fixture import Containerd, CriImages
 
 pytestmark = pytest.mark.timeout(300)
@@ -407,4 +409,54 @@ def test_unknown_runtime_class(
         "coco: error: pod default/norc: the sandbox did not start: CRI RunPodSandbox:"
     )
     assert "no-such-handler" in last
+    assert sandboxes(containerd) == [] and leftovers(tmp_path) == []
+
+
+def test_registry_credentials(
+    containerd: Containerd, test_images: CriImages, registry: Registry, tmp_path: Path
+) -> None:
+    """imagePullSecrets, --creds and --authfile reach CRI PullImage; none: a one-line refusal."""
+    image = f"{registry.host}/coco-test/private:1"
+    subprocess.run(
+        ["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
+         "--dest-creds", registry.creds, f"docker://{test_images.busybox}", f"docker://{image}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    hosts = containerd.base / "certs.d" / registry.host  # containerd reads it at each pull
+    hosts.mkdir(parents=True, exist_ok=True)
+    (hosts / "hosts.toml").write_text(
+        f'server = "http://{registry.host}"\n\n[host."http://{registry.host}"]\n'
+        '  capabilities = ["pull", "resolve"]\n'
+    )
+    config = base64.b64encode(registry.authfile.read_bytes()).decode()
+    secret = (
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: regcred}\n"
+        f"type: kubernetes.io/dockerconfigjson\ndata: {{.dockerconfigjson: {config}}}\n---\n"
+    )
+
+    def pod(name: str, pull_secret: bool) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        text = (
+            f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n"
+            + ("  imagePullSecrets: [{name: regcred}]\n" if pull_secret else "")
+            + f"  containers:\n  - {{name: app, image: {image}, imagePullPolicy: Always, "
+            f'command: ["/bin/echo", "{name}"]}}\n'
+        )
+        return write_pod(d, (secret if pull_secret else "") + text)
+
+    args = pod_args(containerd, tmp_path)
+    r = coco("pod", "run", str(pod("anon", False)), *args)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"coco: error: pod default/anon: container app: pulling {image}: CRI PullImage:"
+    )
+    for name, extra in [
+        ("secret", []),
+        ("creds", ["--creds", registry.creds]),
+        ("authfile", ["--authfile", str(registry.authfile)]),
+    ]:
+        r = coco("pod", "run", str(pod(name, name == "secret")), *args, *extra)
+        assert (r.returncode, r.stdout) == (0, f"{name}\n"), r.stderr
     assert sandboxes(containerd) == [] and leftovers(tmp_path) == []

@@ -98,6 +98,9 @@ class _Run:
     # pulling
 
     def _auth(self, image: str) -> Any | None:
+        """The credentials for ``image`` (--creds, then imagePullSecrets, then --authfile). No
+        server_address: containerd 1.6 parses it as a URL and refuses a bare host:port; the
+        credentials are chosen per image here anyway."""
         from coco.oci.auth import AuthFile
         from coco.oci.reference import parse_docker
 
@@ -105,7 +108,7 @@ class _Run:
         registry = ref.registry
         if self.opts.credentials is not None:
             user, password = self.opts.credentials
-            return pb.AuthConfig(username=user, password=password, server_address=registry)
+            return pb.AuthConfig(username=user, password=password)
         for name, data in self.pod.pull_secrets.items():
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 f.write(data)
@@ -117,15 +120,11 @@ class _Run:
                         f"{self.pod.where}: imagePullSecret {name}: {str(e).replace(f.name, '.dockerconfigjson')}"
                     ) from None
             if creds is not None:
-                return pb.AuthConfig(
-                    username=creds.username, password=creds.password, server_address=registry
-                )
+                return pb.AuthConfig(username=creds.username, password=creds.password)
         if self.opts.authfile is not None:
             creds = AuthFile.load(self.opts.authfile).lookup(registry, ref.repository)
             if creds is not None:
-                return pb.AuthConfig(
-                    username=creds.username, password=creds.password, server_address=registry
-                )
+                return pb.AuthConfig(username=creds.username, password=creds.password)
         return None
 
     def pull(self) -> dict[str, str]:
