@@ -4,8 +4,10 @@ Sections: ``[http_server]``, ``[attestation_token]``, ``[attestation_service]`` 
 with ``attestation_token_broker``, ``rvps_config``, ``verifier_config``), ``[admin]``,
 ``[storage_backend]``, ``session_storage_type``, ``[[plugins]]``. Storage types: ``Sqlite``
 (ours, ``backends.sqlite.path``), ``Postgres`` (``backends.postgres`` host/port/db/username/
-password, or env ``POSTGRES_URL``), ``Memory``, and ``LocalFs`` (kept as one SQLite file
-``coco-kbs.sqlite`` under ``dir_path``). Our additions: ``http_server.request_header_size``
+password, or env ``POSTGRES_URL``), ``Memory``, and ``LocalFs`` (each resource the file
+``<dir_path>/<repository>/<type>/<tag>``, as upstream's LocalFs repository; the other namespaces
+in ``<dir_path>/.coco-kbs.sqlite``). ``verifier_config.tpm_verifier.trusted_ak_keys_dir`` is
+handed to the TPM verifier. Our additions: ``http_server.request_header_size``
 (KiB, default 256), ``storage_backend.url``, ``attestation_service.max_pending_sessions`` (sessions
 that called /auth but not yet /attest, per server; default 10000) and, in ``[policy_engine]``,
 the bounds of one policy evaluation: ``timeout_sec`` (default 3), ``memory_limit_mb`` (default
