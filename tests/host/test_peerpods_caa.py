@@ -121,3 +121,37 @@ def test_proxy_does_not_take_a_silent_peer_for_a_ready_vm(tmp_path: Path) -> Non
     message = arun(main(), timeout=60)
     assert message.startswith("agent proxy: the forwarder at 127.0.0.1:")
     assert "did not answer within 6 s" in message
+
+
+def _coco(args: list[str]) -> int:
+    from coco.cli.main import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_cli_usage_errors(capsys) -> None:
+    assert _coco(["cloud-api-adaptor", "serve", "aws"]) == 2
+    assert "PROVIDER: expected one of libvirt, qemu, found 'aws'" in capsys.readouterr().err
+    assert _coco(["cloud-api-adaptor", "serve", "libvirt", "--proxy-timeout", "soon"]) == 2
+    assert "expected a duration such as 90s, 5m or 1h, found 'soon'" in capsys.readouterr().err
+    assert _coco(["cloud-api-adaptor", "start"]) == 2
+    assert "No such command 'start'" in capsys.readouterr().err
+    assert _coco(["peerpods", "controller", "gcp"]) == 2
+    assert "found 'gcp'" in capsys.readouterr().err
+    assert _coco(["peerpods", "webhook", "serve"]) == 2
+    assert "--cert and --key" in capsys.readouterr().err
+    assert _coco(["cloud-api-adaptor", "serve", "qemu", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--podvm-image" in out and "REMOTE_HYPERVISOR_ENDPOINT" in out
+
+
+def test_duration() -> None:
+    from coco.cli.cloud_api_adaptor import duration
+
+    assert [duration(t) for t in ("90", "90s", "5m", "1h", "1m30s", "500ms")] == [
+        90, 90, 300, 3600, 90, 0.5
+    ]  # fmt: skip
