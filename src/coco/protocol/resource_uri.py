@@ -18,7 +18,7 @@ from coco.errors import KbsError
 
 SCHEME = "kbs://"
 API_PREFIX = "/kbs/v0"
-_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*")
+SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*")  # one path segment (fullmatch)
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(?P<port>[0-9]*))?")
@@ -97,7 +97,7 @@ def _segments(path: str, text: str, where: str) -> tuple[str, str, str]:
             f"found {len(segments)}"
         )
     for name, seg in zip(("repository", "type", "tag"), segments, strict=True):
-        if not _SEGMENT.fullmatch(seg):
+        if not SEGMENT.fullmatch(seg):
             raise ResourceUriError(
                 f"{where} {text!r}: {name} {seg!r}: expected letters, digits, '_', '-' and "
                 "'.', not starting with '.'"
@@ -122,4 +122,4 @@ def _check_address(address: str, text: str, where: str) -> None:
         )
 
 
-__all__ = ["ResourceUri", "ResourceUriError"]
+__all__ = ["SEGMENT", "ResourceUri", "ResourceUriError"]

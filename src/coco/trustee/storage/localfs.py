@@ -12,14 +12,13 @@ may not start with one.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 
+from coco.protocol.resource_uri import SEGMENT
 from coco.trustee.storage.base import StorageError, Store, check_key
 from coco.trustee.storage.sqlite import SqliteStore
 
 DB_NAME = ".coco-kbs.sqlite"
-_SEGMENT = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*")
 
 
 class LocalFsStore(Store):
@@ -36,7 +35,7 @@ class LocalFsStore(Store):
     def _path(self, key: str) -> str:
         check_key(key)
         parts = key.split("/")
-        if not all(_SEGMENT.fullmatch(p) for p in parts):
+        if not all(SEGMENT.fullmatch(p) for p in parts):
             raise StorageError(
                 f"localfs storage key {key!r}: expected segments of [A-Za-z0-9-_.], "
                 "none empty or starting with '.'"
@@ -96,11 +95,9 @@ class LocalFsStore(Store):
         for folder, dirs, files in os.walk(self.root, followlinks=True):
             rel = os.path.relpath(folder, self.root)
             depth = 0 if rel == "." else rel.count(os.sep) + 1
-            dirs[:] = [d for d in dirs if _SEGMENT.fullmatch(d)] if depth < 2 else []
+            dirs[:] = [d for d in dirs if SEGMENT.fullmatch(d)] if depth < 2 else []
             if depth == 2:
-                out.extend(
-                    f"{rel}/{n}".replace(os.sep, "/") for n in files if _SEGMENT.fullmatch(n)
-                )
+                out.extend(f"{rel}/{n}".replace(os.sep, "/") for n in files if SEGMENT.fullmatch(n))
         return sorted(out)
 
     def sweep(self, ns: str) -> int:
