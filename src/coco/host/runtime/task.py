@@ -52,6 +52,7 @@ RUNTIME_FILE = "coco-runtime.json"  # in the bundle: what `delete` needs after a
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+NETNS = "coco.netns"  # to the sandbox: the pod's network namespace path
 IMAGE_NAME = "io.kubernetes.cri.image-name"
 VERSION = "coco-v2"
 DEFAULT_CALL_TIMEOUT = 60.0
@@ -138,6 +139,9 @@ class TaskService:
         self.config = rconfig.load(config_path or os.environ.get("COCO_SHIM_CONFIG_PATH"))
         annotations = dict(spec.get("annotations") or {})
         initdata = rinitdata.from_annotations(annotations)
+        for ns in (spec.get("linux") or {}).get("namespaces") or []:
+            if ns.get("type") == "network" and ns.get("path"):  # the pod's, from CNI
+                annotations[NETNS] = ns["path"]
         sb = sandbox.make(self.config, sid)
         self.sandbox, self.sandbox_id = sb, sid
         try:

@@ -5,10 +5,15 @@ log of every sandbox it starts. ``setpriv --pdeathsig KILL unshare --mount --pid
 --kill-child --mount-proc`` puts :mod:`.init` as pid 1 of a new PID and mount namespace: it
 mounts private tmpfs over ``/run/kata-containers`` and ``/run/confidential-containers`` (so
 nothing the agent writes reaches the host's), writes the initdata there as the pod VM's init does,
-and runs ``coco aa serve``, ``coco cdh serve`` and ``coco agent serve`` on a Unix socket in the
-sandbox's state directory. When the shim dies, however it dies, the kernel kills the namespace's
-pid 1 and with it every process inside, containers included; its mounts go with the namespace.
-The agent and the guest services share the host's network namespace, as in a peer-pod VM.
+and runs ``coco aa serve``, ``coco cdh serve``, ``coco api-server serve`` and ``coco agent serve``
+(on a Unix socket in the sandbox's state directory). When the shim dies, however it dies, the
+kernel kills the namespace's pid 1 and with it every process inside, containers included; its
+mounts go with the namespace.
+
+Networks, as in a peer-pod VM: the AA and the CDH use the host's network (they reach the KBS and
+the registries); the agent, hence every container, and the API server run in the pod's network
+namespace (the sandbox spec's, from CNI; a private one with only ``lo`` when the spec names none),
+so a container reaches its own pod's API server on ``127.0.0.1:8006`` and pods never share it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from coco.host.runtime.sandbox import Sandbox, kill_if_same, start_time
 log = logging.getLogger(__name__)
 
 AGENT_SOCKET = "agent.sock"
+NETNS = "coco.netns"  # the annotation the shim puts the pod's network namespace path in
 
 
 def coco_command(configured: str = "") -> list[str]:
@@ -96,8 +102,15 @@ class LocalSandbox(Sandbox):
         pause = Path(configured) if configured else pause_bundle(self.state_dir / "pause_bundle")
         if initdata is not None:
             (self.state_dir / "initdata.toml").write_bytes(initdata)
+        netns = annotations.get(NETNS, "")
+        if netns and not Path(netns).exists():
+            raise SandboxError(
+                f"local sandbox {self.sid}: the pod's network namespace {netns}: expected a "
+                "namespace file, found nothing there"
+            )
         plan = {
             "coco": coco_command(self.config.coco),
+            "netns": netns,
             "agent_socket": str(self.agent_socket),
             "pause_bundle": str(pause),
             "initdata": str(self.state_dir / "initdata.toml") if initdata is not None else "",

@@ -2,16 +2,19 @@
 
 ``python -m coco.host.runtime.local.init STATE_DIR`` reads ``STATE_DIR/plan.json``, mounts
 private tmpfs over the guest's run directories, writes the initdata files where the pod VM's init
-puts them, starts the AA (sample attester: the host is no TEE), the CDH and the agent, and then
-reaps. It exits when the agent exits, or on SIGTERM after stopping the services; the kernel then
+puts them, starts the AA (sample attester: the host is no TEE) and the CDH in the host's network,
+then enters the pod's network namespace (the plan's ``netns``; a new one with ``lo`` up when
+none) and starts the API server (``127.0.0.1:8006`` there) and the agent, and then reaps. It exits when the agent exits, or on SIGTERM after stopping the services; the kernel then
 kills whatever is left in the namespace.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +28,8 @@ INITDATA_DIR = Path("/run/confidential-containers/initdata")
 AA_SOCKET = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
 CDH_SOCKET = "/run/confidential-containers/cdh.sock"
 SERVICE_TIMEOUT = 60.0
+API_SERVER = ("127.0.0.1", 8006)
+CLONE_NEWNET = 0x40000000
 
 
 def say(text: str) -> None:
@@ -49,14 +54,49 @@ def write_initdata(path: str) -> set[str]:
     return set(files)
 
 
-def start(coco: list[str], name: str, args: list[str], socket: str | None) -> subprocess.Popen:
+def enter_network(netns: str) -> str:
+    """Move this process (and so the children it starts next) into the pod's network namespace
+    ``netns``, or into a new one with ``lo`` up when it is empty; what it entered."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if netns:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise CocoError(f"entering the pod's network namespace {netns}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return netns
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise CocoError(f"creating the pod's network namespace: {os.strerror(err)}")
+    r = subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CocoError(f"bringing lo up in the pod's network namespace: {r.stderr.strip()}")
+    return "a new network namespace"
+
+
+def _listening(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def start(
+    coco: list[str], name: str, args: list[str], listen: str | tuple[str, int] | None
+) -> subprocess.Popen:
+    """Start ``coco ARGS``; wait until it listens on ``listen`` (a path or a TCP address)."""
     proc = subprocess.Popen([*coco, *args], stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + SERVICE_TIMEOUT
-    while socket is not None and not os.path.exists(socket):
+    while listen is not None and not (
+        _listening(listen) if isinstance(listen, tuple) else os.path.exists(listen)
+    ):
         if proc.poll() is not None:
             raise CocoError(f"coco {name} exited with status {proc.returncode} before listening")
         if time.monotonic() > deadline:
-            raise CocoError(f"coco {name} did not listen on {socket} within {SERVICE_TIMEOUT} s")
+            raise CocoError(f"coco {name} did not listen on {listen} within {SERVICE_TIMEOUT} s")
         time.sleep(0.05)
     say(f"{name} started (pid {proc.pid})")
     return proc
@@ -66,6 +106,7 @@ def main(state_dir: str) -> int:
     state = Path(state_dir)
     plan = json.loads((state / "plan.json").read_text())
     coco = plan["coco"]
+    netns = plan.get("netns", "")
     stopping = False
 
     def on_term(signum, frame) -> None:
@@ -95,6 +136,11 @@ def main(state_dir: str) -> int:
     try:
         procs.append(start(coco, "aa", aa, AA_SOCKET))
         procs.append(start(coco, "cdh", cdh, CDH_SOCKET))
+        say(f"the API server, the agent and the containers: network of {enter_network(netns)}")
+        bind = f"{API_SERVER[0]}:{API_SERVER[1]}"
+        api = ["api-server", "serve", "--bind", bind, "--cdh-addr", f"unix://{CDH_SOCKET}",
+               "--aa-addr", f"unix://{AA_SOCKET}"]  # fmt: skip
+        procs.append(start(coco, "api-server", api, API_SERVER))
         procs.append(start(coco, "agent", agent, None))
     except CocoError as e:
         say(f"error: {e}")
