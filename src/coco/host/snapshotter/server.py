@@ -258,10 +258,10 @@ def serve(
             f"--socket {socket_path}: expected a path of at most 107 bytes (a Unix socket), "
             f"found {len(str(socket_path))}"
         )
+    _claim_socket(socket_path)
     store = Store(root)
     content = ContentReader(containerd_address)
     service = Snapshotter(store, GuestPullPolicy(content, patterns), speak)
-    _claim_socket(socket_path)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((handler(service),))
     server.add_insecure_port(f"unix:{socket_path}")
