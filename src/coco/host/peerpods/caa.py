@@ -343,10 +343,11 @@ class Caa:
                 raise ProviderError(f"VM {inst.name} has no IP address", inst.id)
             sb.instance_id, sb.ips = inst.id, list(inst.ips)
             sb.forwarder_port = inst.forwarder_port or self.config.forwarder_port
-            sb.state = "running"
-            self.store.save(sb)
+            self.store.save(sb)  # still starting: a CAA that dies now leaves an orphan to delete
             proxy = await self._start_proxy(sb)
             await proxy.wait_ready(self.config.proxy_timeout)
+            sb.state = "running"
+            self.store.save(sb)
         except (CocoError, OSError) as e:
             await self._undo_start(sb, getattr(e, "instance_id", "") or sb.instance_id)
             raise RpcError(

@@ -4,9 +4,11 @@ Upstream's CAA keeps sandboxes in memory, so a restart loses every pod (its issu
 #3055). Here each state change is written (atomically, 0600) before the CAA acts on it:
 
 * ``created``: CreateVM answered; the userdata is ready, no VM exists;
-* ``starting``: StartVM asked the provider for a VM; a CAA that finds this state at start died
-  during the create, so the VM (if any) is an orphan and the sandbox goes back to ``created``;
-* ``running``: the VM ``instance_id`` exists and the proxy serves the agent socket.
+* ``starting``: StartVM asked the provider for a VM (``instance_id`` once it has one) and waits
+  for its forwarder; a CAA that finds this state at start died before StartVM answered, so the
+  VM (if any) is an orphan: the reconcile deletes it and the sandbox goes back to ``created``;
+* ``running``: StartVM answered; the VM ``instance_id`` exists and the proxy serves the agent
+  socket.
 """
 
 from __future__ import annotations
