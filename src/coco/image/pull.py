@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import logging
 import os
@@ -38,23 +37,23 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coco.crypto.digest import sha256_digest
 from coco.errors import (
     CocoError,
     DecryptionError,
     DigestMismatchError,
-    ManifestError,
     PullError,
 )
 from coco.image.bundle import Bundle, create_bundle
 from coco.image.store import LayerStore
 from coco.oci import mediatypes as mt
-from coco.oci.models import Descriptor, ImageConfig, Index, Manifest, parse_manifest
+from coco.oci.compression import decompressed
+from coco.oci.models import Descriptor, ImageConfig, Manifest
 from coco.oci.reference import ImageReference, parse_reference
-from coco.oci.stream import Cancelled, prefetch
-from coco.oci.transport import Access, ImageSource, open_source
+from coco.oci.stream import Cancelled, ChunkReader, prefetch
+from coco.oci.transport import Access, ImageSource, open_source, platform_manifest
 
 if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither threads nor the untar
     from concurrent.futures import Future
@@ -68,7 +67,6 @@ log = logging.getLogger(__name__)
 
 _QUEUE_DEPTH = 4  # chunks between the reader thread and the decoders
 _CHUNK = 1 << 20  # registry read size: every queue downstream holds chunks of this size
-_BLOCK = 256 << 10  # decompressor block: igzip_threaded buffers 8 of them
 
 
 class SignaturePolicy(Protocol):
@@ -121,57 +119,6 @@ class PullResult:
 # -- streams -----------------------------------------------------------------------------------
 
 
-class _ChunkReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks (what the decompressors read from)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._it = chunks
-        self._buf = memoryview(b"")
-        self.eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            if self.eof:
-                return 0
-            try:
-                self._buf = memoryview(next(self._it))
-            except StopIteration:
-                self.eof = True
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            return self.readall()
-        if not self._buf and not self.eof:
-            try:
-                chunk = next(self._it)
-            except StopIteration:
-                self.eof = True
-                return b""
-            if len(chunk) <= size:
-                return chunk
-            self._buf = memoryview(chunk)
-        out = bytes(self._buf[:size])
-        self._buf = self._buf[size:]
-        return out
-
-    def leftover(self) -> int:
-        """Read to the end (so end-of-stream checks run); return how many bytes were left."""
-        n = len(self._buf)
-        self._buf = memoryview(b"")
-        for chunk in self._it:
-            n += len(chunk)
-        self.eof = True
-        return n
-
-
 def _plaintext(
     desc: Descriptor,
     chunks: Iterator[bytes],
@@ -190,43 +137,7 @@ def _plaintext(
     return decrypter.apply(index, total, desc, chunks, private).chunks
 
 
-def _decompressed(raw: _ChunkReader, compression: str, where: str) -> BinaryIO:
-    if compression == "gzip":
-        try:
-            from isal import igzip_threaded
-        except ImportError:  # isal is a dependency; zlib still works without it, slower
-            import gzip
-
-            return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-        return igzip_threaded.open(raw, "rb", threads=1, block_size=_BLOCK)  # type: ignore[return-value]
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
-            raw, read_size=_BLOCK, read_across_frames=True
-        )
-    if compression == "none":
-        return raw  # type: ignore[return-value]
-    raise PullError(f"{where}: unsupported layer compression {compression!r}")
-
-
 # -- the pipeline ------------------------------------------------------------------------------
-def _resolve(source: ImageSource, ref: str, o: PullOptions) -> Manifest:
-    raw, media_type = source.top_manifest()
-    top = parse_manifest(raw, media_type, f"{ref}: manifest")
-    if isinstance(top, Manifest):
-        return top
-    assert isinstance(top, Index)
-    chosen = top.select(o.os, o.arch, o.variant, where=ref)
-    what = f"{ref}: manifest {chosen.digest}"
-    m = parse_manifest(source.child_manifest(chosen, what), chosen.media_type, what)
-    if not isinstance(m, Manifest):
-        raise ManifestError(
-            f"{ref}: expected an image manifest for {chosen.platform}, found a nested index"
-        )
-    return m
-
-
 class _Puller:
     def __init__(
         self,
@@ -318,12 +229,12 @@ class _Puller:
         if private is not None:
             assert self.decrypter is not None
             chunks = _plaintext(desc, chunks, self.decrypter, private, i, total)
-        raw = _ChunkReader(chunks)
+        raw = ChunkReader(chunks)
         from coco.image.unpack import unpack_layer
 
         try:
             with self.store.staging() as tmp:
-                stream = _decompressed(raw, mt.compression(desc.media_type), where)
+                stream = decompressed(raw, mt.compression(desc.media_type))
                 try:
                     stats = unpack_layer(stream, tmp / "fs", limits=self.o.limits, diff_id=diff_id)
                 finally:
@@ -425,7 +336,7 @@ def pull_image(
         raise PullError(f"pull {name}: bundle {target}: expected an existing parent directory")
     source = open_source(r, o.access)
     try:
-        m = _resolve(source, name, o)
+        m = platform_manifest(source, name, os=o.os, arch=o.arch, variant=o.variant)
         if o.policy is not None:
             o.policy.check(source, m.raw, m.digest)
         cwhat = f"{name}: config {m.config.digest}"
@@ -499,7 +410,7 @@ def _rollback(store: LayerStore, diff_ids: list[str]) -> None:
         os.close(fd)
 
 
-def _root_cause(raw: _ChunkReader) -> CocoError | None:
+def _root_cause(raw: ChunkReader) -> CocoError | None:
     """After a decoding or unpacking error: read the rest of the blob, and if it fails its digest
     or HMAC, that is the error to report (the bytes were not the image's)."""
     if raw.eof:

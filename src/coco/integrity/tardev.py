@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
-from isal import igzip
 
 from coco.errors import IntegrityError, TarIndexError
 from coco.integrity import tarindex, verity
+from coco.oci.compression import decompressed, sniff
 
 __all__ = [
     "LAYER_VERITY",
@@ -53,10 +53,7 @@ ZERO_SALT = bytes(32)
 #: the dm-verity parameters of every tardev layer (hash offset and data blocks vary)
 LAYER_VERITY = verity.VerityParams(salt=ZERO_SALT, hash_type=1, superblock=False)
 _VERITY_TRAILER = struct.Struct("<IIQ")
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _COPY_CHUNK = 1 << 20
-_ZSTD_CHUNK = 1 << 14  # bounds what one call may inflate to
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,45 +68,13 @@ class ConvertResult:
     inodes: int
 
 
-def _compression(head: bytes) -> str:
-    if head.startswith(_GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(_ZSTD_MAGIC):
-        return "zstd"
-    return "none"
-
-
-def _unzstd(f: BinaryIO, dst: BinaryIO) -> None:
-    """Decompress every zstd frame of ``f``; a frame cut short is an error (not a short tar)."""
-    dctx = zstandard.ZstdDecompressor()
-    obj = dctx.decompressobj()
-    fed = False
-    while chunk := f.read(_ZSTD_CHUNK):
-        while chunk:
-            fed = True
-            dst.write(obj.decompress(chunk))
-            if obj.eof:
-                chunk = obj.unused_data
-                obj = dctx.decompressobj()
-                fed = False
-            else:
-                chunk = b""
-    if fed:
-        raise zstandard.ZstdError("the last zstd frame is truncated")
-
-
 def _decompress_into(src: Path, dst: BinaryIO) -> str:
     try:
         with open(src, "rb") as f:
-            kind = _compression(f.read(4))
+            kind = sniff(f.read(4))
             f.seek(0)
-            if kind == "gzip":
-                with igzip.IGzipFile(fileobj=f, mode="rb") as g:
-                    shutil.copyfileobj(g, dst, _COPY_CHUNK)
-            elif kind == "zstd":
-                _unzstd(f, dst)
-            else:
-                shutil.copyfileobj(f, dst, _COPY_CHUNK)
+            with contextlib.closing(decompressed(f, kind)) as layer:
+                shutil.copyfileobj(layer, dst, _COPY_CHUNK)
     except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
         raise TarIndexError(f"layer {src}: cannot decompress it: {e}") from None
     except OSError as e:

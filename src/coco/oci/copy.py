@@ -26,7 +26,14 @@ from coco.oci.auth import Credentials
 from coco.oci.models import Descriptor, Index, Manifest, parse_manifest
 from coco.oci.reference import ImageReference, parse_reference
 from coco.oci.stream import Cancelled, prefetch
-from coco.oci.transport import Access, ImageDestination, ImageSource, open_destination, open_source
+from coco.oci.transport import (
+    Access,
+    ImageDestination,
+    ImageSource,
+    open_destination,
+    open_source,
+    resolve_platform,
+)
 
 
 @dataclass
@@ -184,10 +191,15 @@ class _Copier:
             if not self.options.all_platforms:
                 o = self.options
                 where = f"{self.source.ref}"
-                desc = top.select(o.override_os, o.override_arch, o.override_variant, where=where)
-                child = self._child(desc)
-                if not isinstance(child, Manifest):
-                    raise ManifestError(f"{where}: nested index for {desc.platform} not supported")
+                child, desc = resolve_platform(
+                    self.source,
+                    top,
+                    where,
+                    os=o.override_os,
+                    arch=o.override_arch,
+                    variant=o.override_variant,
+                )
+                assert desc is not None
                 m = self._copy_manifest(child, f"{where} ({desc.platform})")
                 self.dest.put_manifest(m.raw, m.media_type, top=True, what=f"{self.dest.ref}")
                 return self._result(m.raw, m.media_type)

@@ -319,6 +319,21 @@ def resolve_platform(
     return m, chosen
 
 
+def platform_manifest(
+    source: ImageSource,
+    where: str,
+    *,
+    os: str | None = None,
+    arch: str | None = None,
+    variant: str | None = None,
+) -> Manifest:
+    """The image manifest the source's reference names for one platform (see
+    :func:`resolve_platform`)."""
+    raw, media_type = source.top_manifest()
+    top = parse_manifest(raw, media_type, f"{where}: manifest")
+    return resolve_platform(source, top, where, os=os, arch=arch, variant=variant)[0]
+
+
 def open_source(ref: ImageReference, access: Access) -> ImageSource:
     if isinstance(ref, LayoutReference):
         return LayoutSource(ref)

@@ -10,36 +10,28 @@ sees the end of a layer whose HMAC is wrong.
 Speed: AES and HMAC (OpenSSL) release the GIL. The cipher runs in a worker thread together with
 whatever produces the source chunks (reading, the caller's digest check); the HMAC runs in the
 consuming thread together with whatever consumes the output (hashing, writing). A small bounded
-queue between them keeps memory at a few chunks whatever the layer size.
+queue between them (:func:`coco.oci.stream.prefetch`) keeps memory at a few chunks whatever the
+layer size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-import queue
 import secrets
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from coco.errors import DecryptionError, OcicryptError
+from coco.oci.stream import prefetch
 
 CIPHER_NAME = "AES_256_CTR_HMAC_SHA256"
 KEY_SIZE = 32
 NONCE_SIZE = 16
 HMAC_SIZE = 32
 _QUEUE_DEPTH = 6
-_END = object()
-
-
-class _Failure:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 def new_key() -> bytes:
@@ -89,50 +81,29 @@ def _pipeline(
     finish: Callable[[], None],
     name: str,
 ) -> Iterator[bytes]:
-    """Run ``first`` over ``source`` in a worker thread and ``second`` in the consumer's thread.
+    """Run ``first`` over ``source`` in a worker thread (the reader queue of
+    :func:`coco.oci.stream.prefetch`) and ``second`` in the consumer's thread.
 
     ``finish`` runs after the last item went through ``second`` and before the last output chunk is
     yielded (the place for an end-of-stream check). Errors of either stage propagate to the consumer;
     closing the consumer stops the worker.
     """
-    q: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
-    stop = threading.Event()
 
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
+    def work() -> Iterator[Any]:
         try:
             for chunk in source:
-                if not chunk:
-                    continue
-                if not put(first(chunk)):
-                    return
-            put(_END)
-        except BaseException as e:  # handed to the consumer
-            put(_Failure(e))
+                if chunk:
+                    yield first(chunk)
         finally:
             close = getattr(source, "close", None)
-            if close is not None and stop.is_set():
+            if close is not None:
                 with contextlib.suppress(Exception):
                     close()
 
-    worker = threading.Thread(target=work, name=name, daemon=True)
-    worker.start()
+    items = prefetch(work(), depth=_QUEUE_DEPTH, name=name)
     pending: bytes | None = None
     try:
-        while True:
-            item = q.get()
-            if item is _END:
-                break
-            if isinstance(item, _Failure):
-                raise item.error
+        for item in items:
             out = second(item)
             if pending is not None:
                 yield pending
@@ -141,13 +112,7 @@ def _pipeline(
         if pending is not None:
             yield pending
     finally:
-        stop.set()
-        try:
-            while True:
-                q.get_nowait()
-        except queue.Empty:
-            pass
-        worker.join(timeout=5)
+        items.close()  # type: ignore[attr-defined]
 
 
 class EncryptingStream:

@@ -22,11 +22,9 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,18 +37,11 @@ from coco.errors import CocoError, GenpolicyError
 from coco.integrity import tardev, tarindex
 from coco.integrity import verity as verity_tree
 from coco.oci import mediatypes as mt
-from coco.oci.models import Descriptor, ImageConfig, Index, parse_manifest
+from coco.oci.compression import decompressed
+from coco.oci.models import Descriptor, ImageConfig
 from coco.oci.reference import parse_reference
-from coco.oci.transport import Access, ImageSource, open_source
-
-_GZIP = {
-    mt.OCI_LAYER_GZIP,
-    mt.OCI_LAYER_ND_GZIP,
-    mt.DOCKER_LAYER_GZIP,
-    mt.DOCKER_LAYER_FOREIGN_GZIP,
-}
-_ZSTD = {mt.OCI_LAYER_ZSTD, mt.OCI_LAYER_ND_ZSTD, mt.DOCKER_LAYER_ZSTD}
-_PLAIN = {mt.OCI_LAYER, mt.OCI_LAYER_ND, mt.DOCKER_LAYER}
+from coco.oci.stream import ChunkReader, prefetch
+from coco.oci.transport import Access, ImageSource, open_source, platform_manifest
 
 
 @dataclass(frozen=True)
@@ -163,60 +154,6 @@ class LayersCache:
                 raise
 
 
-def _decompressor(media_type: str, where: str) -> Any:
-    base = media_type.removesuffix(mt.ENCRYPTED_SUFFIX)
-    if media_type.endswith(mt.ENCRYPTED_SUFFIX):
-        raise GenpolicyError(
-            f"{where}: encrypted layer ({media_type}): its verity root cannot be computed "
-            "without the key"
-        )
-    if base in _GZIP:
-        try:
-            from isal import isal_zlib
-
-            return isal_zlib.decompressobj(wbits=31)
-        except ImportError:  # pragma: no cover - isal is a dependency
-            return zlib.decompressobj(wbits=31)
-    if base in _ZSTD:
-        return zstandard.ZstdDecompressor().decompressobj()
-    if base in _PLAIN:
-        return None
-    raise GenpolicyError(f"{where}: unsupported layer media type {media_type!r}")
-
-
-def _prefetch(chunks: Iterator[bytes], depth: int = 8) -> Iterator[bytes]:
-    """Run ``chunks`` in a thread so downloading overlaps with inflating and hashing."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for c in chunks:
-                if stop.is_set():
-                    return
-                q.put(("data", c))
-            q.put(("end", None))
-        except BaseException as e:
-            q.put(("error", e))
-
-    t = threading.Thread(target=run, name="genpolicy-download", daemon=True)
-    t.start()
-    try:
-        while True:
-            kind, v = q.get()
-            if kind == "data":
-                yield v
-            elif kind == "end":
-                return
-            else:
-                raise v
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
-
-
 def _read_member(f: Any, entry: tarindex.TarEntry) -> str:
     here = f.tell()
     f.seek(entry.data_offset)
@@ -237,21 +174,28 @@ def layer_info(
     passwd/group. Without ``verity`` an encrypted layer is not read at all."""
     if not verity and desc.media_type.endswith(mt.ENCRYPTED_SUFFIX):
         return LayerInfo(diff_id, "", encrypted=True)
-    dec = _decompressor(desc.media_type, where)
+    if mt.is_encrypted(desc.media_type):
+        raise GenpolicyError(
+            f"{where}: encrypted layer ({desc.media_type}): its verity root cannot be computed "
+            "without the key"
+        )
+    if not mt.is_layer(desc.media_type):
+        raise GenpolicyError(f"{where}: unsupported layer media type {desc.media_type!r}")
     h = hashlib.sha256()
     with tempfile.NamedTemporaryFile(prefix="coco-genpolicy-", suffix=".tar", dir=tmpdir) as f:
-        for chunk in _prefetch(source.open_blob(desc, where)):
-            out = dec.decompress(chunk) if dec is not None else chunk
-            if out:
-                h.update(out)
-                f.write(out)
-        if dec is not None:
-            tail = dec.flush() if hasattr(dec, "flush") else b""
-            if tail:
-                h.update(tail)
-                f.write(tail)
-            if getattr(dec, "eof", True) is False:
-                raise GenpolicyError(f"{where}: compressed stream ends early (truncated layer)")
+        # downloading overlaps with inflating and hashing
+        chunks = prefetch(source.open_blob(desc, where), depth=8, name="genpolicy-download")
+        try:
+            stream = decompressed(ChunkReader(chunks), mt.compression(desc.media_type))
+            while block := stream.read(1 << 20):
+                h.update(block)
+                f.write(block)
+        except CocoError:
+            raise
+        except (EOFError, OSError, ValueError, zlib.error, zstandard.ZstdError) as e:
+            raise GenpolicyError(f"{where}: cannot decompress it (truncated layer?): {e}") from None
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
         got = "sha256:" + h.hexdigest()
         if got != diff_id:
             raise GenpolicyError(f"{where}: diff_id mismatch: expected {diff_id}, got {got}")
@@ -278,19 +222,6 @@ def layer_info(
     return LayerInfo(diff_id, tree.root_hash.hex(), passwd, group)
 
 
-def _pick_manifest(source: ImageSource, name: str) -> tuple[Any, str]:
-    raw, media_type = source.top_manifest()
-    top = parse_manifest(raw, media_type, where=f"{name}: manifest")
-    if isinstance(top, Index):
-        desc = top.select(os="linux", arch="amd64", where=f"{name}: index")
-        child = source.child_manifest(desc, f"{name}: manifest {desc.digest}")
-        man = parse_manifest(child, desc.media_type, where=f"{name}: manifest {desc.digest}")
-        if isinstance(man, Index):
-            raise GenpolicyError(f"{name}: nested index: expected an image manifest")
-        return man, name
-    return top, name
-
-
 def image_info(
     image: str,
     access: Access,
@@ -309,7 +240,8 @@ def image_info(
         raise GenpolicyError(f"image {image}: {e}") from None
     source = open_source(ref, access)
     try:
-        man, _ = _pick_manifest(source, f"image {image}")
+        # upstream genpolicy resolves an index to linux/amd64: the guests' platform
+        man = platform_manifest(source, f"image {image}", os="linux", arch="amd64")
         cfg_raw = b"".join(source.open_blob(man.config, f"image {image}: config"))
         cfg = ImageConfig.parse(cfg_raw, where=f"image {image}: config")
         if len(cfg.diff_ids) != len(man.layers):
