@@ -159,3 +159,54 @@ def test_forwarder_config_errors(tmp_path: Path) -> None:
         ForwarderConfig.load(apf)
     with pytest.raises(ForwarderError, match="No such file"):
         ForwarderConfig.load(tmp_path / "missing.json")
+
+
+def test_manual_tls_with_certificates_baked_into_the_image(tmp_path: Path) -> None:
+    from coco.guest.forwarder import TlsFiles
+    from coco.host.peerpods.caa import Caa, CaaConfig
+
+    pki = Certs.load_or_create(tmp_path / "pki")
+    baked = tmp_path / "etc-certificates"
+    baked.mkdir()
+    server = pki.issue_server("podvm-server")
+    (baked / "tls.crt").write_bytes(server.cert_pem)
+    (baked / "tls.key").write_bytes(server.key_pem)
+    (baked / "ca.crt").write_bytes(pki.client_cert_pem)  # the CAA's client certificate
+    apf = tmp_path / "apf.json"
+    apf.write_text(apf_config("web", "default", server_key=None, server_cert=None, client_ca=None))
+    files = TlsFiles(baked / "tls.crt", baked / "tls.key", baked / "ca.crt")
+    server_ctx = ForwarderConfig.load(apf).ssl_context(str(apf), files)
+
+    def caa_ctx(**kw) -> ssl.SSLContext:
+        config = CaaConfig(cert_file=tmp_path / "pki/client.crt",
+                           cert_key=tmp_path / "pki/client.key", **kw)  # fmt: skip
+        return Caa(config, None)._manual_context()  # type: ignore[arg-type]
+
+    Certs.load_or_create(tmp_path / "other")  # another CA
+    stub = StubAgent()
+
+    async def main() -> tuple[bool, str]:
+        agent, agent_addr = await _agent(tmp_path, stub)
+        fwd = Forwarder(agent_addr, server_ctx)
+        _, port = await fwd.listen("127.0.0.1:0")
+        try:
+            good = AgentProxy(tmp_path / "p1.sock", "127.0.0.1", port,
+                              caa_ctx(ca_cert_file=tmp_path / "pki/ca.crt"), "podvm-server")  # fmt: skip
+            await good.wait_ready(10)
+            wrong_ca = AgentProxy(tmp_path / "p2.sock", "127.0.0.1", port,
+                                  caa_ctx(ca_cert_file=tmp_path / "other/ca.crt"), "podvm-server")  # fmt: skip
+            with pytest.raises(PeerPodError) as err:
+                await wrong_ca.wait_ready(1.5)
+            skip = AgentProxy(tmp_path / "p3.sock", "127.0.0.1", port,
+                              caa_ctx(ca_cert_file=tmp_path / "other/ca.crt", tls_skip_verify=True),
+                              "podvm-server")  # fmt: skip
+            await skip.wait_ready(10)  # insecure: accepted without checking the server
+            return True, str(err.value)
+        finally:
+            await fwd.stop()
+            await agent.stop(grace=1)
+
+    ok, refused = arun(main())
+    assert ok and refused.endswith("CERTIFICATE_VERIFY_FAILED")
+    with pytest.raises(PeerPodError, match="manual TLS: cannot load"):
+        caa_ctx(ca_cert_file=tmp_path / "missing.crt")

@@ -155,7 +155,11 @@ def serve(args: argparse.Namespace, factory: Any) -> None:
         caa_id=args.caa_id,
         instance_types=parse_instance_types(args.instance_types or "", "--instance-types"),
         default_instance_type=args.instance_type, authfile=args.authfile,
+        ca_cert_file=args.ca_cert_file, cert_file=args.cert_file, cert_key=args.cert_key,
+        tls_skip_verify=args.tls_skip_verify,
     )  # fmt: skip
+    if args.tls_skip_verify:
+        log.warning("--tls-skip-verify: forwarder certificates are NOT checked (insecure)")
     provider = factory.new_provider(args)
     if args.cloud_config_verify:
         provider.config_verifier()

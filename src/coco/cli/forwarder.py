@@ -39,18 +39,36 @@ def _build_serve(p: Parser) -> None:
         default="/run/netns/podns",
         help="The pod network namespace appended to CreateContainer ('' for none).",
     )
+    p.add_argument(
+        "--cert-file",
+        type=Path,
+        default=Path("/etc/certificates/tls.crt"),
+        help="Manual TLS: the server certificate, used when the config has no keys.",
+    )
+    p.add_argument(
+        "--cert-key",
+        type=Path,
+        default=Path("/etc/certificates/tls.key"),
+        help="Manual TLS: its key.",
+    )
+    p.add_argument(
+        "--ca-cert-file",
+        type=Path,
+        default=Path("/etc/certificates/ca.crt"),
+        help="Manual TLS: the CA of the clients (the CAA) to accept.",
+    )
     p.add_argument("--disable-tls", action="store_true",
                    help="Insecure: serve without TLS (any peer reaches the agent).")  # fmt: skip
     p.set_defaults(func=serve)
 
 
 def serve(config: Path, listen: str, kata_agent_socket: str, pod_namespace: str,
-          disable_tls: bool) -> None:  # fmt: skip
+          cert_file: Path, cert_key: Path, ca_cert_file: Path, disable_tls: bool) -> None:  # fmt: skip
     import asyncio
     import logging
     import signal
 
-    from coco.guest.forwarder import Forwarder, ForwarderConfig, ensure_netns
+    from coco.guest.forwarder import Forwarder, ForwarderConfig, TlsFiles, ensure_netns
 
     logging.basicConfig(level=logging.INFO, format="forwarder: %(levelname)s: %(message)s")
     if disable_tls:
@@ -59,7 +77,8 @@ def serve(config: Path, listen: str, kata_agent_socket: str, pod_namespace: str,
         )
         ctx = None
     else:
-        ctx = ForwarderConfig.load(config).ssl_context(f"forwarder config {config}")
+        baked = TlsFiles(cert_file, cert_key, ca_cert_file)
+        ctx = ForwarderConfig.load(config).ssl_context(f"forwarder config {config}", baked)
     ensure_netns(pod_namespace)
 
     async def main() -> None:

@@ -80,21 +80,34 @@ class ForwarderConfig:
             values[attr] = value
         return cls(**values)
 
-    def ssl_context(self, where: str) -> ssl.SSLContext:
-        """Server side of mutual TLS: our key and certificate, clients only from the CA."""
+    def ssl_context(self, where: str, baked: TlsFiles | None = None) -> ssl.SSLContext:
+        """Server side of mutual TLS: our key and certificate, clients only from the CA. The
+        keys come from the config (automatic mode); when it has none, from ``baked``, the files
+        of the image (manual mode: ``/etc/certificates``)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = (
+            ssl.TLSVersion.TLSv1_3 if self.tls_min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+        )
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        given = [bool(v) for v in (self.server_key, self.server_cert, self.client_ca)]
+        if not any(given) and baked is not None and baked.present():
+            try:
+                ctx.load_verify_locations(baked.ca)
+                ctx.load_cert_chain(baked.cert, baked.key)
+            except (OSError, ssl.SSLError) as e:
+                raise ForwarderError(
+                    f"TLS files {baked.cert}, {baked.key}, {baked.ca}: {e}"
+                ) from None
+            return ctx
         missing = [
             k for k, v in (("tls-server-key", self.server_key), ("tls-server-cert",
                            self.server_cert), ("tls-client-ca", self.client_ca)) if not v
         ]  # fmt: skip
         if missing:
             raise ForwarderError(
-                f"{where}: expected {', '.join(missing)} for TLS (or --disable-tls, insecure)"
+                f"{where}: expected {', '.join(missing)} for TLS (or the image's certificate "
+                "files, or --disable-tls, insecure)"
             )
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = (
-            ssl.TLSVersion.TLSv1_3 if self.tls_min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-        )
-        ctx.verify_mode = ssl.CERT_REQUIRED
         try:
             ctx.load_verify_locations(cadata=self.client_ca)
             with tempfile.TemporaryDirectory(prefix="coco-apf-") as tmp:
@@ -106,6 +119,18 @@ class ForwarderConfig:
         except (ssl.SSLError, ValueError) as e:
             raise ForwarderError(f"{where}: TLS keys: expected PEM: {e}") from None
         return ctx
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Manual mode: certificates baked into the pod VM image (upstream's /etc/certificates)."""
+
+    cert: Path = Path("/etc/certificates/tls.crt")
+    key: Path = Path("/etc/certificates/tls.key")
+    ca: Path = Path("/etc/certificates/ca.crt")
+
+    def present(self) -> bool:
+        return self.cert.exists() and self.key.exists() and self.ca.exists()
 
 
 def add_network_namespace(pod_namespace: str):

@@ -20,6 +20,7 @@ import contextlib
 import gzip
 import logging
 import secrets
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from coco.host.peerpods.provider import (
 )
 from coco.host.peerpods.proxy import SOCKET_NAME, AgentProxy
 from coco.host.peerpods.state import Sandbox, Store, check_sandbox_id
-from coco.host.peerpods.tls import Certs
+from coco.host.peerpods.tls import Certs, tls_version
 from coco.integrity import initdata as initdata_doc
 from coco.rpc import services
 from coco.rpc.protos import hypervisor_pb2, podvminfo_pb2
@@ -60,6 +61,7 @@ ANN_INITDATA = A + "cc_init_data"
 ANN_POD_NAME = "io.kubernetes.cri.sandbox-name"
 ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 CAA_ID_FILE = "caa-id"
+MANUAL_SERVER_NAME = "podvm-server"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 
 
@@ -71,6 +73,12 @@ class CaaConfig:
     proxy_timeout: float = 300.0
     initdata: str = ""  # the global default, gzip + base64 (INITDATA)
     disable_tls: bool = False
+    # manual TLS (upstream's CACERT_FILE / CERT_FILE / CERT_KEY): the forwarders' certificates are
+    # baked into the pod VM image for the name "podvm-server"; nothing secret goes in userdata
+    ca_cert_file: Path | None = None
+    cert_file: Path | None = None
+    cert_key: Path | None = None
+    tls_skip_verify: bool = False  # insecure: any forwarder certificate is accepted
     tls_min_version: str = "TLSv1.2"
     reconcile_interval: float = 60.0
     caa_id: str = ""  # default: made once and kept in <pods-dir>/caa-id
@@ -126,7 +134,9 @@ class Caa:
             if not id_file.exists():
                 id_file.write_text(secrets.token_hex(8) + "\n")
             self.caa_id = id_file.read_text().strip()
-        if not self.config.disable_tls:
+        if self.config.cert_file is not None or self.config.cert_key is not None:
+            self._manual_context()  # fail at start, not at the first StartVM
+        elif not self.config.disable_tls:
             self.certs = await asyncio.to_thread(Certs.load_or_create, pods / ".tls")
         self.sandboxes = self.store.load_all()
         for sb in self.sandboxes.values():
@@ -377,17 +387,44 @@ class Caa:
         self.store.save(sb)
 
     async def _start_proxy(self, sb: Sandbox) -> AgentProxy:
-        ssl_context = self.certs.client_context(self.config.tls_min_version) if self.certs else None
+        if self.config.cert_file is not None:
+            ssl_context, server_name = self._manual_context(), MANUAL_SERVER_NAME
+        else:
+            ssl_context = (
+                self.certs.client_context(self.config.tls_min_version) if self.certs else None
+            )
+            server_name = sb.instance_name
         proxy = AgentProxy(
             self.store.pod_dir(sb.id) / SOCKET_NAME,
             sb.ips[0],
             sb.forwarder_port or self.config.forwarder_port,
             ssl_context,
-            sb.instance_name,
+            server_name,
         )
         await proxy.start()
         self.proxies[sb.id] = proxy
         return proxy
+
+    def _manual_context(self) -> ssl.SSLContext:
+        c = self.config
+        if c.cert_file is None or c.cert_key is None:
+            raise PeerPodError("manual TLS: expected both --cert-file and --cert-key")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = tls_version(c.tls_min_version)
+        try:
+            ctx.load_cert_chain(c.cert_file, c.cert_key)
+            if c.tls_skip_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif c.ca_cert_file is not None:
+                ctx.load_verify_locations(c.ca_cert_file)
+            else:
+                ctx.load_default_certs()
+        except (OSError, ssl.SSLError) as e:
+            raise PeerPodError(
+                f"manual TLS: cannot load {c.cert_file}, {c.cert_key} or {c.ca_cert_file}: {e}"
+            ) from None
+        return ctx
 
     async def StopVM(self, req: hypervisor_pb2.StopVMRequest, ctx: CallContext):
         sid = req.id
