@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +43,7 @@ _ERRPOS = re.compile(r"\(error \d+:([^|\s]*)\|(\d+)\|")
 _MAIN = "policy.rego"
 _OUT = "coco_out.rego"
 _CACHE = 256
+_PLAN_TIMEOUT = 30.0
 
 _LIB = _rs.rego
 _OK = _rs.Code.OK
@@ -137,19 +140,40 @@ class RegoPolicy:
 
         rego-cpp finds recursion only while evaluating; this plans the whole package and looks
         for a cycle among the planned rules, so a policy is refused before it is ever used.
+        Planning runs in a child process: rego-cpp has been seen to abort the whole process in
+        ``save_bundle`` after many policies were compiled in it, and a policy upload must never
+        take its server down. A child that dies gives a warning and no verdict (evaluation stays
+        bounded by its caller's limits); a compile error in the child is this policy's error.
         """
-        with self._compile_errors():
-            interp = self._parsed()
-            bundle = interp.build(f"x := data.{self.package}", [])
-            with tempfile.TemporaryDirectory(prefix="coco-rego-") as d:
-                interp.save_bundle(os.path.join(d, "b"), bundle)
-                with open(os.path.join(d, "b", "plan.json"), "rb") as f:
-                    plan = json.load(f)
-        calls: dict[str, set[str]] = {}
-        for func in plan.get("funcs", {}).get("funcs", []):
-            found: set[str] = set()
-            _calls(func.get("blocks"), found)
-            calls[func["name"]] = found
+        spec = json.dumps(self.spec()).encode()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "coco.rego"],
+                input=spec,
+                capture_output=True,
+                timeout=_PLAN_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise self.error(
+                f"{self.where}: expected a policy that can be planned within "
+                f"{_PLAN_TIMEOUT:g} s, found one whose planning did not end"
+            ) from None
+        if proc.returncode == 2:
+            raise self.error(proc.stderr.decode(errors="replace").strip() or self.where)
+        if proc.returncode != 0:
+            logging.getLogger(__name__).warning(
+                "%s: the recursion check could not run (planner exited with %s); "
+                "the policy is accepted and its evaluations stay bounded",
+                self.where,
+                proc.returncode,
+            )
+            return
+        try:
+            calls = {k: set(v) for k, v in json.loads(proc.stdout).items()}
+        except (ValueError, AttributeError, TypeError):
+            logging.getLogger(__name__).warning("%s: the recursion check gave no plan", self.where)
+            return
         cycle = _cycle(calls)
         if cycle:
             names = " -> ".join(c.removeprefix("g0.data.") for c in cycle)
@@ -157,6 +181,22 @@ class RegoPolicy:
                 f"{self.where}: expected rules that do not depend on themselves, found the "
                 f"recursion {names}"
             )
+
+    def _call_graph(self) -> dict[str, list[str]]:
+        """Which planned function calls which (run in the planner child, see check_recursion)."""
+        with self._compile_errors():
+            interp = self._parsed()
+            bundle = interp.build(f"x := data.{self.package}", [])
+            with tempfile.TemporaryDirectory(prefix="coco-rego-") as d:
+                interp.save_bundle(os.path.join(d, "b"), bundle)
+                with open(os.path.join(d, "b", "plan.json"), "rb") as f:
+                    plan = json.load(f)
+        calls: dict[str, list[str]] = {}
+        for func in plan.get("funcs", {}).get("funcs", []):
+            found: set[str] = set()
+            _calls(func.get("blocks"), found)
+            calls[func["name"]] = sorted(found)
+        return calls
 
     def _failed(self, rules: tuple[str, ...], messages: list[str]) -> CocoError:
         why = messages[0] if messages else "rego-cpp gave no reason (conflicting rule values?)"
@@ -316,3 +356,22 @@ def _messages(raw: str) -> list[str]:
     return [
         b[m.end() : m.end() + int(m.group(1))].decode(errors="replace") for m in _ERRMSG.finditer(b)
     ]
+
+
+def _plan_main() -> None:
+    """``python -m coco.rego``: read a policy spec on stdin, print its call graph as JSON.
+
+    Exit 2 with the one-line error on stderr when the policy does not compile.
+    """
+    try:
+        spec = json.loads(sys.stdin.buffer.read())
+        policy = RegoPolicy(**{**spec, "rules": ()})
+        graph = policy._call_graph()
+    except CocoError as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)
+    sys.stdout.write(json.dumps(graph))
+
+
+if __name__ == "__main__":
+    _plan_main()
