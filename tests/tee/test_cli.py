@@ -145,4 +145,4 @@ def test_tpm_vector_with_and_without_a_trusted_ak(tmp_path: Path) -> None:
 def test_garbage_evidence_is_refused_in_one_line(tmp_path: Path, tee: str) -> None:
     path = tmp_path / "garbage.json"
     path.write_bytes(b'{"truncated": ')
-    refused(coco("--tee", tee, str(path)), "expected a JSON object, got invalid JSON")
+    refused(coco("--tee", tee, str(path)), f"evidence {path}: expected JSON, found invalid JSON")
