@@ -155,3 +155,14 @@ def test_duration() -> None:
     assert [duration(t) for t in ("90", "90s", "5m", "1h", "1m30s", "500ms")] == [
         90, 90, 300, 3600, 90, 0.5
     ]  # fmt: skip
+
+
+def test_cli_manual_tls_needs_a_key_and_readable_files(tmp_path: Path, capsys) -> None:
+    base = ["cloud-api-adaptor", "serve", "qemu", "--data-dir", str(tmp_path / "vms"),
+            "--pods-dir", str(tmp_path / "pods"), "--socket", str(tmp_path / "hv.sock")]  # fmt: skip
+    assert _coco([*base, "--cert-file", str(tmp_path / "c.crt")]) == 1
+    assert "manual TLS: expected both --cert-file and --cert-key" in capsys.readouterr().err
+    assert _coco([*base, "--cert-file", str(tmp_path / "c.crt"), "--cert-key", "k"]) == 1
+    err = capsys.readouterr().err
+    assert "manual TLS: cannot load" in err and err.count("\n") == 1
+    assert not (tmp_path / "hv.sock").exists()

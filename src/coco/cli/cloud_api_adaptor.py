@@ -80,6 +80,28 @@ def _add_common(p: Parser) -> None:
         help="Insecure: talk to the forwarders without TLS (DISABLE_TLS).",
     )
     p.add_argument(
+        "--ca-cert-file",
+        type=Path,
+        default=_env("CACERT_FILE") or None,
+        help="Manual TLS: the CA of the forwarders' certificates (CACERT_FILE).",
+    )
+    p.add_argument(
+        "--cert-file",
+        type=Path,
+        default=_env("CERT_FILE") or None,
+        help="Manual TLS: the CAA's client certificate (CERT_FILE); without it, the "
+        "CAA makes a CA and a certificate per VM.",
+    )
+    p.add_argument(
+        "--cert-key",
+        type=Path,
+        default=_env("CERT_KEY") or None,
+        help="Manual TLS: the client certificate's key (CERT_KEY).",
+    )
+    p.add_argument("--tls-skip-verify", action="store_true",
+                   default=_env("TLS_SKIP_VERIFY") == "true",
+                   help="Insecure: accept any forwarder certificate (manual TLS only).")  # fmt: skip
+    p.add_argument(
         "--tls-min-version",
         default=_env("TLS_MIN_VERSION", "TLSv1.2"),
         choices=("TLSv1.2", "TLSv1.3"),
