@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from coco.errors import CocoError
-from coco.host.peerpods.provider import Provider
+from coco.host.peerpods.provider import PeerPodError, Provider
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,21 @@ async def reconcile(body: dict, provider: Provider) -> list[str] | None:
     return [f for f in finalizers if f != FINALIZER]
 
 
+def _kopf() -> Any:
+    try:
+        import kopf
+    except ImportError:
+        raise PeerPodError(
+            "peerpods controller: the Python package kopf is missing: install the `peerpods` "
+            "extra (pip install 'confidential-containers[peerpods]')"
+        ) from None
+    return kopf
+
+
 def registry(provider: Provider, server: str | None = None) -> Any:
     """A kopf registry with the PeerPod handler; ``server``: an API URL without credentials
     (tests), else kopf's in-cluster or kubeconfig login."""
-    import kopf
+    kopf = _kopf()
 
     reg = kopf.OperatorRegistry()
 
@@ -121,7 +132,7 @@ def registry(provider: Provider, server: str | None = None) -> Any:
 async def run(provider: Provider, server: str | None = None,
               stop: asyncio.Event | None = None) -> None:  # fmt: skip
     """Run the controller until ``stop`` is set (cluster-wide, no peering)."""
-    import kopf
+    kopf = _kopf()
 
     stop_flag: asyncio.Future | asyncio.Event = stop or asyncio.Event()
     await kopf.operator(registry=registry(provider, server), clusterwide=True, standalone=True,
