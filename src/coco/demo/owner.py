@@ -4,7 +4,9 @@
   signed token the owner's tools present;
 * Debian's ``docker-registry`` on loopback (plain HTTP: the guest and containerd are told so);
 * a containerd of the demo's own (root, state, sockets, CNI config under the work directory),
-  with coco's runtime handlers added by ``coco runtime install``, the way a node gets them. Pod
+  with coco's runtime handlers and coco's snapshotter added by ``coco runtime install``, the way a
+  node gets them; ``coco snapshotter serve`` runs beside it, so that the encrypted image the CRI
+  pulls is left to the guest instead of being unpacked (and failing) on the host. Pod
   networking comes from a small CNI plugin written here that keeps the pod's network inside the
   pod's namespace (a veth pair whose both ends stay there), so the host's network is untouched.
 """
@@ -67,6 +69,7 @@ class Kbs:
 class Containerd:
     base: Path
     config: Path
+    state: Path  # containerd's state directory (the pods' bundles are under it)
     address: Path
     coco_config_dir: Path
     local_state: Path  # the local sandbox's state directory (short: its sockets live there)
@@ -183,19 +186,31 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
     (base / "cni-conf" / "10-coco-demo.conf").write_text(
         json.dumps({"cniVersion": "0.4.0", "name": "coco-demo", "type": "coco-demo-veth"})
     )
-    session.say("coco's runtime handlers go into this containerd's config, as on a node:")
+    session.say(
+        "coco's runtime handlers and its snapshotter go into this containerd's config, as on a "
+        "node:"
+    )
+    snapshots = base / "snap.sock"
     session.run(
         ["coco", "runtime", "install", "--containerd-config", str(config),
-         "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin")]
+         "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin"),
+         "--snapshotter", str(snapshots)]
     )  # fmt: skip
     # the local sandbox keeps its per-pod state (Unix sockets) in a short directory of ours
     state = Path(tempfile.mkdtemp(prefix="coco-demo-st-", dir="/tmp"))
     session.on_close("local sandbox state", lambda: _remove_tree(state))
     local = base / "coco" / "configuration-local.toml"
     local.write_text(local.read_text() + f'\n[runtime]\nstate_dir = "{state}"\n')
-    ctrd = Containerd(base, config, base / "c.sock", base / "coco", state)
+    ctrd = Containerd(base, config, base / "state", base / "c.sock", base / "coco", state)
     session.on_close("containerd's pods", lambda: remove_pods(ctrd.endpoint))
     session.on_close("mounts under the work directory", lambda: umount_under(session.work))
+    session.spawn(
+        "snapshotter",
+        ["coco", "snapshotter", "serve", "--socket", str(snapshots), "--root", str(base / "snap"),
+         "--containerd-address", str(ctrd.address)],
+        ready=snapshots.exists,
+        reach=f"{snapshots} (containerd's CRI snapshotter; encrypted images are left to the guest)",
+    )  # fmt: skip
     path = f"{base / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     session.spawn(
         "containerd",

@@ -1,17 +1,20 @@
 """Steps 3 to 5 of the demo: the pod, what happens inside it, and three refusals.
 
-The pod is a Kubernetes Pod YAML; ``coco policy generate`` adds its agent policy (the layer's
-verity root comes from the owner's layers cache: the encrypted layer cannot be read here); the
-demo then writes the pod's initdata (the guest's ``aa.toml`` and ``cdh.toml``: where the KBS is,
-where the signature policy lives, that the registry is plain HTTP; and the agent policy), whose
-digest the resource policy requires of the evidence. ``coco pod run`` drives containerd through
-the CRI as a kubelet would.
+The pod is a Kubernetes Pod YAML. ``coco policy generate`` adds its agent policy for a guest pull
+(the host never reads the encrypted layer) and puts it in the pod's initdata, together with the
+guest's ``aa.toml`` and ``cdh.toml`` (where the KBS is, where the signature policy lives, that the
+registry is plain HTTP): one annotation, ``io.katacontainers.config.hypervisor.cc_init_data``,
+whose digest the guest's evidence carries and the KBS's resource policy requires. The node's
+settings tell the generator where this containerd keeps its bundles and where ``coco pod run``
+writes the pod's logs, since both differ from a default node. ``coco pod run`` then drives
+containerd through the CRI as a kubelet would.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +22,10 @@ from coco.demo.owner import Containerd, Kbs
 from coco.demo.session import DemoError, Session
 from coco.demo.workload import COSIGN_KEY_PATH, IMAGE_KEY, POLICY_PATH, SECRET_PATH, Workload
 
-POLICY_ANNOTATION = "io.katacontainers.config.agent.policy"
 INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
+UUID_RE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
-# The attestation policy stays coco's default; the resource policy releases the three resources
+# The attestation policy stays coco's default; the resource policy releases the four resources
 # only to a token that policy did not mark contraindicated and whose evidence carries the pod's
 # initdata digest. `allow_sample` is written in only for the INSECURE coco-local sandbox.
 RESOURCE_POLICY = """\
@@ -51,10 +54,10 @@ tee_ok if {{
 	{allow_sample}
 }}
 
-deny_reason := "the evidence does not carry the pod's initdata digest" if {{
-	ae.init_data != "{digest}"
-}} else := "the evidence carries no initdata" if {{
+deny_reason := "the evidence carries no initdata" if {{
 	not ae.init_data
+}} else := "the evidence does not carry the pod's initdata digest" if {{
+	ae.init_data != "{digest}"
 }} else := "the attestation policy does not trust the evidence" if {{
 	input.submods.cpu0["ear.status"] == "contraindicated"
 }}
@@ -67,6 +70,7 @@ class Pod:
     name: str
     initdata: Path
     digest_b64: str
+    log_root: Path
 
 
 def pod_yaml(name: str, image: str, runtime_class: str, command: list[str]) -> str:
@@ -83,7 +87,8 @@ def pod_yaml(name: str, image: str, runtime_class: str, command: list[str]) -> s
     )
 
 
-def initdata_toml(kbs_url: str, registry: str, policy: str, extra: str = "") -> str:
+def base_initdata(kbs_url: str, registry: str) -> str:
+    """The guest's configuration: ``aa.toml`` and ``cdh.toml`` (the generator adds the policy)."""
     aa = f'[token_configs.kbs]\nurl = "{kbs_url}"\n\n[eventlog_config]\nenable_eventlog = false\n'
     cdh = (
         f'[kbc]\nname = "cc_kbc"\nurl = "{kbs_url}"\n\n[image]\n'
@@ -93,44 +98,61 @@ def initdata_toml(kbs_url: str, registry: str, policy: str, extra: str = "") -> 
     return (
         'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n'
         f'"aa.toml" = {json.dumps(aa)}\n"cdh.toml" = {json.dumps(cdh)}\n'
-        f'"policy.rego" = {json.dumps(policy)}\n{extra}'
     )
 
 
+def node_settings(ctrd: Containerd, pause: str, log_root: Path) -> dict[str, object]:
+    """genpolicy settings for this node: its pause image, bundle directory and pod log root."""
+    bundles = f"{ctrd.state}/io.containerd.runtime.v2.task/k8s.io/$(bundle-id)"
+    logs = f"^{re.escape(str(log_root))}/$(sandbox-namespace)_$(sandbox-name)_{UUID_RE}$"
+    return {
+        "cluster_config": {"pause_container_image": pause},
+        "pause_container": {"Annotations": {
+            "io.katacontainers.pkg.oci.bundle_path": bundles,
+            "io.kubernetes.cri.sandbox-log-directory": logs,
+        }},
+        "other_container": {"Annotations": {"io.katacontainers.pkg.oci.bundle_path": bundles}},
+    }  # fmt: skip
+
+
 def prepare(
-    session: Session, kbs: Kbs, registry: str, w: Workload, runtime_class: str, kbs_url: str
-) -> Pod:
-    """Write the pod, generate its policy, add its initdata; return it."""
+    session: Session, ctrd: Containerd, w: Workload, runtime_class: str, kbs_url: str,
+    registry: str,
+) -> Pod:  # fmt: skip
+    """Write the pod, generate its policy into its initdata; return it."""
     d = session.work / "pod"
     d.mkdir(exist_ok=True)
-    cache = d / "layers-cache.json"
-    cache.write_text(
-        json.dumps([{"diff_id": w.diff_id, "verity_hash": w.verity_root, "passwd": w.passwd,
-                     "group": ""}])
-    )  # fmt: skip
+    log_root = d / "logs"
     settings = d / "genpolicy-settings.json"
-    settings.write_text(json.dumps({"cluster_config": {"pause_container_image": w.pause}}))
+    settings.write_text(json.dumps(node_settings(ctrd, w.pause, log_root), indent=2))
+    base = d / "initdata-base.toml"
+    base.write_text(base_initdata(kbs_url, registry))
     path = d / "pod.yaml"
     path.write_text(pod_yaml("coco-demo", w.image, runtime_class, ["/app/show-secret"]))
     session.say(f"the pod as its owner wrote it ({path}):")
-    session._show(path.read_text())
+    session.show(path.read_text())
+    session.say(
+        "the guest's configuration (aa.toml: where the KBS is; cdh.toml: the KBS again, the "
+        "signature policy to enforce, that the registry is plain HTTP) goes into its initdata:"
+    )
+    initdata = d / "initdata.toml"
     session.run(
-        ["coco", "policy", "generate", str(path), "--layers-cache", str(cache),
-         "--settings", str(settings),
+        ["coco", "policy", "generate", str(path), "--settings", str(settings),
+         "--initdata", str(base), "--initdata-out", str(initdata), "--allow-logs",
          "--src-tls-verify=false", "--raw-out", str(d / "policy.rego")],
         what="generating the agent policy",
     )  # fmt: skip
     policy = (d / "policy.rego").read_text()
     session.say(
-        f"agent policy: {len(policy)} bytes of Rego, in the annotation {POLICY_ANNOTATION}; the "
-        "guest holds every request of the host against it"
+        f"agent policy: {len(policy)} bytes of Rego, added to the initdata as policy.rego and the "
+        f"pod annotated with {INITDATA_ANNOTATION}; the guest holds every request of the host "
+        "against it (--allow-logs: the container's output may leave the guest, so you see it)"
     )
-    initdata = d / "initdata.toml"
-    initdata.write_text(initdata_toml(kbs_url, registry, policy))
     digest = _digest(session, initdata)
-    _annotate(session, path, initdata)
     session.say(f"initdata digest (sha384), which the evidence must carry: {digest}")
-    return Pod(path, "coco-demo", initdata, base64.b64encode(bytes.fromhex(digest)).decode())
+    return Pod(
+        path, "coco-demo", initdata, base64.b64encode(bytes.fromhex(digest)).decode(), log_root
+    )
 
 
 def _digest(session: Session, initdata: Path) -> str:
@@ -155,7 +177,7 @@ def upload_resource_policy(session: Session, kbs: Kbs, digest_b64: str, allow_sa
     path = session.work / "kbs" / "resource-policy.rego"
     path.write_text(text)
     session.say("the resource policy: release only to trusted evidence carrying this initdata:")
-    session._show(text)
+    session.show(text)
     kbs.config(session, "set-resource-policy", "--policy-file", str(path))
 
 
@@ -170,24 +192,23 @@ def trust_sample(session: Session, kbs: Kbs) -> None:
 
 
 def pod_run(
-    session: Session, ctrd: Containerd, pod: Path, *, timeout: float = 900
+    session: Session, ctrd: Containerd, p: Pod, path: Path, *, timeout: float = 900
 ) -> tuple[int, str, str]:
     d = session.work / "pod"
     proc = session.run(
-        ["coco", "pod", "run", str(pod), "--runtime-endpoint", ctrd.endpoint,
-         "--state-dir", str(d / "state")],
+        ["coco", "pod", "run", str(path), "--runtime-endpoint", ctrd.endpoint,
+         "--log-root", str(p.log_root), "--state-dir", str(d / "state"), "--tls-verify=false"],
         check=False, timeout=timeout, what="coco pod run",
     )  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr
 
 
 def altered(session: Session, pod: Pod, name: str, command: list[str] | None = None) -> Path:
-    """A copy of the pod under another name (and, if given, another command), keeping the
-    policy and initdata annotations it was given."""
+    """A copy of the pod in ``name``.yaml (with, if given, another command), keeping the pod's
+    name (the policy binds it) and its initdata annotation (hence the policy)."""
     import yaml
 
     doc = yaml.safe_load(pod.yaml.read_text())
-    doc["metadata"]["name"] = name
     if command is not None:
         doc["spec"]["containers"][0]["command"] = command
     path = pod.yaml.with_name(f"{name}.yaml")
@@ -196,6 +217,7 @@ def altered(session: Session, pod: Pod, name: str, command: list[str] | None = N
 
 
 def with_initdata(session: Session, pod: Pod, name: str, initdata: str) -> Path:
+    """A copy of the pod whose initdata annotation carries ``initdata`` instead."""
     path = altered(session, pod, name)
     other = path.with_suffix(".initdata.toml")
     other.write_text(initdata)
@@ -211,3 +233,10 @@ def reason(stderr: str) -> str:
     if not lines:
         raise DemoError("the refusal printed no reason")
     return lines[-1]
+
+
+def cause(line: str) -> str:
+    """The reason in a ``coco pod run`` error line, without the CRI's wrapping of it: what the
+    agent, the CDH or the KBS said (long hex ids cut to 12 digits)."""
+    why = line.rsplit("failed to create shim task: ", 1)[-1].removesuffix(": unknown")
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1…", why)

@@ -3,7 +3,8 @@
 A :class:`Session` prints each step as it begins (a rule with its title and a sentence for a
 newcomer), each command it runs (``$ coco ...``) and that command's output, indented. A step ends
 ``ok``, ``failed`` (it did not do what it should), ``blocked`` (a part it needs is missing here:
-the reason says which) or ``skipped`` (an earlier step it builds on did not succeed). Every
+the reason says which), ``skipped`` (an earlier step it builds on did not succeed) or ``off``
+(not asked for, or not on by default here: the reason says why). Every
 process the demo starts is registered with :meth:`Session.spawn` and stopped by its pid (its own
 process group: SIGTERM, then SIGKILL) by :meth:`Session.close`, which also runs the clean-up
 callbacks in reverse order; SIGTERM and SIGHUP are turned into KeyboardInterrupt so that Ctrl-C,
@@ -43,7 +44,7 @@ class Blocked(DemoError):
 class StepResult:
     number: str
     title: str
-    status: str = "skipped"  # ok | failed | blocked | skipped | interrupted
+    status: str = "skipped"  # ok | failed | blocked | skipped | off | interrupted
     seconds: float = 0.0
     detail: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +77,7 @@ class Session:
         self.console.print(f"[bold yellow]WARNING: {text}[/]")
         self.events.append({"warning": text})
 
-    def _show(self, text: str) -> None:
+    def show(self, text: str) -> None:
         for line in text.rstrip().splitlines():
             self.console.print("    " + line, markup=False, highlight=False, style="dim")
 
@@ -111,11 +112,11 @@ class Session:
                  "facts": result.facts}
             )  # fmt: skip
 
-    def skip(self, number: str, title: str, why: str) -> None:
-        self.steps.append(StepResult(number, title, "skipped", 0.0, why))
+    def skip(self, number: str, title: str, why: str, status: str = "skipped") -> None:
+        self.steps.append(StepResult(number, title, status, 0.0, why))
         self.console.rule(f"[dim]{number}. {title}")
-        self.say(f"skipped: {why}", "dim")
-        self.events.append({"step": number, "title": title, "status": "skipped", "detail": why})
+        self.say(why if why.startswith(status) else f"{status}: {why}", "dim")
+        self.events.append({"step": number, "title": title, "status": status, "detail": why})
 
     def ok(self, *numbers: str) -> bool:
         return all(s.status == "ok" for s in self.steps if s.number.split(".")[0] in numbers)
@@ -157,7 +158,7 @@ class Session:
              "seconds": round(time.monotonic() - started, 3)}
         )  # fmt: skip
         if show:
-            self._show(proc.stdout + proc.stderr)
+            self.show(proc.stdout + proc.stderr)
         if check and proc.returncode != 0:
             raise DemoError(
                 f"{what or self.shown(argv)}: exit {proc.returncode}: {last_line(proc)}"
@@ -232,6 +233,7 @@ class Session:
             "failed": "red",
             "blocked": "magenta",
             "skipped": "dim",
+            "off": "dim",
             "interrupted": "red",
         }
         for s in self.steps:

@@ -1,12 +1,12 @@
 """Step 2 of the demo, the workload: an application image built from nothing on this machine,
 signed, its layer encrypted through ``coco keyprovider serve`` so that the key lives only in the
-KBS, pushed; then the secret, the image key's companions (the signature policy and the signing
-key) and the rules that release them uploaded to the KBS.
+KBS, pushed; then the secret and the image key's companions (the signature policy and the
+signature's public key) uploaded to the KBS.
 
 The image is busybox (Debian's ``busybox-static``) and ``/app/show-secret``, a shell script that
 asks the guest's REST API on ``127.0.0.1:8006`` for the secret and prints it. The layer is made
-with Python's tarfile and the image with ``umoci``; the owner keeps the plain layout (and the
-layer's dm-verity root, which the agent policy needs) and only the encrypted image leaves.
+with Python's tarfile and the image with ``umoci``; the owner keeps the plain layout and only the
+encrypted image leaves.
 """
 
 from __future__ import annotations
@@ -44,13 +44,10 @@ class Workload:
     pause: str  # registry/demo/pause:1 (plain: containerd's sandbox image)
     digest: str  # the pushed manifest's digest
     layer_digest: str  # the encrypted layer blob in the registry
-    diff_id: str
-    verity_root: str
-    passwd: str
     secret: str
 
 
-def _layer(work: Path) -> tuple[Path, str]:
+def _layer(work: Path) -> Path:
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         raise Blocked("busybox-static is not installed (scripts/install-system-deps)")
@@ -81,14 +78,14 @@ def _layer(work: Path) -> tuple[Path, str]:
         add("pause", b"#!/bin/sh\nexec sleep 2147483647\n", 0o755)
         add("etc/passwd", passwd.encode())
         add("etc/group", group.encode())
-    return path, passwd
+    return path
 
 
-def build_images(session: Session) -> tuple[Path, Path, str]:
-    """The plain layout (tags ``app`` and ``pause``), the layer tar and its /etc/passwd."""
+def build_images(session: Session) -> Path:
+    """The plain layout, tags ``app`` and ``pause``."""
     work = session.work / "image"
     work.mkdir()
-    layer, passwd = _layer(work)
+    layer = _layer(work)
     layout = work / "layout"
     session.run(["umoci", "init", "--layout", str(layout)])
     for tag, cmd in (("app", ["/app/show-secret"]), ("pause", ["/pause"])):
@@ -99,7 +96,7 @@ def build_images(session: Session) -> tuple[Path, Path, str]:
         for c in cmd:
             args += ["--config.cmd", c]
         session.run(args)
-    return layout, layer, passwd
+    return layout
 
 
 def make_keys(session: Session) -> tuple[Path, Path]:
@@ -125,7 +122,6 @@ def make_keys(session: Session) -> tuple[Path, Path]:
 
 
 def encrypt_sign_push(session: Session, kbs: Kbs, registry: str, layout: Path) -> Workload:
-    layer, passwd = session.work / "image" / "layer.tar", ""
     priv, pub = make_keys(session)
     session.say(
         "The layer's key is made by coco keyprovider serve, which registers it in the KBS: it is "
@@ -169,23 +165,11 @@ def encrypt_sign_push(session: Session, kbs: Kbs, registry: str, layout: Path) -
         raise DemoError(f"expected one encrypted layer in {image}, found {layers}")
     keys = [k for k in layers[0].get("annotations", {}) if ".enc.keys." in k]
     session.say(f"the registry holds {layers[0]['mediaType']} (wrapped by {', '.join(keys)})")
-    config = json.loads(
-        session.run(
-            ["coco", "image", "inspect", "--tls-verify=false", "--config", f"docker://{image}"],
-            show=False,
-        ).stdout
-    )
-    diff_id = config["rootfs"]["diff_ids"][0]
-    tardev = session.work / "image" / "layer.tardev"
-    root = session.run(["coco", "tardev", "convert", str(layer), str(tardev)], show=False)
-    tardev.unlink(missing_ok=True)
-    verity_root = root.stdout.strip().split()[-1]
-    session.say(f"the owner keeps the layer's dm-verity root for the agent policy: {verity_root}")
-    _, passwd = _passwd_of(layer)
     secret = base64.b32encode(os.urandom(10)).decode().lower()
-    session.run(["coco", "kbs-client", "--url", kbs.url, "config", "--admin-token-file",
-                 str(kbs.admin_token), "set-resource", "--path", SECRET_PATH,
-                 "--resource-file", str(_write(session, "secret.txt", secret.encode()))])  # fmt: skip
+    kbs.config(
+        session, "set-resource", "--path", SECRET_PATH, "--resource-file",
+        str(_write(session, "secret.txt", secret.encode())),
+    )  # fmt: skip
     policy = {
         "default": [{"type": "reject"}],
         "transports": {
@@ -202,14 +186,7 @@ def encrypt_sign_push(session: Session, kbs: Kbs, registry: str, layout: Path) -
         session, "set-resource", "--path", POLICY_PATH, "--resource-file",
         str(_write(session, "policy.json", json.dumps(policy, indent=2).encode())),
     )  # fmt: skip
-    return Workload(image, pause, digest, layers[0]["digest"], diff_id, verity_root, passwd, secret)
-
-
-def _passwd_of(layer: Path) -> tuple[str, str]:
-    with tarfile.open(layer) as tar:
-        f = tar.extractfile("etc/passwd")
-        g = tar.extractfile("etc/group")
-        return (g.read().decode() if g else ""), (f.read().decode() if f else "")
+    return Workload(image, pause, digest, layers[0]["digest"], secret)
 
 
 def _write(session: Session, name: str, data: bytes) -> Path:
