@@ -16,7 +16,8 @@ TYPE_CHECKING = False  # typing itself is a noticeable import for the pull servi
 if TYPE_CHECKING:
     from typing import Any
 
-    from coco.image.bundle import Bundle, create_bundle, remove_bundle, runtime_config
+    from coco.image.bundle import Bundle, create_bundle, remove_bundle
+    from coco.image.runtime_spec import runtime_config
     from coco.image.store import LayerInfo, LayerStore
     from coco.image.unpack import UnpackLimits, UnpackStats, unpack_layer
 
@@ -24,7 +25,7 @@ _WHERE = {
     "Bundle": "bundle",
     "create_bundle": "bundle",
     "remove_bundle": "bundle",
-    "runtime_config": "bundle",
+    "runtime_config": "runtime_spec",
     "LayerInfo": "store",
     "LayerStore": "store",
     "UnpackLimits": "unpack",

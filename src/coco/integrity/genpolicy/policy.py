@@ -23,8 +23,8 @@ from typing import Any
 from coco.errors import GenpolicyError
 from coco.integrity.genpolicy.images import ImageInfo
 from coco.integrity.genpolicy.k8s import Inputs, Workload
+from coco.oci.user import DEFAULT_PATH, Accounts, resolve_user
 
-DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_PULL = "guest-pull"
 TARDEV = "tardev"
 LAYER_MODES = (GUEST_PULL, TARDEV)
@@ -130,42 +130,33 @@ class _Builder:
     # --- users
 
     def _user(self, c: dict[str, Any] | None, image: ImageInfo, pause: bool) -> dict[str, Any]:
+        """The process user as the guest's puller makes it (coco.oci.user, from the image's
+        /etc/passwd and /etc/group), the pod's runAsUser/runAsGroup over it (as upstream: the
+        image's group stays under a runAsUser, and a bare uid takes its passwd group)."""
         spec_user = str(image.config.get("User") or "")
-        passwd = next((la.passwd for la in reversed(image.layers) if la.passwd), "")
-        uid, gid = 0, None
-        name, _, group = spec_user.partition(":")
+        accounts = Accounts(
+            next((la.passwd for la in reversed(image.layers) if la.passwd), ""),
+            next((la.group for la in reversed(image.layers) if la.group), ""),
+        )
         where = f"{self.w.where}: image {image.name}: config.User {spec_user!r}"
-        if name:
-            if name.isdigit():
-                uid = int(name)
-            elif not any(
-                "runAsUser" in x for x in (self.pod_sc, (c or {}).get("securityContext") or {})
-            ):
-                entry = _passwd_by_name(passwd, name)
-                if entry is None and any(la.encrypted for la in image.layers):
-                    raise GenpolicyError(
-                        f"{where}: user {name!r} cannot be looked up: the image's layers are "
-                        "encrypted; give a numeric runAsUser (and runAsGroup) in the pod"
-                    )
-                if entry is None:
-                    raise GenpolicyError(
-                        f"{where}: user {name!r} is not in the image's /etc/passwd"
-                    )
-                uid, gid = entry
-        if group:
-            if group.isdigit():
-                gid = int(group)
-            else:
-                raise GenpolicyError(f"{where}: group names are not supported; use a number")
         sc = (c or {}).get("securityContext") or {}
+        run_as_user = run_as_group = None
         for src in (self.pod_sc, sc):
-            if "runAsUser" in src:
-                uid = int(src["runAsUser"])
-            if "runAsGroup" in src:
-                gid = int(src["runAsGroup"])
-        if gid is None:
-            by_uid = _passwd_by_uid(passwd, uid)
-            gid = by_uid if by_uid is not None else 0
+            run_as_user = int(src["runAsUser"]) if "runAsUser" in src else run_as_user
+            run_as_group = int(src["runAsGroup"]) if "runAsGroup" in src else run_as_group
+        name, _, group = spec_user.partition(":")
+        encrypted = any(la.encrypted for la in image.layers)
+        if run_as_user is not None:  # the pod's uid replaces the image's user, not its group
+            keep = group and run_as_group is None
+            spec_user = str(run_as_user) + (f":{group}" if keep else "")
+        elif encrypted and name and not name.isdigit() and accounts.user(name) is None:
+            raise GenpolicyError(
+                f"{where}: user {name!r} cannot be looked up: the image's layers are "
+                "encrypted; give a numeric runAsUser (and runAsGroup) in the pod"
+            )
+        uid, gid = _image_user(spec_user, accounts, where)
+        if run_as_group is not None:
+            gid = run_as_group
         extra = (
             [] if pause else [gid, *[int(g) for g in self.pod_sc.get("supplementalGroups") or []]]
         )
@@ -482,20 +473,9 @@ def _exec_commands(c: dict[str, Any]) -> list[str]:
     return out
 
 
-def _passwd_by_name(passwd: str, name: str) -> tuple[int, int] | None:
-    for line in passwd.splitlines():
-        f = line.split(":")
-        if len(f) >= 4 and f[0] == name and f[2].isdigit() and f[3].isdigit():
-            return int(f[2]), int(f[3])
-    return None
-
-
-def _passwd_by_uid(passwd: str, uid: int) -> int | None:
-    for line in passwd.splitlines():
-        f = line.split(":")
-        if len(f) >= 4 and f[2] == str(uid) and f[3].isdigit():
-            return int(f[3])
-    return None
+def _image_user(user: str, accounts: Accounts, where: str) -> tuple[int, int]:
+    u = resolve_user(user, accounts, where, GenpolicyError)
+    return u.uid, u.gid
 
 
 def policy_data(
