@@ -21,6 +21,7 @@ from coco.host.runtime import initdata as rinitdata
 from coco.host.runtime import spec as rspec
 from coco.host.runtime.shim import socket_address
 from coco.integrity.initdata import Initdata
+from coco.rpc.ocispec import json_key
 from coco.rpc.protos import containerd_shim_pb2 as pb
 
 SHIM = str(Path(sys.executable).parent / "containerd-shim-coco-v2")
@@ -69,7 +70,7 @@ def test_config_refuses_what_it_does_not_know(tmp_path: Path) -> None:
 
 
 def test_oci_names_and_upstream_constraints() -> None:
-    assert [rspec.json_name(n) for n in ("UIDMappings", "OOMScoreAdj", "HostID", "CPU", "Version",
+    assert [json_key(n) for n in ("UIDMappings", "OOMScoreAdj", "HostID", "CPU", "Version",
             "errnoret", "L3CacheSchema", "Pagesize", "destination")] == [
         "uidMappings", "oomScoreAdj", "hostID", "cpu", "ociVersion", "errnoRet",
         "l3CacheSchema", "pageSize", "destination"]  # fmt: skip
