@@ -20,11 +20,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coco.demo.session import Blocked, DemoError, Session, free_port, listening
+from coco.demo.session import Blocked, Session, free_port, listening
 
 CNI_PLUGIN = r'''#!{python}
 """coco-demo-veth: a CNI plugin that keeps a pod's network inside the pod's namespace."""
@@ -198,7 +197,9 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
     )  # fmt: skip
     # the local sandbox keeps its per-pod state (Unix sockets) in a short directory of ours
     state = Path(tempfile.mkdtemp(prefix="coco-demo-st-", dir="/tmp"))
-    session.on_close("local sandbox state", lambda: _remove_tree(state))
+    session.dirs.append(state)
+    session.say(f"local sandbox state: {state} (short: the guest's sockets live there)")
+    session.on_close("mounts under the local sandbox state", lambda: umount_under(state))
     local = base / "coco" / "configuration-local.toml"
     local.write_text(local.read_text() + f'\n[runtime]\nstate_dir = "{state}"\n')
     ctrd = Containerd(base, config, base / "state", base / "c.sock", base / "coco", state)
@@ -221,6 +222,14 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
         reach=f"{ctrd.endpoint} (root, state and CNI under {base})",
     )
     return ctrd
+
+
+def plaintext_on_host(ctrd: Containerd, name: str) -> list[Path]:
+    """Files called ``name`` under containerd's and the snapshotter's directories."""
+    found = []
+    for top, _, files in os.walk(ctrd.base):  # directories vanishing meanwhile are skipped
+        found += [Path(top, name) for f in files if f == name]
+    return found
 
 
 def _answers(address: Path) -> bool:
@@ -247,16 +256,3 @@ def umount_under(base: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
         subprocess.run(["umount", "-l", m], check=False, capture_output=True)
-
-
-def _remove_tree(path: Path) -> None:
-    umount_under(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_until(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise DemoError(f"{what}: not done within {timeout:g} s")
-        time.sleep(0.2)

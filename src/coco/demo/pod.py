@@ -20,7 +20,14 @@ from pathlib import Path
 
 from coco.demo.owner import Containerd, Kbs
 from coco.demo.session import DemoError, Session
-from coco.demo.workload import COSIGN_KEY_PATH, IMAGE_KEY, POLICY_PATH, SECRET_PATH, Workload
+from coco.demo.workload import (
+    COSIGN_KEY_PATH,
+    IMAGE_KEY,
+    POLICY_PATH,
+    SCRIPT_NAME,
+    SECRET_PATH,
+    Workload,
+)
 
 INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
 UUID_RE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -128,7 +135,7 @@ def prepare(
     base = d / "initdata-base.toml"
     base.write_text(base_initdata(kbs_url, registry))
     path = d / "pod.yaml"
-    path.write_text(pod_yaml("coco-demo", w.image, runtime_class, ["/app/show-secret"]))
+    path.write_text(pod_yaml("coco-demo", w.image, runtime_class, [f"/app/{SCRIPT_NAME}"]))
     session.say(f"the pod as its owner wrote it ({path}):")
     session.show(path.read_text())
     session.say(
@@ -197,7 +204,8 @@ def pod_run(
     d = session.work / "pod"
     proc = session.run(
         ["coco", "pod", "run", str(path), "--runtime-endpoint", ctrd.endpoint,
-         "--log-root", str(p.log_root), "--state-dir", str(d / "state"), "--tls-verify=false"],
+         "--log-root", str(p.log_root), "--state-dir", str(d / "state"), "--tls-verify=false",
+         "--guest-pull", "never"],
         check=False, timeout=timeout, what="coco pod run",
     )  # fmt: skip
     return proc.returncode, proc.stdout, proc.stderr

@@ -7,6 +7,7 @@ the demo exits 0 only when every step did what it should.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -21,14 +22,14 @@ from coco.demo.session import (
     Session,
     StepResult,
     interrupt_on_signals,
+    stop_pids,
     write_json,
 )
 
 LOCAL, QEMU, REMOTE = "coco-local", "coco-qemu", "coco-remote"
 QEMU_BLOCKER = (
-    "the pod VM path is not finished in this checkout: the demo cannot yet boot a pod VM whose "
-    "guest attests with its vTPM and pulls from this host's registry, nor give the KBS the "
-    "reference values that vTPM evidence is held to"
+    "the pod VM path (a guest that attests with its vTPM and pulls from this host's registry, "
+    "and the KBS's reference values for it) is not finished in this checkout"
 )
 PEER_PODS_BLOCKER = (
     "a peer pod runs in the pod VM of coco-qemu (started by coco cloud-api-adaptor through "
@@ -79,14 +80,21 @@ def main(opts: Options) -> int:
         session.console.print("[bold red]interrupted: stopping everything the demo started[/]")
     finally:
         facts["services"] = [{"name": v.name, "pid": v.proc.pid} for v in session.services]
+        facts["dirs"] = [str(d) for d in session.dirs]
         if opts.keep and not interrupted:
             _print_keep(session)
         else:
             with session.step("7", "Clean-up", "Stopping everything the demo started.") as s:
-                leftovers = session.close() + _leftovers(work)
+                leftovers = session.close()
+                strays = _processes_naming(session.dirs)
+                if strays:  # shims outlive containerd by design: stop what ours left, by pid
+                    session.say(f"stopping {len(strays)} process(es) containerd left: {strays}")
+                    stop_pids(strays)
+                leftovers += _leftovers(session.dirs)
                 if leftovers:
                     raise DemoError("left behind: " + "; ".join(leftovers))
-                shutil.rmtree(work, ignore_errors=True)
+                for d in session.dirs:
+                    shutil.rmtree(d, ignore_errors=True)
                 s.detail = "no process, mount, socket or file left"
                 session.say(s.detail)
     total = time.monotonic() - started
@@ -111,7 +119,9 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
     ) as s:  # fmt: skip
         kbs = owner.start_kbs(c)
         registry = owner.start_registry(c)
-        s.facts = {"kbs": kbs.url, "registry": registry}
+        ctrd = owner.start_containerd(c, registry, workload.pause_image(registry))
+        s.facts = {"kbs": kbs.url, "registry": registry, "containerd": ctrd.endpoint}
+        s.detail = f"KBS {kbs.url}, registry {registry}, containerd {ctrd.address}"
     if not c.ok("1"):
         return _skip_rest(c, "1")
 
@@ -124,7 +134,6 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
         layout = workload.build_images(c)
         w = workload.encrypt_sign_push(c, kbs, registry, layout)
         s.facts = {"image": w.image, "digest": w.digest}
-        ctrd = owner.start_containerd(c, registry, w.pause)
         s.detail = f"{w.image} signed and encrypted; key, secret and signature policy in the KBS"
     if not c.ok("2"):
         return _skip_rest(c, "2")
@@ -146,9 +155,11 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
 
     with c.step(
         "4", "Inside",
-        "coco pod run asks containerd for the pod; coco's shim starts the sandbox; the guest "
-        "attests to the KBS, pulls and decrypts the image itself (signature checked), and the "
-        "container prints the secret it fetched from the guest's API.",
+        "coco pod run asks containerd for the pod, as a kubelet does: containerd pulls the "
+        "image's manifest and config, and coco's snapshotter leaves its encrypted layer to the "
+        "guest. coco's shim starts the sandbox; the guest attests to the KBS, pulls and decrypts "
+        "the image itself (signature checked), and the container prints the secret it fetched "
+        "from the guest's API.",
     ) as s:  # fmt: skip
         code, out, err = pod.pod_run(c, ctrd, p, p.yaml)
         line = next((ln for ln in out.splitlines() if workload.SECRET_LINE in ln), "")
@@ -158,6 +169,11 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
         if w.secret not in line:
             raise DemoError(f"the pod printed {line!r}, not the secret the KBS holds")
         c.say(f"from inside the pod: {line}", "bold green")
+        plain = owner.plaintext_on_host(ctrd, workload.SCRIPT_NAME)
+        if plain:
+            raise DemoError(f"the image's plaintext is on the host: {plain[0]}")
+        c.say(f"and on the host, under containerd's and the snapshotter's roots: no "
+              f"{workload.SCRIPT_NAME}, the layer was never unpacked here")  # fmt: skip
         s.detail, s.facts = line, {"secret_line": line}
     if not c.ok("4"):
         return _skip_rest(c, "4")
@@ -172,7 +188,9 @@ def _refusals(c: Session, ctrd: owner.Containerd, p: pod.Pod, w: workload.Worklo
         "in the guest holds CreateContainer against the policy and refuses it.",
     ) as s:  # fmt: skip
         path = pod.altered(c, p, "pod-altered", ["/bin/sh", "-c", "cat /etc/passwd"])
-        _refused(c, s, ctrd, p, path, "blocked by policy: rule args", "the agent policy's denial")
+        _refused(
+            c, s, ctrd, p, path, "the agent policy's denial", r"blocked by policy: (rule args.*)"
+        )
 
     with c.step(
         "5b", "Refusal: evidence without the pod's initdata",
@@ -181,8 +199,8 @@ def _refusals(c: Session, ctrd: owner.Containerd, p: pod.Pod, w: workload.Worklo
     ) as s:  # fmt: skip
         other = p.initdata.read_text() + '"note.txt" = "changed by the host"\n'
         path = pod.with_initdata(c, p, "pod-other-initdata", other)
-        _refused(c, s, ctrd, p, path, "does not carry the pod's initdata digest",
-                 "the KBS's refusal")  # fmt: skip
+        _refused(c, s, ctrd, p, path, "the KBS's refusal",
+                 r"refused by the KBS resource policy: (.*initdata digest.*)")  # fmt: skip
 
     with c.step(
         "5c", "Refusal: a tampered layer",
@@ -194,23 +212,27 @@ def _refusals(c: Session, ctrd: owner.Containerd, p: pod.Pod, w: workload.Worklo
         data[len(data) // 2] ^= 0xFF
         blob.write_bytes(bytes(data))
         c.say(f"flipped one byte of {w.layer_digest} in {blob}")
-        _refused(c, s, ctrd, p, p.yaml, "digest mismatch", "the guest's digest check")
+        _refused(
+            c, s, ctrd, p, p.yaml, "the guest's digest check", r"(layer \S+ \S+ digest mismatch.*)"
+        )
 
 
 def _refused(
-    c: Session, s: StepResult, ctrd: owner.Containerd, p: pod.Pod, path: Path, expected: str,
-    who: str,
+    c: Session, s: StepResult, ctrd: owner.Containerd, p: pod.Pod, path: Path, who: str,
+    expected: str,
 ) -> None:  # fmt: skip
-    """Run the pod of ``path``: it must not start, and ``coco pod run`` must say ``expected``."""
+    """Run the pod of ``path``: it must not start, and ``coco pod run``'s error must match the
+    regular expression ``expected``, whose group is the step's summary."""
     code, out, err = pod.pod_run(c, ctrd, p, path)
     line = pod.reason(err) if err.strip() else f"exit {code} and no output"
     if code == 0 or workload.SECRET_LINE in out:
         raise DemoError(f"the pod ran (exit {code}): expected {who}")
-    if expected not in line:
-        raise DemoError(f"expected {who} ({expected!r}), got: {line}")
-    why = pod.cause(line)
-    c.say(f"refused, as it should be: {why}", "bold yellow")
-    s.detail, s.facts = why, {"reason": line, "exit": code}
+    found = re.search(expected, line)
+    if found is None:
+        raise DemoError(f"expected {who}, got: {line}")
+    c.say(f"refused, as it should be: {pod.cause(line)}", "bold yellow")
+    s.detail = f"{who}: {pod.cause(found.group(1))}"
+    s.facts = {"reason": line, "exit": code}
 
 
 def _peer_pods(c: Session, opts: Options) -> None:
@@ -236,11 +258,9 @@ def _skip_rest(c: Session, after: str) -> None:
             c.skip(n, t, f"step {after} did not succeed")
 
 
-def _leftovers(work: Path) -> list[str]:
-    found = []
-    mounts = Path("/proc/self/mounts").read_text().split("\n")
-    found += [f"mount {m.split()[1]}" for m in mounts if str(work) in m]
-    me = os.getpid()
+def _processes_naming(dirs: list[Path]) -> list[int]:
+    """Processes (not this one) whose command line names one of ``dirs``."""
+    me, found = os.getpid(), []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == me:
             continue
@@ -248,8 +268,25 @@ def _leftovers(work: Path) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(work) in cmd:
-            found.append(f"process {pid}: {cmd[:120]}")
+        if any(_names(cmd, d) for d in dirs):
+            found.append(int(pid))
+    return found
+
+
+def _names(text: str, d: Path) -> bool:
+    """Whether ``text`` names ``d`` or a path under it."""
+    return f"{d}/" in text or f"{d} " in text + " "
+
+
+def _leftovers(dirs: list[Path]) -> list[str]:
+    mounts = [m.split()[1] for m in Path("/proc/self/mounts").read_text().splitlines()]
+    found = [f"mount {m}" for m in mounts if any(_names(m, d) for d in dirs)]
+    for pid in _processes_naming(dirs):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # it has just gone
+        found.append(f"process {pid}: {cmd[:120]}")
     return found
 
 
@@ -257,6 +294,9 @@ def _print_keep(session: Session) -> None:
     session.console.rule("[bold cyan]7. Kept running (--keep)")
     for s in session.services:
         session.say(f"{s.name}: pid {s.proc.pid}, {s.reach or 'running'}; log {s.log}")
-    pids = " ".join(str(s.proc.pid) for s in session.services)
+    groups = " ".join(f"-{s.proc.pid}" for s in reversed(session.services))
     session.say(f"work directory: {session.work}")
-    session.say(f"stop them with: kill -- {' '.join('-' + p for p in pids.split())}")
+    session.say(
+        f"stop them and remove their files with: kill -TERM -- {groups}; sleep 5; "
+        f"rm -rf {' '.join(str(d) for d in session.dirs)}"
+    )

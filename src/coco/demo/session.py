@@ -61,6 +61,7 @@ class Service:
 class Session:
     def __init__(self, work: Path, *, console: Console | None = None, coco: list[str]) -> None:
         self.work = work
+        self.dirs = [work]  # every directory the demo made: clean-up removes them, checks them
         self.console = console or Console(highlight=False)
         self.coco = coco
         self.steps: list[StepResult] = []
@@ -258,6 +259,28 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = 10) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
+
+
+def stop_pids(pids: list[int], grace: float = 10) -> None:
+    """SIGTERM each of ``pids``, then SIGKILL those still there after ``grace`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _running(p)]
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def interrupt_on_signals() -> None:

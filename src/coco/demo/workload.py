@@ -28,6 +28,7 @@ IMAGE_KEY = "kbs:///default/demo-image-key/1"
 POLICY_PATH = "default/security-policy/demo"
 COSIGN_KEY_PATH = "default/cosign-key/demo"
 SECRET_LINE = "the secret, fetched inside the pod from 127.0.0.1:8006:"
+SCRIPT_NAME = "show-secret"
 
 SCRIPT = f"""#!/bin/sh
 # runs in the confidential pod: the guest's REST API hands out what the KBS releases to this guest
@@ -45,6 +46,11 @@ class Workload:
     digest: str  # the pushed manifest's digest
     layer_digest: str  # the encrypted layer blob in the registry
     secret: str
+
+
+def pause_image(registry: str) -> str:
+    """The pod's sandbox (pause) image, plain: containerd's CRI pulls and runs it."""
+    return f"{registry}/demo/pause:1"
 
 
 def _layer(work: Path) -> Path:
@@ -74,7 +80,7 @@ def _layer(work: Path) -> Path:
         add("bin/busybox", Path(busybox).read_bytes(), 0o755)
         for applet in APPLETS:
             add(f"bin/{applet}", link="busybox")
-        add("app/show-secret", SCRIPT.encode(), 0o755)
+        add(f"app/{SCRIPT_NAME}", SCRIPT.encode(), 0o755)
         add("pause", b"#!/bin/sh\nexec sleep 2147483647\n", 0o755)
         add("etc/passwd", passwd.encode())
         add("etc/group", group.encode())
@@ -88,7 +94,7 @@ def build_images(session: Session) -> Path:
     layer = _layer(work)
     layout = work / "layout"
     session.run(["umoci", "init", "--layout", str(layout)])
-    for tag, cmd in (("app", ["/app/show-secret"]), ("pause", ["/pause"])):
+    for tag, cmd in (("app", [f"/app/{SCRIPT_NAME}"]), ("pause", ["/pause"])):
         ref = f"{layout}:{tag}"
         session.run(["umoci", "new", "--image", ref])
         session.run(["umoci", "raw", "add-layer", "--image", ref, str(layer)])
@@ -149,7 +155,7 @@ def encrypt_sign_push(session: Session, kbs: Kbs, registry: str, layout: Path) -
         what="encrypting, signing and pushing the image",
     )  # fmt: skip
     digest = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    pause = f"{registry}/demo/pause:1"
+    pause = pause_image(registry)
     session.run(
         ["coco", "image", "copy", "-q", "--dest-tls-verify=false", "--insecure-policy",
          f"oci:{layout}:pause", f"docker://{pause}"],
