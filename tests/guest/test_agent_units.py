@@ -1,6 +1,6 @@
 """The agent's pieces on their own: config precedence, the OCI spec converter, verify_id, the
-policy gate's cache, and the tardev/dm-verity storage (the real path needs device-mapper: the
-pod VM runs it; here the clear error)."""
+policy gate's cache, and the tardev/dm-verity storage (the real path needs device-mapper: it runs
+in the pod VM, tests/host/test_qemu_agent.py; here the clear error)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from coco.guest.agent.errors import AgentError, StorageError
 from coco.guest.agent.ocispec import policy_input, spec_from_json, spec_to_json
 from coco.guest.agent.policy import PolicyGate
 from coco.guest.agent.sandbox import verify_id
-from coco.guest.agent.storage import Storages, Undo, open_verity
+from coco.guest.agent.storage import Storages
 from coco.integrity.agent_policy import AgentPolicy
 from coco.rpc.protos import agent_pb2 as pb
 
@@ -127,24 +127,3 @@ def test_tardev_layer_root_hash_must_be_hex(tmp_path: Path) -> None:
     s = _storages(tmp_path)
     with pytest.raises(StorageError, match=r"expected one option .*root-hash=<64 hex digits>"):
         asyncio.run(s.add(_layer_storage(tmp_path, "xyz"), "c1", {}))
-
-
-@pytest.mark.skipif(not HAS_DM, reason="needs device-mapper (dm-verity): runs in the pod VM")
-def test_tardev_layer_through_dm_verity(tmp_path: Path) -> None:
-    """The real path (hook for the pod VM): a tardev layer opened with dm-verity and mounted;
-    a wrong root hash refused."""
-    from coco.integrity import tardev
-    from tests.imagekit import tar_layer
-
-    src = tmp_path / "l.tar"
-    src.write_bytes(tar_layer({"etc/motd": b"verified\n"}))
-    out = tmp_path / "l.tardev"
-    root = tardev.convert(src, out).root_hash.hex()
-    s = _storages(tmp_path)
-    u = asyncio.run(s.add(_layer_storage(tmp_path, root, out), "c1", {}))
-    try:
-        assert Path(u.mount_point, "etc/motd").read_bytes() == b"verified\n"
-    finally:
-        asyncio.run(s.release([u]))
-    with pytest.raises(StorageError, match="wrong root hash"):
-        asyncio.run(open_verity(str(out), "bad", "f" * 64, Undo("x")))

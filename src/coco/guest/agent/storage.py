@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -374,6 +375,7 @@ class Storages:
         if _has_filesystem("tar"):
             _do_mount(verified, mp, "tar", ["ro"], u)
             return
+        u.add("dir", mp)  # the unpacked files go with the layer's last user (or a failure)
         await asyncio.to_thread(_unpack_verified, verified, mp)
         u.add("mounts_under", mp)
         _do_mount(mp, mp, "", ["bind", "ro"], u)
@@ -440,7 +442,23 @@ async def open_verity(dev: str, name: str, root_hash: str, u: Undo) -> str:
             ) from None
         raise
     u.add("verity", name)
-    return f"/dev/mapper/{name}"
+    verified = f"/dev/mapper/{name}"
+    # the kernel checks the root hash on the first read (veritysetup opens any hash): a block
+    # that does not verify reads as EIO, so read one now to tell a wrong hash apart clearly
+    try:
+        fd = os.open(verified, os.O_RDONLY)
+        try:
+            os.pread(fd, dbs, 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise StorageError(f"tardev layer {name}: reading {verified}: {e.strerror}") from None
+        raise StorageError(
+            f"tardev layer {name}: wrong root hash: {dev} does not verify against {root_hash} "
+            "(dm-verity refused its first block)"
+        ) from None
+    return verified
 
 
 def _has_filesystem(name: str) -> bool:
@@ -458,7 +476,14 @@ def _unpack_verified(dev: str, dest: str) -> None:
     with open(dev, "rb") as f:
         try:
             unpack_layer(f, dest)
-        except (UnpackError, OSError) as e:  # an I/O error here is a block failing verification
+        except OSError as e:
+            if e.errno == errno.EIO:  # a block that fails verification reads as EIO
+                raise StorageError(
+                    f"tardev layer {dev}: a block does not verify against the root hash "
+                    "(the layer's data was altered): not mounted"
+                ) from None
+            raise StorageError(f"tardev layer {dev}: {e}") from None
+        except UnpackError as e:
             raise StorageError(f"tardev layer {dev}: {e}") from None
 
 

@@ -8,7 +8,9 @@ What a :class:`PodVm` starts, in a run directory of its own:
   (on this kind of machine ``/dev/kvm`` opens but guests hang), else TCG; the root image
   read-only, the initdata as a second read-only disk, the serial console to ``console.log``, the
   agent's channel on virtio-serial (``agent.sock``, port ``agent.0``), user networking with
-  optional host forwards on 127.0.0.1.
+  optional host forwards on 127.0.0.1, and optional extra read-only disks (``disks``: e.g. tardev
+  layers) at fixed PCI slots :data:`DISK_SLOT` + i, which the agent finds by their PCI path
+  (:meth:`PodVm.disk_pci_address`).
 
 :meth:`PodVm.wait_ready` watches the console for the guest init's readiness line. :meth:`stop`
 (also on leaving the ``with`` block, whatever the reason) stops QEMU, then swtpm, by pid, and
@@ -36,6 +38,8 @@ from coco.integrity.initdata import encode_image
 ACCELS = ("auto", "kvm", "tcg")
 QEMU = "qemu-system-x86_64"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
+DISK_SLOT = 0x10  # the first extra disk's slot on the root bus (q35 puts its own below 0x08)
+MAX_DISKS = 8
 KERNEL_ARGS = (
     "console=ttyS0",
     "quiet",
@@ -88,6 +92,7 @@ class PodVm:
         console_log: Path | None = None,
         run_dir: Path | None = None,
         kernel_args: Sequence[str] = (),
+        disks: Sequence[Path] = (),
     ) -> None:
         self.image = image if isinstance(image, Image) else Image.open(Path(image))
         if accel not in ACCELS:
@@ -99,6 +104,12 @@ class PodVm:
         for host, guest in forwards:
             if not (0 < host < 65536 and 0 < guest < 65536):
                 raise PodVmError(f"pod VM: forward {host}:{guest}: expected ports 1-65535")
+        if len(disks) > MAX_DISKS:
+            raise PodVmError(f"pod VM: disks: expected at most {MAX_DISKS}, found {len(disks)}")
+        for disk in disks:
+            if not Path(disk).is_file() and not Path(disk).is_block_device():
+                raise PodVmError(f"pod VM: disk {disk}: expected a file or a block device")
+        self.disks = [Path(d).absolute() for d in disks]
         self.initdata_image = None if initdata is None else encode_image(initdata)
         self.memory = memory
         self.cpus = cpus
@@ -125,6 +136,11 @@ class PodVm:
     def agent_socket(self) -> Path:
         """The host end of the agent's virtio-serial channel (QEMU listens, the shim connects)."""
         return self.run_dir / "agent.sock"
+
+    @staticmethod
+    def disk_pci_address(index: int) -> str:
+        """The PCI address of extra disk ``index`` in the guest (a blk storage's source)."""
+        return f"0000:00:{DISK_SLOT + index:02x}.0"
 
     @property
     def console_log(self) -> Path:
@@ -225,6 +241,11 @@ class PodVm:
             "-device", "virtio-net-pci,netdev=net0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
+        for i, disk in enumerate(self.disks):
+            if "," in str(disk):
+                raise PodVmError(f"pod VM: disk {disk}: a comma in the path is not allowed")
+            args += ["-drive", f"file={disk},format=raw,if=none,id=disk{i},readonly=on",
+                     "-device", f"virtio-blk-pci,drive=disk{i},addr=0x{DISK_SLOT + i:x}"]  # fmt: skip
         if self.initdata_image is not None:
             path = run / "initdata.img"
             path.write_bytes(self.initdata_image)

@@ -15,7 +15,9 @@ host side never imports it except to test its pieces. In order it:
    its socket, then ``coco cdh serve``, ``coco api-server serve`` and ``coco agent serve
    --server-addr serial:///dev/virtio-ports/agent.0``, each only if this build's ``coco`` has the
    group, as upstream's agent launches them; without an AA it extends PCR 8 itself, so the
-   digest is bound exactly once; it reads PCR 8 back for the report;
+   digest is bound exactly once; it reads PCR 8 back for the report; it waits for the AA's
+   socket, and for the agent to hold its port open (a host that writes before that waits in
+   QEMU's buffer, but one that gives up and reconnects leaves stale frames in the one stream);
 7. prints :data:`READY` with what it found, then reaps children until the VM is powered off.
 
 Every report goes to the serial console as ``coco-podvm: <what> key=value ...``; a failure prints
@@ -296,7 +298,8 @@ def load_initdata(cmdline: dict[str, str]) -> tuple[bytes, set[str]] | None:
 def service_plan(
     groups: set[str], files: set[str], directory: Path = INITDATA_DIR
 ) -> list[tuple[str, list[str], str | None]]:
-    """(name, coco arguments, socket to wait for) of each service this build has, in start order.
+    """(name, coco arguments, path to wait for) of each service this build has, in start order:
+    a socket the service creates, or the character device it must hold open.
 
     As upstream's agent launches them: the AA gets the initdata TOML (it binds the digest to the
     TEE at start: PCR 8 of a vTPM) and the initdata's ``aa.toml``; the CDH its ``cdh.toml``; the
@@ -320,20 +323,41 @@ def service_plan(
         args = ["agent", "serve", "--server-addr", f"serial://{AGENT_PORT}"]
         if "policy.rego" in files:
             args += ["--policy", str(directory / "policy.rego")]
-        plan.append(("agent", args, None))
+        plan.append(("agent", args, AGENT_PORT))
     return plan
 
 
+def holds_open(pid: int, path: str, proc_root: Path = Path("/proc")) -> bool:
+    """Whether process ``pid`` has ``path`` (after symlinks) open."""
+    target = os.path.realpath(path)
+    try:
+        fds = list((proc_root / str(pid) / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == target:
+                return True
+    return False
+
+
+def listening(pid: int, path: str) -> bool:
+    """A socket path exists, or a character device is held open by ``pid``."""
+    if Path(path).is_char_device():
+        return holds_open(pid, path)
+    return Path(path).exists()
+
+
 def start_service(name: str, args: list[str], socket: str | None) -> int:
-    """Start ``coco ARGS``; with ``socket``, wait until it exists (the service listens)."""
+    """Start ``coco ARGS``; with ``socket``, wait until it listens there (see :func:`listening`)."""
     proc = subprocess.Popen([COCO, *args], stdin=subprocess.DEVNULL, start_new_session=True)
     start = time.monotonic()
-    while socket is not None and not Path(socket).exists():
+    while socket is not None and not listening(proc.pid, socket):
         if proc.poll() is not None:
             raise InitError(f"coco {name} exited with status {proc.returncode} before listening")
         if time.monotonic() - start > SERVICE_TIMEOUT:
             raise InitError(f"coco {name} did not listen on {socket} within {SERVICE_TIMEOUT:g} s")
-        time.sleep(0.05)
+        time.sleep(0.02)
     waited = f"{time.monotonic() - start:.1f}" if socket is not None else "-"
     say("service", name=name, state="started", pid=proc.pid, listening_after_s=waited)
     return proc.pid
