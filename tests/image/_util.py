@@ -123,3 +123,10 @@ def umoci_unpack(tmp: Path, layers: Sequence[bytes]) -> Path:
 
 def tree_files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def make_request(ref: str, bundle: str | Path, store: str | Path, **kw: object) -> dict:
+    """The wire request ``coco image pull --service`` sends for these flags."""
+    from coco.image.request import PullRequest
+
+    return PullRequest(ref=ref, bundle=bundle, store=store, **kw).for_service()

@@ -19,8 +19,9 @@ import pytest
 from coco.crypto.digest import sha256_digest
 from coco.errors import PullError
 from coco.image import LayerStore
-from coco.image.service import PullService, make_request, pull_via_service
+from coco.image.service import PullService, pull_via_service
 from tests.conftest import Registry
+from tests.image._util import make_request
 from tests.imagekit import write_image
 from tests.oci.fakeregistry import reply, serve
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from coco.errors import PullError
-from coco.image.service import PullService, make_request, pull_via_service
+from coco.image.service import PullService, pull_via_service
+from tests.image._util import make_request
 from tests.imagekit import tar_layer, write_image
 
 DEEP = b"[" * 100_000

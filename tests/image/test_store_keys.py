@@ -27,9 +27,10 @@ import pytest
 from coco.errors import CocoError, PullError
 from coco.image import LayerStore
 from coco.image.pull import PullOptions, pull_image
-from coco.image.service import PullService, make_request, pull_via_service
+from coco.image.service import PullService, pull_via_service
 from coco.oci.transport import Access
 from tests.conftest import Registry
+from tests.image._util import make_request
 from tests.imagekit import write_image
 
 from ._util import F, diff_id, tar

@@ -69,10 +69,35 @@ def _platform_options(p: Parser) -> None:
 
 
 def _source_options(p: Parser, *, as_path: bool = True) -> None:
-    """--creds, --authfile, --tls-verify: how to read one image (inspect, pull)."""
+    """--creds, --authfile, --tls-verify, --cert-dir, --retry-times: how to read one image
+    (inspect, pull)."""
     p.add_argument("--creds", metavar="USER[:PASS]", help="Registry credentials.")
     add_authfile(p, as_path=as_path)
     add_tls_verify(p, "--tls-verify", "")
+    _cert_dir(p, "--cert-dir", "the registry", as_path)
+    _retry_times(p)
+
+
+def _cert_dir(p: Parser, flag: str, whose: str, as_path: bool = True) -> None:
+    p.add_argument(
+        flag,
+        type=path(file_okay=False, exists=True, as_path=as_path),
+        metavar="DIRECTORY",
+        help=f"CA certificates (*.crt) and client certificate (*.cert, *.key) for {whose} "
+        "(default, as skopeo: /etc/containers/certs.d/HOST[:PORT]/).",
+    )
+
+
+def _retry_times(p: Parser) -> None:
+    p.add_argument(
+        "--retry-times",
+        type=int_range(0, 100),
+        default=0,
+        metavar="N",
+        help=shown(
+            "Retry a request that failed to connect or got a 5xx/429 answer, with backoff.", 0
+        ),
+    )
 
 
 def _quiet(p: Parser, text: str = "No progress or summary output.") -> None:
@@ -136,6 +161,9 @@ def _build_copy(p: Parser) -> None:
     add_authfile(p)
     add_tls_verify(p, "--src-tls-verify", "source")
     add_tls_verify(p, "--dest-tls-verify", "destination")
+    _cert_dir(p, "--src-cert-dir", "the source registry")
+    _cert_dir(p, "--dest-cert-dir", "the destination registry")
+    _retry_times(p)
     p.add_argument(
         "--all", dest="all_platforms", action="store_true", help="Copy every image of an index."
     )
@@ -161,6 +189,9 @@ def copy_cmd(
     authfile: Path | None,
     src_tls_verify: bool,
     dest_tls_verify: bool,
+    src_cert_dir: Path | None,
+    dest_cert_dir: Path | None,
+    retry_times: int,
     all_platforms: bool,
     override_os: str | None,
     override_arch: str | None,
@@ -192,6 +223,9 @@ def copy_cmd(
         authfile=authfile,
         src_tls_verify=src_tls_verify,
         dest_tls_verify=dest_tls_verify,
+        src_cert_dir=src_cert_dir,
+        dest_cert_dir=dest_cert_dir,
+        retry_times=retry_times,
         all_platforms=all_platforms,
         override_os=override_os,
         override_arch=override_arch,
@@ -250,6 +284,8 @@ def inspect_cmd(
     creds: str | None,
     authfile: Path | None,
     tls_verify: bool,
+    cert_dir: Path | None,
+    retry_times: int,
     raw: bool,
     show_config: bool,
     no_tags: bool,
@@ -266,7 +302,7 @@ def inspect_cmd(
         raise Usage("--raw and --config cannot be combined")
     info = inspect_image(
         r,
-        Access(_creds(creds, "--creds"), authfile, tls_verify),
+        Access(_creds(creds, "--creds"), authfile, tls_verify, cert_dir, retry_times),
         os=override_os,
         arch=override_arch,
         variant=override_variant,
@@ -372,6 +408,8 @@ def pull_cmd(
     creds: str | None,
     authfile: str | None,
     tls_verify: bool,
+    cert_dir: str | None,
+    retry_times: int,
     decryption_key: list[str],
     policy: str | None,
     insecure_policy: bool,
@@ -387,19 +425,21 @@ def pull_cmd(
     service: str | None,
     quiet: bool,
 ) -> None:
-    policy = _policy_file(policy, insecure_policy)
-    if service:  # the service checks REF and the rest; this process stays small
-        from coco.image.service import make_request, pull_via_service
+    from coco.image.request import PullRequest
 
-        if creds is not None:
-            _creds(creds, "--creds")  # a malformed value is a usage error here too
-        req = make_request(
-            ref, bundle_dir, store or _default_store(), creds=creds, authfile=authfile,
-            tls_verify=tls_verify, decryption_keys=tuple(decryption_key), policy=policy,
-            registries_d=registries_d, jobs=jobs, flatten=flatten, os_name=override_os,
-            arch=override_arch, variant=override_variant, max_layer_size=max_layer_size,
-            max_files=max_files,
-        )  # fmt: skip
+    if creds is not None:
+        _creds(creds, "--creds")  # a malformed value is a usage error, here and for a service
+    req = PullRequest(
+        ref=ref, bundle=bundle_dir, store=store or _default_store(), creds=creds,
+        authfile=authfile, tls_verify=tls_verify, cert_dir=cert_dir, retry_times=retry_times,
+        decryption_keys=decryption_key, policy=_policy_file(policy, insecure_policy),
+        registries_d=registries_d, jobs=jobs, flatten=flatten, os=override_os,
+        arch=override_arch, variant=override_variant, max_layer_size=max_layer_size,
+        max_files=max_files,
+    )  # fmt: skip
+    if service:  # the service checks REF and the rest; this process stays small
+        from coco.image.service import pull_via_service
+
         answer = pull_via_service(service, req)
         if not quiet:
             print(
@@ -409,44 +449,13 @@ def pull_cmd(
             )
         print(answer["manifest_digest"])
         return
-    from pathlib import Path
-
-    from coco.image.pull import PullOptions, load_policy, pull_image
-    from coco.oci.transport import Access
+    from coco.cli._progress import bars
+    from coco.image.pull import pull_image
 
     r = _ref(ref, "REF")
-    auth = Path(authfile) if authfile is not None else None
-    regd = Path(registries_d) if registries_d is not None else None
-
-    def decryption() -> Any:  # keys are read only when an encrypted layer is to be fetched
-        from coco.ocicrypt import decrypt_config
-
-        return decrypt_config(tuple(decryption_key))
-
-    limits = None
-    if max_layer_size is not None or max_files is not None:
-        from coco.image.unpack import UnpackLimits
-
-        given = {"max_layer_size": max_layer_size, "max_files": max_files}
-        limits = UnpackLimits(**{k: v for k, v in given.items() if v is not None})
-    options = PullOptions(
-        access=Access(_creds(creds, "--creds"), auth, tls_verify),
-        decryption=decryption if decryption_key else None,
-        policy=load_policy(Path(policy), regd) if policy is not None else None,
-        jobs=jobs,
-        flatten=flatten,
-        os=override_os,
-        arch=override_arch,
-        variant=override_variant,
-        limits=limits,
-    )
-    store_dir = Path(store or _default_store())
-    bundle = Path(bundle_dir)
-    with _terminate_cleanly():
-        from coco.cli._progress import bars
-
-        with bars(quiet) as progress:
-            result = pull_image(r, bundle, store_dir, options, progress=progress)
+    options = req.options()
+    with _terminate_cleanly(), bars(quiet) as progress:
+        result = pull_image(r, req.bundle, req.store, options, progress=progress)
     if not quiet:
         pulled = sum(1 for x in result.layers if x.action == "pulled")
         print(

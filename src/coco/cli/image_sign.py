@@ -110,9 +110,8 @@ def signer(values: dict[str, Any], dst: ImageReference) -> CopySigner | None:
 def _push_sigstore(dst, identity, digest, pem, passphrase, options, sign_sigstore) -> None:
     from coco.errors import RegistryError
     from coco.image.signature.sigstore import MANIFEST_MEDIA_TYPE, attachment_tag
-    from coco.oci.transport import Access
 
-    access = Access(options.dest_credentials, options.authfile, options.dest_tls_verify)
+    access = options.access("dest")
     tag = attachment_tag(digest)
     what = f"{dst.name}:{tag}"
     with access.client(dst) as client:

@@ -9,9 +9,9 @@ registry round trips and the bundle (tens of milliseconds) instead of a new Pyth
 ``COCO_IMAGE_SERVICE=SOCKET``) sends the pull there with :func:`pull_via_service` instead of
 pulling in-process. The result is the same bundle, made by the same :func:`coco.image.pull.pull_image`.
 
-Wire format: one JSON object per line each way on a stream socket. The request carries the
-arguments of ``coco image pull`` with every path absolute (the service has its own working
-directory); the answer is ``{"ok": true, ...result...}`` or ``{"ok": false, "error": "..."}``.
+Wire format: one JSON object per line each way on a stream socket. The request is a
+:class:`coco.image.request.PullRequest` (the arguments of ``coco image pull``, every path absolute:
+the service has its own working directory); the answer is ``{"ok": true, ...result...}`` or ``{"ok": false, "error": "..."}``.
 A client that disconnects before the answer cancels its pull, and a bundle finished after that is
 removed, so an interrupted ``coco image pull`` leaves nothing behind either way.
 
@@ -29,6 +29,7 @@ import stat
 import struct
 
 from coco.errors import PullError
+from coco.image.request import PullRequest
 from coco.jsonio import loads
 
 TYPE_CHECKING = False  # the client stays clear of typing (and of everything it can)
@@ -36,25 +37,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 MAX_REQUEST = 1 << 20
-_FIELDS = {
-    "ref": str,
-    "bundle": str,
-    "store": str,
-    "creds": (str, type(None)),
-    "authfile": (str, type(None)),
-    "tls_verify": bool,
-    "decryption_keys": list,
-    "policy": (str, type(None)),
-    "registries_d": (str, type(None)),
-    "jobs": int,
-    "flatten": bool,
-    "os": (str, type(None)),
-    "arch": (str, type(None)),
-    "variant": (str, type(None)),
-    "max_layer_size": (int, type(None)),
-    "max_files": (int, type(None)),
-    "env": dict,
-}
 
 
 def default_socket() -> str:
@@ -66,63 +48,11 @@ def default_socket() -> str:
 
 
 # -- client ------------------------------------------------------------------------------------
-def make_request(
-    ref: str,
-    bundle: str | os.PathLike[str],
-    store: str | os.PathLike[str],
-    *,
-    creds: str | None = None,
-    authfile: str | os.PathLike[str] | None = None,
-    tls_verify: bool = True,
-    decryption_keys: tuple[str, ...] | list[str] = (),
-    policy: str | os.PathLike[str] | None = None,
-    registries_d: str | os.PathLike[str] | None = None,
-    jobs: int = 3,
-    flatten: bool = False,
-    os_name: str | None = None,
-    arch: str | None = None,
-    variant: str | None = None,
-    max_layer_size: int | None = None,
-    max_files: int | None = None,
-) -> dict[str, Any]:
-    """The request for ``coco image pull`` arguments, with every path made absolute here (the
-    service has another working directory)."""
-
-    def absolute(p: str | os.PathLike[str] | None) -> str | None:
-        return None if p is None else os.path.abspath(p)
-
-    keys = []
-    for k in decryption_keys:
-        if k.startswith("provider:"):
-            keys.append(k)
-        else:  # FILE[:PASSWORD]
-            path, sep, rest = k.partition(":")
-            keys.append(os.path.abspath(path) + sep + rest)
-    return {
-        "ref": ref,
-        "bundle": os.path.abspath(bundle),
-        "store": os.path.abspath(store),
-        "creds": creds,
-        "authfile": absolute(authfile),
-        "tls_verify": tls_verify,
-        "decryption_keys": keys,
-        "policy": absolute(policy),
-        "registries_d": absolute(registries_d),
-        "jobs": jobs,
-        "flatten": flatten,
-        "os": os_name,
-        "arch": arch,
-        "variant": variant,
-        "max_layer_size": max_layer_size,
-        "max_files": max_files,
-        # where the caller's default auth.json is (the service has its own environment)
-        "env": {k: os.environ[k] for k in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "HOME")
-                if k in os.environ},
-    }  # fmt: skip
-
-
-def pull_via_service(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Send one pull to the service at ``path`` and wait for its answer (a PullError if refused)."""
+def pull_via_service(path: str, request: PullRequest | dict[str, Any]) -> dict[str, Any]:
+    """Send one pull to the service at ``path`` and wait for its answer (a PullError if refused);
+    ``request`` is sent as :meth:`PullRequest.for_service` makes it (a dict: as it is)."""
+    if isinstance(request, PullRequest):
+        request = request.for_service()
     where = f"image service {path}"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -152,73 +82,10 @@ def pull_via_service(path: str, request: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- server ------------------------------------------------------------------------------------
-def check_request(req: Any) -> dict[str, Any]:
-    """The request as sent, checked field by field (unknown or mistyped fields are refused)."""
-    if not isinstance(req, dict):
-        raise PullError(f"image service: expected a JSON object, found {type(req).__name__}")
-    extra = sorted(set(req) - set(_FIELDS))
-    if extra:
-        raise PullError(f"image service: unknown request field {extra[0]!r}")
-    for name, kind in _FIELDS.items():
-        if name not in req:
-            raise PullError(f"image service: request field {name!r} is missing")
-        v = req[name]
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise PullError(f"image service: request field {name!r} has the wrong type")
-    for name in ("bundle", "store", "authfile", "policy", "registries_d"):
-        if req[name] is not None and not os.path.isabs(req[name]):
-            raise PullError(f"image service: {name} must be an absolute path, found {req[name]!r}")
-    if not all(isinstance(k, str) for k in req["decryption_keys"]):
-        raise PullError("image service: decryption_keys must be strings")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in req["env"].items()):
-        raise PullError("image service: env must map names to strings")
-    return req
+def _run(req: PullRequest, cancel: Any) -> dict[str, Any]:
+    from coco.image.pull import pull_image
 
-
-def _run(req: dict[str, Any], cancel: Any) -> dict[str, Any]:
-    from pathlib import Path
-
-    from coco.image.pull import PullOptions, load_policy, pull_image
-    from coco.oci.auth import parse_creds
-    from coco.oci.transport import Access
-
-    keys = tuple(req["decryption_keys"])
-
-    def decryption() -> Any:
-        from coco.ocicrypt import decrypt_config
-
-        return decrypt_config(keys)
-
-    limits = None
-    if req["max_layer_size"] is not None or req["max_files"] is not None:
-        from coco.image.unpack import UnpackLimits
-
-        given = {"max_layer_size": req["max_layer_size"], "max_files": req["max_files"]}
-        limits = UnpackLimits(**{k: v for k, v in given.items() if v is not None})
-    from coco.oci.auth import AUTHFILE_ENV, default_authfile
-
-    creds = parse_creds(req["creds"], "--creds") if req["creds"] is not None else None
-    authfile = Path(req["authfile"]) if req["authfile"] else None
-    if authfile is None and creds is None:  # the caller's default, not the service's
-        env = {k: v for k, v in req["env"].items() if k in AUTHFILE_ENV}
-        found = default_authfile(env)
-        authfile = found if found is not None and found.is_file() else None
-    policy = None
-    if req["policy"] is not None:
-        rd = Path(req["registries_d"]) if req["registries_d"] else None
-        policy = load_policy(Path(req["policy"]), rd)
-    options = PullOptions(
-        access=Access(creds, authfile, req["tls_verify"]),
-        decryption=decryption if keys else None,
-        policy=policy,
-        jobs=req["jobs"],
-        flatten=req["flatten"],
-        os=req["os"],
-        arch=req["arch"],
-        variant=req["variant"],
-        limits=limits,
-    )
-    res = pull_image(req["ref"], req["bundle"], req["store"], options, cancel=cancel)
+    res = pull_image(req.ref, req.bundle, req.store, req.options(), cancel=cancel)
     pulled = sum(1 for x in res.layers if x.action == "pulled")
     return {
         "ok": True,
@@ -276,11 +143,13 @@ def _handle(conn: socket.socket, active: Any) -> None:
         cancel.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    req: dict[str, Any] | None = None
+    req: PullRequest | None = None
     try:
-        req = check_request(loads(bytes(buf), what="image service: request", error=PullError))
+        req = PullRequest.from_service(
+            loads(bytes(buf), what="image service: request", error=PullError)
+        )
         answer = _run(req, cancel)
-        log.info("pulled %s -> %s", req["ref"], req["bundle"])
+        log.info("pulled %s -> %s", req.ref, req.bundle)
     except CocoError as e:
         answer = {"ok": False, "error": " ".join(str(e).split())}
     except Exception as e:  # a bug: answer it, keep serving
@@ -288,18 +157,18 @@ def _handle(conn: socket.socket, active: Any) -> None:
         answer = {"ok": False, "error": f"image service: internal error: {type(e).__name__}: {e}"}
     if answer.get("ok") and cancel.is_set() and req is not None:
         _discard(req)  # the client hung up, or the service is stopping: nobody gets this bundle
-        answer = {"ok": False, "error": f"image service: stopping; {req['ref']} was not pulled"}
+        answer = {"ok": False, "error": f"image service: stopping; {req.ref} was not pulled"}
     if not gone.is_set():
         _answer(conn, answer)
     active.remove(cancel)
 
 
-def _discard(req: dict[str, Any]) -> None:
+def _discard(req: PullRequest) -> None:
     from coco.image.bundle import remove_bundle
     from coco.image.store import LayerStore
 
     with contextlib.suppress(Exception):  # best effort: prune and a new pull cope with the rest
-        remove_bundle(LayerStore(req["store"]), req["bundle"])
+        remove_bundle(LayerStore(req.store), req.bundle)
 
 
 def _answer(conn: socket.socket, obj: dict[str, Any]) -> None:

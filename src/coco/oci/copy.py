@@ -92,12 +92,27 @@ class CopyOptions:
     """Explicit authfile; None: $REGISTRY_AUTH_FILE, XDG, ~/.docker/config.json."""
     src_tls_verify: bool = True
     dest_tls_verify: bool = True
+    src_cert_dir: Path | None = None
+    dest_cert_dir: Path | None = None
+    retry_times: int = 0
     all_platforms: bool = False
     override_os: str | None = None
     override_arch: str | None = None
     override_variant: str | None = None
     workers: int = 3
     patch_size: int | None = None
+
+    def access(self, side: str) -> Access:
+        """How to reach the ``src`` or the ``dest`` registry."""
+        src = side == "src"
+        return Access(
+            self.src_credentials if src else self.dest_credentials,
+            self.authfile,
+            self.src_tls_verify if src else self.dest_tls_verify,
+            self.src_cert_dir if src else self.dest_cert_dir,
+            self.retry_times,
+        )
+
     """Upload to registries in PATCH requests of at most this many bytes (None: one PATCH)."""
 
 
@@ -137,7 +152,7 @@ def copy_image(
     dst_ref = parse_reference(dst) if isinstance(dst, str) else dst
     source = open_source(
         src_ref,
-        Access(options.src_credentials, options.authfile, options.src_tls_verify),
+        options.access("src"),
     )
     try:
         raw, media_type = source.top_manifest()
@@ -146,7 +161,7 @@ def copy_image(
             accept(source, raw, sha256_digest(raw))
         dest = open_destination(
             dst_ref,
-            Access(options.dest_credentials, options.authfile, options.dest_tls_verify),
+            options.access("dest"),
             options.patch_size,
         )
         try:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from coco import __version__
 from coco.crypto.digest import HashingReader, sha256_digest
@@ -50,6 +53,44 @@ class Challenge:
         return cls(scheme.lower(), params)
 
 
+CERTS_D = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
+"""Where a registry's own CA and client certificate are found (containers-certs.d(5))."""
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def _verified_tls(registry: str, cert_dir: Path | None) -> ssl.SSLContext | None:
+    """The system's CAs plus, as containers-certs.d(5) has it, every ``*.crt`` of ``cert_dir``
+    (default: ``/etc/containers/certs.d/HOST[:PORT]/``, else docker's) and a client certificate
+    ``NAME.cert`` with its ``NAME.key``; None when there is no such directory."""
+    if cert_dir is None:
+        cert_dir = next((d / registry for d in CERTS_D if (d / registry).is_dir()), None)
+        if cert_dir is None:
+            return None
+    try:
+        names = sorted(os.listdir(cert_dir))
+    except OSError as e:
+        raise RegistryError(
+            f"{registry}: cert dir {cert_dir}: cannot read it: {e.strerror}"
+        ) from None
+    ctx = ssl.create_default_context()
+    for name in names:
+        path = cert_dir / name
+        try:
+            if name.endswith(".crt"):
+                ctx.load_verify_locations(cafile=str(path))
+            elif name.endswith(".cert"):
+                key = path.with_suffix(".key")
+                if not key.exists():
+                    raise RegistryError(
+                        f"{registry}: cert dir {cert_dir}: expected {key.name} beside {name}, "
+                        "found none"
+                    )
+                ctx.load_cert_chain(str(path), str(key))
+        except (ssl.SSLError, OSError) as e:
+            raise RegistryError(f"{registry}: cert dir {cert_dir}: {name}: {e}") from None
+    return ctx
+
+
 @functools.cache
 def _unverified_tls() -> ssl.SSLContext:
     """TLS without certificate checks, for ``--tls-verify=false`` (no CA bundle loaded)."""
@@ -69,13 +110,18 @@ class RegistryClient:
         credentials: Credentials | None = None,
         tls_verify: bool = True,
         timeout: float = 120.0,
+        cert_dir: Path | None = None,
+        retry_times: int = 0,
+        retry_delay: float = 1.0,
     ) -> None:
         self.registry = registry
         self._host = "registry-1.docker.io" if registry == "docker.io" else registry
         self._creds = credentials
         self._tls_verify = tls_verify
+        self._retries = max(0, retry_times)
+        self._retry_delay = retry_delay
         self._http = Pool(
-            tls=None if tls_verify else _unverified_tls(),
+            tls=_verified_tls(registry, cert_dir) if tls_verify else _unverified_tls(),
             connect_timeout=15.0,
             read_timeout=timeout,
             headers={"User-Agent": _UA},
@@ -97,8 +143,18 @@ class RegistryClient:
     # --- connection and auth -------------------------------------------------------------------
 
     def ping(self, what: str | None = None) -> None:
-        """Find the scheme (HTTPS, or HTTP when TLS verification is off) and the auth challenge."""
+        """Find the scheme (HTTPS, or HTTP when TLS verification is off) and the auth challenge;
+        a registry that cannot be reached is tried ``retry_times`` more times."""
         what = what or self.registry
+        for attempt in range(self._retries + 1):
+            try:
+                return self._ping(what)
+            except RegistryError as e:
+                if attempt == self._retries or "cannot connect" not in str(e):
+                    raise
+                self._backoff(attempt, what, "cannot connect")
+
+    def _ping(self, what: str) -> None:
         with self._lock:
             if self._base is not None:
                 return
@@ -125,6 +181,17 @@ class RegistryClient:
             raise RegistryError(
                 f"{what}: cannot connect to {self.registry}: {_exc_text(last)}{hint}"
             )
+
+    def _backoff(self, attempt: int, what: str, why: str, retry_after: str = "") -> None:
+        """Wait before attempt ``attempt + 1``: doubling from ``retry_delay``, or the registry's
+        Retry-After (at most a minute)."""
+        delay = self._retry_delay * (1 << attempt)
+        if retry_after.isdigit():
+            delay = min(max(delay, float(retry_after)), 60.0)
+        log.warning(
+            "%s: %s; retrying in %.1f s (%d/%d)", what, why, delay, attempt + 1, self._retries
+        )
+        time.sleep(delay)
 
     def _token(self, scopes: tuple[str, ...]) -> str:
         key = " ".join(scopes)
@@ -195,13 +262,26 @@ class RegistryClient:
         if url.startswith("/"):
             url = self._base + url
         hdrs = {**(headers or {}), **self._auth_headers(scopes)}
-        try:
-            resp = self._http.request(method, url, headers=hdrs, content=content, follow=follow)
-            if not stream:
-                resp.read()
-        except TransportError as e:
-            raise RegistryError(f"{what}: {method} {url}: {_exc_text(e)}") from None
         replayable = not isinstance(content, Iterator)
+        for attempt in range(self._retries + 1):
+            again = replayable and attempt < self._retries  # connection errors, 5xx and 429
+            try:
+                resp = self._http.request(method, url, headers=hdrs, content=content, follow=follow)
+                if not stream:
+                    resp.read()
+            except TransportError as e:
+                if not again:
+                    raise RegistryError(f"{what}: {method} {url}: {_exc_text(e)}") from None
+                self._backoff(attempt, what, f"{method} {url}: {_exc_text(e)}")
+                continue
+            if resp.status_code in _RETRY_STATUS and again:
+                resp.close()
+                self._backoff(
+                    attempt, what, f"{method} {url}: {_status(resp, read=False)}",
+                    resp.headers.get("retry-after", ""),
+                )  # fmt: skip
+                continue
+            break
         if resp.status_code == 401 and not _retried and replayable:
             hdr = resp.headers.get("www-authenticate", "")
             retry = False
@@ -231,7 +311,11 @@ class RegistryClient:
             detail = _status(resp, read=not stream)
             resp.close()
             if self._creds is None:
-                raise AuthError(f"{what}: authentication required: {detail}")
+                raise AuthError(
+                    f"{what}: authentication required: {detail} (give --creds USER[:PASS], or "
+                    "--authfile FILE with an auths entry or a credHelpers one for "
+                    f"{self.registry})"
+                )
             raise AuthError(
                 f"{what}: credentials for user {self._creds.username!r} refused: {detail}"
             )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from coco.crypto.digest import sha256_digest
 from coco.errors import DigestMismatchError, ManifestError, UsageError
-from coco.oci.auth import AuthFile, Credentials, default_authfile
+from coco.oci.auth import Credentials, find_credentials
 from coco.oci.models import Descriptor, Index, Manifest, parse_manifest
 from coco.oci.reference import DockerReference, ImageReference, LayoutReference
 
@@ -26,23 +26,28 @@ if TYPE_CHECKING:  # each transport's module loads only when it is used
 
 @dataclass(frozen=True)
 class Access:
-    """How to reach a registry: credentials (flag > authfile) and TLS verification."""
+    """How to reach a registry: credentials (flag > authfile > the default auth files, see
+    :mod:`coco.oci.auth`), TLS verification with the registry's own CA (``cert_dir``, else
+    ``/etc/containers/certs.d/HOST/``) and how often to retry a failed request (as skopeo's
+    ``--retry-times``)."""
 
     credentials: Credentials | None = None
     authfile: Path | None = None
     tls_verify: bool = True
+    cert_dir: Path | None = None
+    retry_times: int = 0
 
     def client(self, ref: DockerReference) -> RegistryClient:
         from coco.oci.registry import RegistryClient
 
-        creds = self.credentials
-        if creds is None:
-            path = self.authfile or default_authfile()
-            if path is not None:
-                creds = AuthFile.load(path, required=self.authfile is not None).lookup(
-                    ref.registry, ref.repository
-                )
-        return RegistryClient(ref.registry, credentials=creds, tls_verify=self.tls_verify)
+        creds = self.credentials or find_credentials(ref.registry, ref.repository, self.authfile)
+        return RegistryClient(
+            ref.registry,
+            credentials=creds,
+            tls_verify=self.tls_verify,
+            cert_dir=self.cert_dir,
+            retry_times=self.retry_times,
+        )
 
 
 class ImageSource:
