@@ -804,7 +804,7 @@ def test_config_user_lookup_never_leaves_the_rootfs(scene: Scene, flatten: bool,
         "symlink-dir": tar([L("etc", out)]),
     }[kind]
     ref = push_blobs(scene.reg, [layer], config={"Cmd": ["/bin/sh"], "User": "canaryuser"})
-    match = r"^image config User 'canaryuser': expected user 'canaryuser' in the rootfs"
+    match = r"^image config User 'canaryuser': expected user 'canaryuser' in the image's /etc/passwd, found none$"
     refused(scene, [], flatten, match, ref=ref, names="image config")
 
 

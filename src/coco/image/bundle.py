@@ -37,11 +37,16 @@ from typing import Any
 
 from coco.errors import BundleError
 from coco.image.flatten import DIR_FLAGS, flatten_layers, holds_only_whiteouts, open_under
+from coco.image.layerdir import OPAQUE_XATTR
 from coco.image.runtime_spec import runtime_config
 from coco.image.store import LayerInfo, LayerStore
-from coco.image.unpack import OPAQUE_XATTR
 
-__all__ = ["Bundle", "create_bundle", "remove_bundle", "runtime_config"]  # runtime_config: re-exported
+__all__ = [
+    "Bundle",
+    "create_bundle",
+    "remove_bundle",
+    "runtime_config",
+]  # runtime_config: re-exported
 
 log = logging.getLogger(__name__)
 

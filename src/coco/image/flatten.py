@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coco.errors import BundleError
+from coco.image.layerdir import DIR_FLAGS, OPAQUE_XATTR
 from coco.image.store import LayerInfo
-from coco.image.unpack import OPAQUE_XATTR
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_NAMESPACES = ("user.", "security.")
 
 

@@ -36,30 +36,25 @@ On any error the caller (:class:`coco.image.store.LayerStore`) removes the whole
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
-import shutil
 import stat
 import tarfile
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from coco.errors import CocoError, UnpackError
+from coco.image.layerdir import DIR_FLAGS, OPAQUE_XATTR, LayerDir
 
 __all__ = ["OPAQUE_XATTR", "UnpackLimits", "UnpackStats", "unpack_layer"]
 
 log = logging.getLogger(__name__)
 
-OPAQUE_XATTR = "trusted.overlay.opaque"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_NAME = ".wh..wh..opq"
 
 _CHUNK = 1 << 20
-_FD_CACHE = 64
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_NAMESPACES = ("user.", "security.")
 # tar extension headers (PAX records, GNU long names, sparse maps) are read whole into memory:
@@ -234,134 +229,16 @@ class _GuardedInfo(tarfile.TarInfo):
         return member  # type: ignore[no-any-return]
 
 
-class _Unpacker:
+class _Unpacker(LayerDir):
+    """Applies the entries of one layer's tar, in order, onto its layer directory."""
+
     def __init__(self, dest: str, limits: UnpackLimits) -> None:
+        super().__init__(dest)
         self.limits = limits
-        self.root_fd = os.open(dest, _DIR_FLAGS)
         self.is_root = os.geteuid() == 0
         self.stats = UnpackStats()
-        self.created: set[str] = set()  # paths this layer wrote (whiteouts of them are ignored)
-        self.whiteouts: set[str] = set()
-        self.nondir: set[str] = set()  # paths that held a non-directory at some point
-        self.fresh: set[str] = set()  # implicit dirs that replaced a whiteout of this layer
-        self.implicit: set[str] = {""}
-        self.dir_meta: dict[str, tuple[int, int]] = {}  # path -> (mode, mtime), applied at the end
         self.current: str | None = None  # the entry being written (for truncation errors)
         self.written = 0  # bytes of regular files, as declared (sparse holes included)
-        self._fds: OrderedDict[tuple[str, ...], int] = OrderedDict()  # LRU of directory fds
-
-    # -- directory walking -------------------------------------------------------------------
-    def close(self) -> None:
-        self._drop_cache()
-        os.close(self.root_fd)
-
-    def _drop_cache(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def _invalidate(self, path: str) -> None:
-        """Forget cached fds at or below ``path`` (about to be removed)."""
-        key = tuple(path.split("/")) if path else ()
-        n = len(key)
-        for k in [k for k in self._fds if k[:n] == key]:
-            os.close(self._fds.pop(k))
-
-    def parent_fd(self, parts: list[str], where: str, *, create: bool = True) -> int:
-        """A borrowed fd of the directory ``parts`` (created as needed); never follows symlinks.
-
-        The walk starts at the deepest cached ancestor; every step is an ``openat`` with
-        ``O_NOFOLLOW | O_DIRECTORY`` from the previous directory's fd.
-        """
-        if not parts:
-            return self.root_fd
-        key = tuple(parts)
-        fds = self._fds
-        fd = fds.get(key)
-        if fd is not None:
-            fds.move_to_end(key)
-            return fd
-        start, fd = 0, self.root_fd
-        for i in range(len(key) - 1, 0, -1):
-            cached = fds.get(key[:i])
-            if cached is not None:
-                start, fd = i, cached
-                break
-        for i in range(start, len(key)):
-            fd = self._open_dir(fd, key[i], "/".join(key[: i + 1]), where, create)
-            fds[key[: i + 1]] = fd
-        while len(fds) > _FD_CACHE:
-            os.close(fds.popitem(last=False)[1])
-        return fd
-
-    def _open_dir(self, fd: int, name: str, path: str, where: str, create: bool) -> int:
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=fd)
-        except FileNotFoundError:
-            if not create:
-                raise
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not create:
-                raise
-            if path not in self.whiteouts:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                raise UnpackError(
-                    f"{where}: expected parent {path!r} to be a directory, found {kind}"
-                ) from None
-            # a directory under a path this layer whited out: it replaces the whiteout, opaque
-            os.unlink(name, dir_fd=fd)
-            self.whiteouts.discard(path)
-            nfd = self._mkdir(fd, name, path)
-            self._set_opaque(nfd)
-            self.fresh.add(path)  # flattening removes the lower one, creates it only if needed
-            return nfd
-        return self._mkdir(fd, name, path)
-
-    def _mkdir(self, fd: int, name: str, path: str) -> int:
-        os.mkdir(name, 0o755, dir_fd=fd)
-        nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-        os.fchmod(nfd, 0o755)
-        self.implicit.add(path)
-        self.created.add(path)
-        return nfd
-
-    def _set_opaque(self, fd: int) -> None:
-        try:
-            os.setxattr(fd, OPAQUE_XATTR, b"y")
-        except OSError as e:
-            raise UnpackError(
-                f"layer: cannot mark an opaque directory ({OPAQUE_XATTR}): {e.strerror}; the "
-                "layer store needs a filesystem with trusted xattrs and root"
-            ) from None
-
-    def _clear(self, dfd: int, name: str, path: str, *, keep_dir: bool) -> bool:
-        """Remove what is at ``name``; keep a directory when asked. True if a dir remains."""
-        try:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return True
-            self._invalidate(path)
-            # forget what the tree held, in time proportional to it (not to the whole layer:
-            # a layer replacing directories over and over must not go quadratic)
-            gone = [path]
-            for top, dirs, files, _ in os.fwalk(name, dir_fd=dfd):  # never follows symlinks
-                rel = path + top[len(name) :]
-                gone += [f"{rel}/{n}" for n in (*dirs, *files)]
-            shutil.rmtree(name, dir_fd=dfd)
-            for p in gone:
-                self.created.discard(p)
-                self.whiteouts.discard(p)
-                self.implicit.discard(p)
-                self.fresh.discard(p)
-                self.dir_meta.pop(p, None)
-        else:
-            os.unlink(name, dir_fd=dfd)
-        self.whiteouts.discard(path)
-        return False
 
     # -- entries -----------------------------------------------------------------------------
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
@@ -433,7 +310,7 @@ class _Unpacker:
             hides_lower = path in self.nondir
             if not self._clear(dfd, base, path, keep_dir=True):
                 os.mkdir(base, 0o700, dir_fd=dfd)
-            fd = os.open(base, _DIR_FLAGS, dir_fd=dfd)
+            fd = os.open(base, DIR_FLAGS, dir_fd=dfd)
             try:
                 if hides_lower:
                     self._set_opaque(fd)
@@ -530,23 +407,6 @@ class _Unpacker:
                 os.close(tfd)
         self.stats.hardlinks += 1
 
-    def _open_parent_nocreate(self, parts: list[str], where: str) -> int:
-        fd = self.root_fd
-        for name in parts:
-            try:
-                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                if fd != self.root_fd:
-                    os.close(fd)
-                raise UnpackError(
-                    f"{where}: expected the hardlink target's parents to be directories of this "
-                    f"layer, found {'/'.join(parts)!r} is not"
-                ) from None
-            if fd != self.root_fd:
-                os.close(fd)
-            fd = nfd
-        return fd
-
     def _whiteout(self, parts: list[str], where: str) -> None:
         base = parts[-1]
         dfd = self.parent_fd(parts[:-1], where)
@@ -568,7 +428,7 @@ class _Unpacker:
             # this layer keeps its own contents but loses the lower ones, i.e. becomes opaque
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
-                fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
                 try:
                     self._set_opaque(fd)
                 finally:
@@ -622,7 +482,7 @@ class _Unpacker:
                 if path:
                     parent, _, name = path.rpartition("/")
                     pfd = self.parent_fd(parent.split("/") if parent else [], path, create=False)
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                    fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
                 else:
                     fd = os.dup(self.root_fd)
             except (OSError, UnpackError):
