@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ if cmd == "VERSION":
 if cmd != "ADD":
     sys.exit(0)
 netns, ifname = os.environ["CNI_NETNS"], os.environ.get("CNI_IFNAME", "eth0")
+with open(conf["record"], "a") as record:  # the demo's clean-up checks these are gone
+    record.write(json.dumps({{"sandbox": os.environ["CNI_CONTAINERID"], "netns": netns}}) + "\n")
 h = hashlib.sha256(os.environ["CNI_CONTAINERID"].encode()).digest()
 addr = "10.251.%d.%d" % (h[0], 2 + h[1] % 250)
 for args in (["link", "add", ifname, "type", "veth", "peer", "name", "demo0"],
@@ -183,8 +186,9 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
         raise Blocked("containernetworking-plugins is not installed (scripts/install-system-deps)")
     (base / "cni-bin" / "loopback").symlink_to(loopback)
     (base / "cni-conf" / "10-coco-demo.conf").write_text(
-        json.dumps({"cniVersion": "0.4.0", "name": "coco-demo", "type": "coco-demo-veth"})
-    )
+        json.dumps({"cniVersion": "0.4.0", "name": "coco-demo", "type": "coco-demo-veth",
+                    "record": str(base / "pods.jsonl")})
+    )  # fmt: skip
     session.say(
         "coco's runtime handlers and its snapshotter go into this containerd's config, as on a "
         "node:"
@@ -203,8 +207,11 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
     local = base / "coco" / "configuration-local.toml"
     local.write_text(local.read_text() + f'\n[runtime]\nstate_dir = "{state}"\n')
     ctrd = Containerd(base, config, base / "state", base / "c.sock", base / "coco", state)
-    session.on_close("containerd's pods", lambda: remove_pods(ctrd.endpoint))
+    session.on_close("containerd's pods", lambda: remove_pods(ctrd))
     session.on_close("mounts under the work directory", lambda: umount_under(session.work))
+    session.on_close(
+        "the pods' namespaces and shim sockets", lambda: remove_pod_state(session, ctrd), after=True
+    )
     session.spawn(
         "snapshotter",
         ["coco", "snapshotter", "serve", "--socket", str(snapshots), "--root", str(base / "snap"),
@@ -224,6 +231,25 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
     return ctrd
 
 
+def remove_pod_state(session: Session, ctrd: Containerd) -> None:
+    """Look for what the pods of this containerd may leave outside its directories (their
+    network namespaces under /var/run/netns, their shims' sockets in /run/containerd/s, named by
+    the digest of containerd's address, the namespace and the sandbox id), once containerd has
+    stopped; remove what is there. Both lists go into the session (``checked``, ``removed``)."""
+    from coco.host.runtime.shim import socket_address
+
+    for pod in _recorded_pods(ctrd):
+        sock = socket_address(str(ctrd.address), "k8s.io", pod["sandbox"]).removeprefix("unix://")
+        for path in (Path(pod["netns"]), Path(sock)):
+            session.checked.append(str(path))
+            if os.path.lexists(path):
+                session.removed.append(str(path))
+                subprocess.run(["umount", str(path)], check=False, capture_output=True)
+                path.unlink()
+    if session.removed:
+        session.say(f"removed what the pods left: {', '.join(session.removed)}")
+
+
 def plaintext_on_host(ctrd: Containerd, name: str) -> list[Path]:
     """Files called ``name`` under containerd's and the snapshotter's directories."""
     found = []
@@ -239,16 +265,30 @@ def _answers(address: Path) -> bool:
     return r.returncode == 0
 
 
-def remove_pods(endpoint: str) -> None:
-    """Stop and remove every pod sandbox containerd still has (after a failure or Ctrl-C)."""
+def remove_pods(ctrd: Containerd, settle: float = 60) -> None:
+    """Stop and remove every pod sandbox containerd has (after a failure or Ctrl-C). A pod whose
+    RunPodSandbox was cut short is still being made by containerd: until its network namespace
+    (recorded by the CNI plugin) is gone, keep asking, for up to ``settle`` seconds."""
     from coco.errors import CocoError
     from coco.host.pod.cri import CriClient
 
-    with contextlib.suppress(CocoError), CriClient(endpoint, timeout=60) as client:
-        for s in client.list_sandboxes():
-            for step in (client.stop_sandbox, client.remove_sandbox):
-                with contextlib.suppress(CocoError):
-                    step(s.id)
+    deadline = time.monotonic() + settle
+    while True:
+        with contextlib.suppress(CocoError), CriClient(ctrd.endpoint, timeout=60) as client:
+            for s in client.list_sandboxes():
+                for step in (client.stop_sandbox, client.remove_sandbox):
+                    with contextlib.suppress(CocoError):
+                        step(s.id)
+        if not [p for p in _recorded_pods(ctrd) if os.path.lexists(p["netns"])]:
+            return
+        if time.monotonic() > deadline:
+            return  # what is left is found, removed and reported once containerd has stopped
+        time.sleep(0.5)
+
+
+def _recorded_pods(ctrd: Containerd) -> list[dict[str, str]]:
+    record = ctrd.base / "pods.jsonl"
+    return [json.loads(ln) for ln in record.read_text().splitlines()] if record.exists() else []
 
 
 def umount_under(base: Path) -> None:

@@ -85,12 +85,9 @@ def main(opts: Options) -> int:
             _print_keep(session)
         else:
             with session.step("7", "Clean-up", "Stopping everything the demo started.") as s:
-                leftovers = session.close()
-                strays = _processes_naming(session.dirs)
-                if strays:  # shims outlive containerd by design: stop what ours left, by pid
-                    session.say(f"stopping {len(strays)} process(es) containerd left: {strays}")
-                    stop_pids(strays)
+                leftovers = session.close(before_after=lambda: _stop_strays(session))
                 leftovers += _leftovers(session.dirs)
+                facts["checked"], facts["removed"] = session.checked, session.removed
                 if leftovers:
                     raise DemoError("left behind: " + "; ".join(leftovers))
                 for d in session.dirs:
@@ -258,6 +255,14 @@ def _skip_rest(c: Session, after: str) -> None:
             c.skip(n, t, f"step {after} did not succeed")
 
 
+def _stop_strays(session: Session) -> None:
+    """Shims outlive containerd by design: stop those of ours it left, by pid."""
+    strays = _processes_naming(session.dirs)
+    if strays:
+        session.say(f"stopping {len(strays)} process(es) containerd left: {strays}")
+        stop_pids(strays)
+
+
 def _processes_naming(dirs: list[Path]) -> list[int]:
     """Processes (not this one) whose command line names one of ``dirs``."""
     me, found = os.getpid(), []
@@ -297,6 +302,6 @@ def _print_keep(session: Session) -> None:
     groups = " ".join(f"-{s.proc.pid}" for s in reversed(session.services))
     session.say(f"work directory: {session.work}")
     session.say(
-        f"stop them and remove their files with: kill -TERM -- {groups}; sleep 5; "
+        f"stop them and remove their files with: kill -TERM {groups}; sleep 5; "
         f"rm -rf {' '.join(str(d) for d in session.dirs)}"
     )

@@ -62,11 +62,14 @@ class Session:
     def __init__(self, work: Path, *, console: Console | None = None, coco: list[str]) -> None:
         self.work = work
         self.dirs = [work]  # every directory the demo made: clean-up removes them, checks them
+        self.checked: list[str] = []  # paths outside them that clean-up looked at,
+        self.removed: list[str] = []  # and those of them it found there and removed
         self.console = console or Console(highlight=False)
         self.coco = coco
         self.steps: list[StepResult] = []
         self.services: list[Service] = []
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
+        self._after: list[tuple[str, Callable[[], None]]] = []
         self.events: list[dict[str, Any]] = []
 
     # -- output -----------------------------------------------------------------------------
@@ -146,10 +149,7 @@ class Session:
         self.console.print(f"[dim]$ {self.shown(argv)}[/]")
         started = time.monotonic()
         try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, check=False,
-                env={**os.environ, **env} if env else None, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+            proc = _run(argv, timeout, {**os.environ, **env} if env else None, self.show)
         except subprocess.TimeoutExpired:
             raise DemoError(f"{what or self.shown(argv)}: no answer within {timeout:g} s") from None
         except FileNotFoundError:
@@ -204,23 +204,19 @@ class Session:
         self.say(f"{name} is running (pid {proc.pid}){': ' + reach if reach else ''}")
         return service
 
-    def on_close(self, what: str, fn: Callable[[], None]) -> None:
-        self._cleanups.append((what, fn))
+    def on_close(self, what: str, fn: Callable[[], None], *, after: bool = False) -> None:
+        """Run ``fn`` at :meth:`close`: before the services stop, or ``after`` they have."""
+        (self._after if after else self._cleanups).append((what, fn))
 
-    def close(self) -> list[str]:
-        """Stop everything (clean-ups in reverse order, then the services by pid); return what
-        could not be undone."""
-        problems: list[str] = []
-        for what, fn in reversed(self._cleanups):
-            try:
-                fn()
-            except Exception as e:  # keep going: everything else must still be stopped
-                problems.append(f"{what}: {e}")
-        self._cleanups.clear()
+    def close(self, before_after: Callable[[], None] = lambda: None) -> list[str]:
+        """Stop everything (clean-ups in reverse order, the services by pid, ``before_after``,
+        then the clean-ups that need the services stopped); return what could not be undone."""
+        problems = _run_all(self._cleanups)
         for service in reversed(self.services):
             stop_group(service.proc)
         self.services.clear()
-        return problems
+        before_after()
+        return problems + _run_all(self._after)
 
     # -- summary ----------------------------------------------------------------------------
     def table(self) -> Table:
@@ -245,6 +241,49 @@ class Session:
                 s.detail,
             )
         return t
+
+
+def _run(
+    argv: list[str],
+    timeout: float,
+    env: dict[str, str] | None,
+    show: Callable[[str], None],
+    grace: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` that, interrupted, gives the command ``grace`` seconds to clean up
+    after its own Ctrl-C (``coco pod run`` removes its pod), shows what it said, then kills it."""
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except KeyboardInterrupt:
+            with contextlib.suppress(ProcessLookupError):  # it may not have had it (SIGTERM)
+                proc.send_signal(signal.SIGINT)
+            try:
+                out, err = proc.communicate(timeout=grace)
+                show(out + err)
+            finally:
+                proc.kill()
+            raise
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _run_all(cleanups: list[tuple[str, Callable[[], None]]]) -> list[str]:
+    """Run (and forget) ``cleanups`` in reverse order, all of them; what failed, and why."""
+    problems = []
+    for what, fn in reversed(cleanups):
+        try:
+            fn()
+        except Exception as e:  # keep going: everything else must still be undone
+            problems.append(f"{what}: {e}")
+    cleanups.clear()
+    return problems
 
 
 def stop_group(proc: subprocess.Popen[Any], grace: float = 10) -> None:
