@@ -227,3 +227,42 @@ def test_implicit_parent_through_lower_symlink_flatten(
     assert ours == ref
     assert (b.rootfs / "bin").is_symlink() and (b.rootfs / "usr/bin/new").read_bytes() == b"new"
     assert "usr/lib/gone" not in ours and ours["usr/lib"][0] == "drwxr-x---"
+
+
+SETGID_AND_BIG = [
+    D("shared/", mode=0o2775, gid=9),  # a setgid directory: new entries inherit group 9
+    F("shared/root-file", b"owned 0:0 in the tar"),
+    L("shared/root-link", "root-file"),
+    F("shared/app-file", b"app", uid=1000, gid=1000),
+    F("big", bytes(range(256)) * (12 << 10) + b"tail"),  # 3 MiB + 4: several direct chunks
+    F("empty", b""),
+    F("one-byte", b"1"),
+    F("big", b"a later copy is what stays: " + os.urandom(1 << 20)),  # duplicate: last wins
+]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_direct_file_writes_and_root_owners_match_umoci(
+    tmp_path: Path, store: LayerStore, umoci: str, compression: str
+) -> None:
+    """File data goes from the decompressor straight to the file, and a 0:0 entry skips chown
+    unless a setgid directory of another group would hand its group down: same tree as umoci."""
+    import gzip
+
+    import zstandard
+
+    from coco.oci.compression import decompressed
+
+    layers = [tar(BASE), tar(SETGID_AND_BIG)]
+    ref = snapshot(umoci_unpack(tmp_path, layers), dir_times=True)
+    packed = {"gzip": gzip.compress, "zstd": zstandard.ZstdCompressor().compress}[compression]
+    ids = []
+    for data in layers:
+        with decompressed(io.BytesIO(packed(data)), compression) as stream:
+            ids.append(store.add_layer(diff_id(data), stream).diff_id)
+    b = create_bundle(store, ids, tmp_path / "bundle", image_config={"Cmd": ["x"]}, flatten=True)
+    ours = snapshot(b.rootfs, hide_whiteouts=True, dir_times=True)
+    assert ours == ref
+    assert ours["shared/root-file"][1:3] == (0, 0)  # not group 9 from the setgid parent
+    assert ours["shared/root-link"][1:3] == (0, 0)
+    assert (b.rootfs / "big").read_bytes().startswith(b"a later copy is what stays: ")

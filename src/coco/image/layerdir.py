@@ -120,7 +120,13 @@ class LayerDir:
             ) from None
 
     def _clear(self, dfd: int, name: str, path: str, *, keep_dir: bool) -> bool:
-        """Remove what is at ``name``; keep a directory when asked. True if a dir remains."""
+        """Remove what is at ``name``; keep a directory when asked. True if a dir remains.
+
+        The directory started empty, so only a path this layer created or whited out can hold
+        anything: others skip the ``stat`` (were that ever wrong, the ``O_EXCL`` create, ``mkdir``
+        or ``symlink`` that follows fails: nothing is overwritten or followed)."""
+        if path not in self.created and path not in self.whiteouts:
+            return False
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:

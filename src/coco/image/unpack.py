@@ -125,24 +125,54 @@ class _Reader:
         self._hasher = hasher
         self.count = 0
         self.header_end = -1  # while parsing extension headers: offset they must stay below
+        self._buf: memoryview | None = None  # copy_to's buffer, made at its first use
+
+    def _account(self, data: bytes | memoryview) -> None:
+        self.count += len(data)
+        if self.count > self._limit:
+            raise UnpackError(
+                f"layer: decompressed size exceeds --max-layer-size: limit {self._limit} "
+                f"bytes, read {self.count} so far"
+            )
+        if 0 <= self.header_end < self.count:
+            raise _HeaderLimit(
+                f"expected at most {_MAX_HEADER_BYTES} bytes of extension headers (PAX, GNU "
+                f"long names, sparse maps) for one entry, found more at offset {self.count}"
+            )
+        if self._hasher is not None:
+            self._hasher.update(data)
 
     def read(self, n: int | None = -1) -> bytes:
         data = self._raw.read(n if n is not None and n >= 0 else _CHUNK)
         if data:
-            self.count += len(data)
-            if self.count > self._limit:
-                raise UnpackError(
-                    f"layer: decompressed size exceeds --max-layer-size: limit {self._limit} "
-                    f"bytes, read {self.count} so far"
-                )
-            if 0 <= self.header_end < self.count:
-                raise _HeaderLimit(
-                    f"expected at most {_MAX_HEADER_BYTES} bytes of extension headers (PAX, GNU "
-                    f"long names, sparse maps) for one entry, found more at offset {self.count}"
-                )
-            if self._hasher is not None:
-                self._hasher.update(data)
+            self._account(data)
         return data
+
+    def copy_to(self, fd: int, size: int) -> None:
+        """Write the next ``size`` bytes of the stream to ``fd``: read straight from the
+        decompressor into one reused buffer (counted and hashed as :meth:`read` does), one copy
+        instead of the two or three of ``tarfile.extractfile``. A short stream raises
+        :class:`tarfile.ReadError` as tarfile does."""
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = memoryview(bytearray(_CHUNK))
+        readinto = getattr(self._raw, "readinto", None)
+        write = os.write
+        while size:
+            want = buf[: min(size, _CHUNK)]
+            if readinto is not None:
+                got = readinto(want)
+            else:  # a source without readinto (never one of coco.oci.compression's)
+                data = self._raw.read(len(want))
+                got = len(data)
+                want[:got] = data
+            if not got:
+                raise tarfile.ReadError("unexpected end of data")
+            view = want[:got]
+            self._account(view)
+            size -= got
+            while view:
+                view = view[write(fd, view) :]
 
     def tell(self) -> int:
         return self.count
@@ -236,6 +266,14 @@ class _Unpacker(LayerDir):
         super().__init__(dest)
         self.limits = limits
         self.is_root = os.geteuid() == 0
+        # what root creates here is owned 0:0 until a setgid directory of another group hands
+        # its group down: until then an entry owned 0:0 needs no chown
+        top = os.fstat(self.root_fd)
+        self.owner_is_root = (
+            self.is_root
+            and os.getegid() == 0
+            and not (top.st_mode & stat.S_ISGID and top.st_gid != 0)
+        )
         self.stats = UnpackStats()
         self.current: str | None = None  # the entry being written (for truncation errors)
         self.written = 0  # bytes of regular files, as declared (sparse holes included)
@@ -326,19 +364,15 @@ class _Unpacker(LayerDir):
             self._clear(dfd, base, path, keep_dir=False)
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dfd)
             try:
-                src = tf.extractfile(ti)
-                if src is not None and ti.sparse is not None:
+                if ti.sparse is not None:
+                    src = tf.extractfile(ti)
+                    assert src is not None  # a regular file
                     _write_sparse(src, fd, ti)
-                elif src is not None:
-                    read, write = src.read, os.write
-                    while True:
-                        buf = read(_CHUNK)
-                        if not buf:
-                            break
-                        view = memoryview(buf)
-                        while view:
-                            view = view[write(fd, view) :]
-                if self.is_root:
+                elif ti.size:
+                    reader = tf.fileobj
+                    assert isinstance(reader, _Reader) and reader.count == ti.offset_data
+                    reader.copy_to(fd, ti.size)  # tarfile skips the padding at its next()
+                if self._needs_chown(ti):
                     os.fchown(fd, ti.uid, ti.gid)
                 os.fchmod(fd, self._mode(ti))
                 self._xattrs(fd, ti)
@@ -352,7 +386,7 @@ class _Unpacker(LayerDir):
                 raise UnpackError(f"{where}: expected a symlink target, found an empty one")
             self._clear(dfd, base, path, keep_dir=False)
             os.symlink(ti.linkname, base, dir_fd=dfd)
-            if self.is_root:
+            if self._needs_chown(ti):
                 os.chown(base, ti.uid, ti.gid, dir_fd=dfd, follow_symlinks=False)
             os.utime(base, (_mtime(ti), _mtime(ti)), dir_fd=dfd, follow_symlinks=False)
             st.symlinks += 1
@@ -452,10 +486,17 @@ class _Unpacker(LayerDir):
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
         return mode
 
+    def _needs_chown(self, ti: tarfile.TarInfo) -> bool:
+        """Whether an entry root just created must be chowned to the tar's owner."""
+        return self.is_root and (ti.uid != 0 or ti.gid != 0 or not self.owner_is_root)
+
     def _dir_meta(self, fd: int, path: str, ti: tarfile.TarInfo) -> None:
         if self.is_root:  # root writes into any mode: set it now; others wait for finish()
-            os.fchown(fd, ti.uid, ti.gid)
-            os.fchmod(fd, self._mode(ti))
+            mode = self._mode(ti)
+            if mode & stat.S_ISGID and ti.gid != 0:  # its new entries get group ti.gid
+                self.owner_is_root = False
+            os.fchown(fd, ti.uid, ti.gid)  # a kept directory may have had another owner
+            os.fchmod(fd, mode)
         self._xattrs(fd, ti)
         self.implicit.discard(path)
         self.dir_meta[path] = (self._mode(ti), _mtime(ti))
