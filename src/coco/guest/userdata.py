@@ -92,6 +92,8 @@ def read_config_drive(path: Path, name: str = "user-data") -> bytes | None:
     or an image file); ``None`` if ``path`` is not such a volume or lacks the file."""
     try:
         with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < 17 * SECTOR:  # a block device refuses a seek past its end
+                return None
             f.seek(16 * SECTOR)
             pvd = f.read(SECTOR)
             if len(pvd) < 190 or pvd[0] != 1 or pvd[1:6] != b"CD001":

@@ -20,6 +20,12 @@ host side never imports it except to test its pieces. In order it:
    QEMU's buffer, but one that gives up and reconnects leaves stale frames in the one stream);
 7. prints :data:`READY` with what it found, then reaps children until the VM is powered off.
 
+In peer-pod mode (``coco.peerpod=1``, or a ``cidata`` config drive: a VM of the
+cloud-api-adaptor) step 6 is :func:`start_peerpod`: the AA binds the launch initdata, then ``coco
+process-user-data`` checks the userdata's initdata against PCR 8 and writes ``/run/peerpod``
+(a mismatch is an error: the VM powers off), then the CDH, the api-server, the agent on
+``unix:///run/kata-containers/agent.sock`` and ``coco forwarder serve`` on 15150.
+
 Every report goes to the serial console as ``coco-podvm: <what> key=value ...``; a failure prints
 ``coco-podvm: error: ...`` and powers the VM off, so the host sees it at once.
 """
@@ -393,6 +399,148 @@ def start_all(loaded: tuple[bytes, set[str]] | None) -> tuple[dict[int, str], di
     return services, report
 
 
+# --- peer-pod mode ------------------------------------------------------------------------------
+# A VM the cloud-api-adaptor created (``coco.peerpod=1`` on the kernel command line, or a ``cidata``
+# config drive): the AA binds the launch initdata first, ``coco process-user-data`` checks the
+# userdata's initdata against that measurement and writes the forwarder's config, then the CDH,
+# the api-server, the agent on a Unix socket and ``coco forwarder serve`` on 15150 start.
+
+PEERPOD_DIR = Path("/run/peerpod")
+AGENT_SOCKET = "/run/kata-containers/agent.sock"
+FORWARDER_PORT = 15150
+CDH_AUTH_ENV = "CDH_DEFAULT_IMAGE_AUTHENTICATED_REGISTRY_CREDENTIALS"
+ISO_SECTOR = 2048
+
+
+def is_config_drive(head: bytes) -> bool:
+    """``head`` (the first 17 sectors of a device) holds an ISO 9660 volume labelled cidata."""
+    pvd = head[16 * ISO_SECTOR : 17 * ISO_SECTOR]
+    return pvd[:6] == b"\x01CD001" and pvd[40:72].strip().lower() == b"cidata"
+
+
+def has_config_drive() -> bool:
+    devices = sorted(Path("/dev").glob("vd*")) + sorted(Path("/dev").glob("sr*"))
+    for dev in devices:
+        if dev.name.startswith("vd") and dev.name[-1].isdigit():  # a partition
+            continue
+        with contextlib.suppress(OSError), open(dev, "rb") as f:
+            if is_config_drive(f.read(17 * ISO_SECTOR)):
+                return True
+    return False
+
+
+def peerpod_mode(cmdline: dict[str, str]) -> bool:
+    return cmdline.get("coco.peerpod") == "1" or has_config_drive()
+
+
+def peerpod_plan(
+    groups: set[str], files: set[str], directory: Path = INITDATA_DIR
+) -> list[tuple[str, list[str], str | None]]:
+    """:func:`service_plan` as a peer pod runs it: the agent on :data:`AGENT_SOCKET` (the
+    forwarder's side), then ``coco forwarder serve`` (waited for on ``tcp:15150``)."""
+    plan = []
+    for name, args, wait in service_plan(groups, files, directory):
+        if name == "agent":
+            args[args.index("--server-addr") + 1] = f"unix://{AGENT_SOCKET}"
+            wait = AGENT_SOCKET
+        plan.append((name, args, wait))
+    if "forwarder" in groups:
+        args = ["forwarder", "serve", "--config", str(PEERPOD_DIR / "apf.json")]
+        plan.append(("forwarder", args, f"tcp:{FORWARDER_PORT}"))
+    return plan
+
+
+def userdata_args(tpm: bool) -> list[str]:
+    """``coco process-user-data``: checked against PCR 8 when there is a vTPM."""
+    return ["process-user-data", "--tee", "tpm" if tpm else "none"]
+
+
+def tcp_listening(port: int, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) -> bool:
+    """Some socket listens on TCP ``port`` (state 0A in ``/proc/net/tcp``)."""
+    for table in tables:
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A" and fields[1].endswith(f":{port:04X}"):
+                return True
+    return False
+
+
+def wait_tcp(name: str, pid: int, port: int) -> None:
+    start = time.monotonic()
+    while not tcp_listening(port):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            raise InitError(f"coco {name} exited with status {code} before listening")
+        if time.monotonic() - start > SERVICE_TIMEOUT:
+            raise InitError(
+                f"coco {name} did not listen on tcp {port} within {SERVICE_TIMEOUT:g} s"
+            )
+        time.sleep(0.05)
+    say("service", name=name, state="listening", port=port,
+        listening_after_s=f"{time.monotonic() - start:.1f}")  # fmt: skip
+
+
+def process_userdata(tpm: bool) -> None:
+    """Run ``coco process-user-data``; its last error line becomes the init's error."""
+    if not tpm:
+        say("userdata", check="none", reason="no-vTPM", initdata_checked="no-INSECURE")
+    proc = subprocess.run(
+        [COCO, *userdata_args(tpm)], capture_output=True, text=True, errors="replace", check=False
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise InitError(
+            f"process-user-data: {lines[-1] if lines else f'exit status {proc.returncode}'}"
+        )
+    sys.stdout.write(proc.stderr)  # which files it wrote, from where
+    say("userdata", state="written", initdata_check="pcr8" if tpm else "none")
+
+
+def start_peerpod(loaded: tuple[bytes, set[str]] | None) -> tuple[dict[int, str], dict[str, str]]:
+    """The peer-pod start: AA (binds PCR 8 once), userdata checked against it, then the rest."""
+    groups = coco_groups(sh(COCO, "--help", check=False)) if os.access(COCO, os.X_OK) else set()
+    digest, files = loaded if loaded is not None else (None, set())
+    tpm = Path(TPM_DEVICE).exists()
+    Path(AGENT_SOCKET).parent.mkdir(parents=True, exist_ok=True)
+    services: dict[int, str] = {}
+    bound_by = "none"
+    plan = peerpod_plan(groups, files)
+    for name in (*SERVICES, "forwarder", "process-user-data"):
+        if name not in groups:
+            raise InitError(f"peer pod: this image's coco has no {name} command")
+    for name, args, wait in plan:
+        if name == "cdh" and (PEERPOD_DIR / "auth.json").exists():
+            os.environ[CDH_AUTH_ENV] = f"file://{PEERPOD_DIR / 'auth.json'}"
+        if wait is not None and wait.startswith("tcp:"):
+            pid = start_service(name, args, None)
+            wait_tcp(name, pid, int(wait[4:]))
+        else:
+            pid = start_service(name, args, wait)
+        services[pid] = name
+        if name == "aa":
+            if digest is not None:
+                bound_by = "aa"
+            process_userdata(tpm)  # after the binding, before anything reads the userdata
+    pcr = read_pcr8() if tpm else "none"
+    say("tpm", device=TPM_DEVICE if tpm else "none", pcr8=pcr, bound_by=bound_by)
+    report = {
+        "mode": "peerpod",
+        "initdata": digest.hex() if digest is not None else "none",
+        "tpm": TPM_DEVICE if tpm else "none",
+        "pcr8": pcr,
+        "bound_by": bound_by,
+        "agent": f"unix://{AGENT_SOCKET}",
+        "forwarder": FORWARDER_PORT,
+        "services": ",".join(services.values()) or "none",
+    }
+    return services, report
+
+
 def memory() -> dict[str, str]:
     info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return {
@@ -439,7 +587,8 @@ def main() -> None:
         load_modules()
         network(cmdline.get("coco.ip", DEFAULT_IP))
         ports = virtio_ports()
-        services, report = start_all(load_initdata(cmdline))
+        start = start_peerpod if peerpod_mode(cmdline) else start_all
+        services, report = start(load_initdata(cmdline))
         uptime = Path("/proc/uptime").read_text().split()[0]
         say(
             "ready",
