@@ -61,3 +61,56 @@ def test_prefetch_hands_over_the_source_error_and_stops_on_cancel() -> None:
     cancel.set()
     with pytest.raises(Cancelled):
         list(it)
+
+
+def _skippable(payload: bytes) -> bytes:
+    return b"\x5a\x2a\x4d\x18" + len(payload).to_bytes(4, "little") + payload
+
+
+def test_zstd_frames_of_every_shape_and_every_cut() -> None:
+    """Frames with and without content size and checksum, a skippable frame, an empty frame:
+    all read; a stream cut anywhere but between frames is an error, never a quiet short read."""
+    plain = zstandard.ZstdCompressor(write_content_size=False, write_checksum=True)
+    sized = zstandard.ZstdCompressor(level=3)
+    pieces = [
+        (sized.compress(b"a" * 70_000 + os.urandom(300)), None),
+        (_skippable(b"ignored"), b""),
+        (plain.compress(bytes(range(256)) * 900), None),  # several blocks
+        (sized.compress(b""), b""),
+    ]
+    blob, edges, expected = b"", {0: b""}, b""
+    for frame, content in pieces:
+        blob += frame
+        inflated = zstandard.ZstdDecompressor().decompressobj().decompress(frame)
+        expected += inflated if content is None else content
+        edges[len(blob)] = expected
+    assert _read(blob, "zstd") == expected
+    for cut in range(len(blob)):
+        stream = decompressed(io.BytesIO(blob[:cut]), "zstd")
+        if cut in edges:
+            assert stream.read() == edges[cut]
+        else:
+            with pytest.raises(zstandard.ZstdError):
+                stream.read()
+    with pytest.raises(zstandard.ZstdError, match="expected a zstd frame"):
+        _read(blob + b"\0" * 8, "zstd")
+
+
+def test_zstd_memory_stays_bounded_by_the_reads() -> None:
+    """8 KiB of zstd that inflate to 256 MiB: read 1 MiB at a time, nothing near that size is
+    ever allocated (a decompressobj fed 16 KiB at once made one 256 MiB bytes)."""
+    import tracemalloc
+
+    bomb = zstandard.ZstdCompressor(level=1).compress(b"\0" * (256 << 20))
+    assert len(bomb) < 16 << 10
+    tracemalloc.start()
+    try:
+        stream = decompressed(io.BytesIO(bomb), "zstd")
+        total = 0
+        while data := stream.read(1 << 20):
+            total += len(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == 256 << 20
+    assert peak < 8 << 20, f"peak Python allocation {peak >> 20} MiB"
