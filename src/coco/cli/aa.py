@@ -130,13 +130,25 @@ def _build_ak_public(p: Parser) -> None:
         help="TPM to use, e.g. device:/dev/tpmrm0 (default: $TPM2TOOLS_TCTI, else /dev/tpmrm0).",
     )  # fmt: skip
     p.add_argument(
+        "--tpm-state", type=Path, metavar="DIR",
+        help="A node's vTPM: the swtpm state directory its pod VMs boot on ([hypervisor.qemu] "
+        "tpm_state), made here if it does not exist; the AK their guests make is printed.",
+    )  # fmt: skip
+    p.add_argument(
         "--ak-alg", default="rsa", choices=["rsa", "ecc"], metavar="[rsa|ecc]",
         help=shown("AK algorithm.", "rsa"),
     )  # fmt: skip
     p.set_defaults(func=ak_public)
 
 
-def ak_public(tcti: str | None, ak_alg: str) -> None:
+def ak_public(tcti: str | None, tpm_state: Path | None, ak_alg: str) -> None:
+    if tpm_state is not None:
+        if tcti is not None:
+            raise Usage("--tcti and --tpm-state name two TPMs: give one")
+        from coco.host.podvm.vtpm import ak_public_pem
+
+        sys.stdout.write(ak_public_pem(tpm_state, ak_alg).decode())
+        return
     from coco.tee.tpm.attester import TpmAttester
 
     sys.stdout.write(TpmAttester(tcti, ak_alg=ak_alg).ak_public_pem().decode())

@@ -3,7 +3,9 @@
 What a :class:`PodVm` starts, in a run directory of its own:
 
 * ``swtpm socket --tpm2`` (state in ``tpm/``, control socket ``swtpm.sock``), which QEMU attaches
-  as ``-tpmdev emulator`` behind a ``tpm-crb`` device: the guest sees ``/dev/tpmrm0``;
+  as ``-tpmdev emulator`` behind a ``tpm-crb`` device: the guest sees ``/dev/tpmrm0``. The state
+  is new (a vTPM nobody knows) or, with ``tpm_state``, a copy of the node's vTPM state, whose
+  attestation key the owner enrolled (:mod:`.vtpm`);
 * ``qemu-system-x86_64``: KVM only when ``/dev/kvm`` opens *and* the CPU advertises vmx or svm
   (on this kind of machine ``/dev/kvm`` opens but guests hang), else TCG; the root image
   read-only, the initdata as a second read-only disk, the serial console to ``console.log``, the
@@ -33,6 +35,7 @@ from coco.host.podvm.build import Image
 from coco.host.podvm.guest_init import PREFIX, READY
 from coco.host.podvm.kernel import ROOT_LABEL
 from coco.host.podvm.run import which
+from coco.host.podvm.vtpm import copy_state
 from coco.integrity.initdata import encode_image
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -93,6 +96,7 @@ class PodVm:
         run_dir: Path | None = None,
         kernel_args: Sequence[str] = (),
         disks: Sequence[Path] = (),
+        tpm_state: Path | None = None,
     ) -> None:
         self.image = image if isinstance(image, Image) else Image.open(Path(image))
         if accel not in ACCELS:
@@ -110,6 +114,7 @@ class PodVm:
             if not Path(disk).is_file() and not Path(disk).is_block_device():
                 raise PodVmError(f"pod VM: disk {disk}: expected a file or a block device")
         self.disks = [Path(d).absolute() for d in disks]
+        self.tpm_state = None if tpm_state is None else Path(tpm_state)
         self.initdata_image = None if initdata is None else encode_image(initdata)
         self.memory = memory
         self.cpus = cpus
@@ -194,6 +199,8 @@ class PodVm:
     def _start_swtpm(self, swtpm: str) -> None:
         state = self.run_dir / "tpm"
         state.mkdir(exist_ok=True)
+        if self.tpm_state is not None:
+            copy_state(self.tpm_state, state)
         sock = self.run_dir / "swtpm.sock"
         log = self.run_dir / "swtpm.log"
         self.swtpm = self._spawn(

@@ -8,6 +8,7 @@ Exactly one ``[hypervisor.<kind>]`` table chooses the sandbox::
     default_vcpus = 1
     accel = "auto"                    # auto | kvm | tcg
     boot_timeout = 300                # seconds until the guest is ready
+    tpm_state = ""                    # the node's vTPM state each VM copies (empty: a new one)
 
     [hypervisor.remote]               # a VM from a cloud-api-adaptor
     remote_hypervisor_socket = "/run/peerpod/hypervisor.sock"
@@ -51,6 +52,7 @@ _KNOWN: dict[str, dict[str, type | tuple[type, ...]]] = {
         "accel": str,
         "boot_timeout": (int, float),
         "kernel_params": str,
+        "tpm_state": str,
     },
     "hypervisor.remote": {
         "remote_hypervisor_socket": str,

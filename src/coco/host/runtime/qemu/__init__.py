@@ -2,7 +2,8 @@
 
 :class:`coco.host.podvm.boot.PodVm` boots it (KVM where it works, TCG otherwise) with the initdata
 as its config drive; the guest's init binds the initdata digest into PCR 8 and starts the agent on
-the virtio-serial port, which the host reaches at the VM's ``agent.sock``. QEMU and swtpm die with
+the virtio-serial port, which the host reaches at the VM's ``agent.sock``. With ``tpm_state`` every VM's vTPM is a copy of that node vTPM state, so its
+attestation key is the one the owner enrolled (:mod:`coco.host.podvm.vtpm`). QEMU and swtpm die with
 the shim (``PR_SET_PDEATHSIG``), so a killed shim leaves no VM behind.
 """
 
@@ -44,6 +45,7 @@ class QemuSandbox(Sandbox):
                 accel=cfg.get("accel", "auto"),
                 run_dir=self.state_dir / "vm",
                 kernel_args=cfg.get("kernel_params", "").split(),
+                tpm_state=Path(cfg["tpm_state"]) if cfg.get("tpm_state") else None,
             )
             self.vm.start()
             self.pid = self.vm.qemu.pid if self.vm.qemu else self.pid
