@@ -208,3 +208,54 @@ def test_bad_requests(tmp_path: Path) -> None:
         with pytest.raises(CocoError, match=message):
             hub.pull_image(image, bundle)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_policy_sees_the_name_asked_for_not_the_remapped_location(
+    tmp_path: Path, open_registry: Registry
+) -> None:
+    """A guest that reaches the owner's registry at another address (10.0.2.2:PORT from a VM for
+    127.0.0.1:PORT here, "localhost:PORT" below): the image keeps the name it was asked for, which
+    the policy's scopes and the signature's identity are matched against (containers/image's
+    logical name); the sigstore attachment is read where the image is."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    host = open_registry.host
+    port = host.rsplit(":", 1)[1]
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv = tmp_path / "cosign.key"
+    priv.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )  # fmt: skip
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    plain = write_image(tmp_path / "plain", [tar_layer({"etc/motd": b"signed\n"})], tag="v1")
+    image = f"{host}/cdh/signed:v1"
+    subprocess.run(
+        [sys.executable, "-m", "coco.cli.main", "image", "copy", "-q", "--dest-tls-verify=false",
+         "--insecure-policy", "--sign-by-sigstore-private-key", str(priv), plain.ref,
+         f"docker://{image}"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    cosign = "kbs:///default/cosign-key/test"
+    signed = {"default": [{"type": "reject"}], "transports": {"docker": {
+        f"{host}/cdh": [{"type": "sigstoreSigned", "keyPath": cosign}]}}}  # fmt: skip
+    remap = {"registry": [{"prefix": host, "location": f"localhost:{port}", "insecure": True}]}
+    resources = {POLICY: json.dumps(signed).encode(), cosign: pub}
+    hub, getter = _hub(tmp_path, resources, host, registry_config=remap,
+                       image_security_policy_uri=POLICY)  # fmt: skip
+    digest = hub.pull_image(image, tmp_path / "b1")
+    assert (tmp_path / "b1/rootfs/etc/motd").read_bytes() == b"signed\n"
+    assert digest.startswith("sha256:") and cosign in getter.calls
+    # a policy that trusts only the location is not asked: the image is what was asked for
+    physical = {"default": [{"type": "reject"}], "transports": {"docker": {
+        f"localhost:{port}/cdh": [{"type": "insecureAcceptAnything"}]}}}  # fmt: skip
+    hub, _ = _hub(tmp_path, {POLICY: json.dumps(physical).encode()}, host,
+                  registry_config=remap, image_security_policy_uri=POLICY)  # fmt: skip
+    with pytest.raises(PolicyRefusedError, match=f"{host}/cdh/signed:v1"):
+        hub.pull_image(image, tmp_path / "b2")
+    assert not (tmp_path / "b2").exists()

@@ -10,7 +10,10 @@ read from a file (``file://``), so a change in the KBS takes effect at the next 
   own files are never consulted).
 - ``registry_config`` / ``registry_configuration_uri``: mirrors, remapped locations, blocked and
   insecure registries (:mod:`coco.guest.cdh.registries`); places are tried in order while the
-  registry cannot be reached or lacks the image, any other failure ends the pull.
+  registry cannot be reached or lacks the image, any other failure ends the pull. The image
+  keeps the name it was asked for: the signature policy's scopes and signed identities are
+  matched against it, not against the mirror or location it is read from (as containers/image
+  does, whose registries.conf calls it the logical name).
 
 Encrypted layers wrapped for the ``attestation-agent`` key provider are opened in this process by
 the hub's own UnWrapKey (:attr:`ImagePuller.unwrap`), the KEK coming through the KBS client: no
@@ -159,7 +162,7 @@ class ImagePuller:
                 options = PullOptions(
                     access=Access(authfile=authfile, tls_verify=not place.insecure),
                     decryption=self._decryption,
-                    policy=policy,
+                    policy=None if policy is None else _AsAskedFor(policy, place.logical),
                     jobs=self.settings.max_concurrent_layer_downloads_per_image,
                     flatten=self.flatten,
                 )
@@ -178,6 +181,17 @@ class ImagePuller:
             f"PullImage {image_url}: failed from all {len(failures)} mirror/mapping locations or "
             "the original location: " + "; ".join(failures)
         )
+
+
+class _AsAskedFor:
+    """The signature policy held against the name the image was asked for, wherever a mirror or
+    remapped location (:class:`~coco.guest.cdh.registries.Place`) has it read from."""
+
+    def __init__(self, policy: Any, logical: Any) -> None:
+        self.policy, self.logical = policy, logical
+
+    def check(self, source: Any, manifest_raw: bytes, manifest_digest: str) -> None:
+        self.policy.check(source, manifest_raw, manifest_digest, logical=self.logical)
 
 
 __all__ = ["ImagePuller"]

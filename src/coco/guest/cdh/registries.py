@@ -14,8 +14,10 @@
 
 :meth:`RegistryConfig.candidates` turns an image reference into the ordered places to try: for a
 short Docker Hub name one per unqualified-search registry; then for each, the mirrors of the most
-specific matching rule first, then its ``location`` (or the original). Blocked rules drop their
-places; when nothing is left the pull is refused.
+specific matching rule first, then its ``location`` (or the original), each with the name it
+stands for (``logical``: the reference asked for, or its unqualified-search expansion), which the
+signature policy is held against. Blocked rules drop their places; when nothing is left the pull
+is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Place:
 
     reference: DockerReference
     insecure: bool = False
+    logical: DockerReference | None = None  # the name asked for (what the policy sees)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +164,15 @@ class RegistryConfig:
         for base in bases:
             rule = self._rule_for(base.name)
             if rule is None:
-                places.append(Place(base))
+                places.append(Place(base, logical=base))
                 continue
             if rule.blocked:
                 continue
             for m in rule.mirrors:
-                places.append(Place(_replace_name(base, rule.prefix, m.location), m.insecure))
-            places.append(Place(_replace_name(base, rule.prefix, rule.location), rule.insecure))
+                where = _replace_name(base, rule.prefix, m.location)
+                places.append(Place(where, m.insecure, base))
+            where = _replace_name(base, rule.prefix, rule.location)
+            places.append(Place(where, rule.insecure, base))
         if not places:
             raise CdhError(f"image {image} is blocked by the registry configuration")
         return places

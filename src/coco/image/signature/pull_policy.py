@@ -32,8 +32,19 @@ class PullPolicy:
         self.context = context
         self.registries_d = registries_d
 
-    def check(self, source: Any, manifest_raw: bytes, manifest_digest: str) -> None:
-        ref = source.ref
+    def check(
+        self,
+        source: Any,
+        manifest_raw: bytes,
+        manifest_digest: str,
+        logical: DockerReference | None = None,
+    ) -> None:
+        """``logical``: the name the image was asked for when ``source`` reads it from a mirror
+        or a remapped location (registries.conf): as containers/image does, the policy's scopes,
+        the signed identity and the registries.d lookaside go by that name, while the sigstore
+        attachment is read where the image is."""
+        physical = source.ref
+        ref = logical if logical is not None and isinstance(physical, DockerReference) else physical
         where = str(ref)
         alg, _, expected = manifest_digest.partition(":")
         if alg != "sha256" or hashlib.sha256(manifest_raw).hexdigest() != expected:
@@ -47,7 +58,9 @@ class PullPolicy:
                 ref,
                 manifest_digest,
                 registries_d=self.registries_d,
-                fetch_attachment=_attachment_reader(client, ref) if client is not None else None,
+                fetch_attachment=(
+                    _attachment_reader(client, physical) if client is not None else None
+                ),
             )
         else:
 
