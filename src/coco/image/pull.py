@@ -46,8 +46,6 @@ from coco.errors import (
     DigestMismatchError,
     PullError,
 )
-from coco.image.bundle import Bundle, create_bundle
-from coco.image.store import LayerStore
 from coco.oci import mediatypes as mt
 from coco.oci.compression import decompressed
 from coco.oci.models import Descriptor, ImageConfig, Manifest
@@ -58,6 +56,8 @@ from coco.oci.transport import Access, ImageSource, open_source, platform_manife
 if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither threads nor the untar
     from concurrent.futures import Future
 
+    from coco.image.bundle import Bundle
+    from coco.image.store import LayerStore
     from coco.image.unpack import UnpackLimits
     from coco.ocicrypt.images import DecryptLayers, PrivateOptions
 
@@ -351,6 +351,9 @@ def pull_image(
             )
         if not m.layers:
             raise PullError(f"{name}: expected at least one layer, found none")
+        from coco.image.bundle import create_bundle  # not loaded by copy's load_policy
+        from coco.image.store import LayerStore
+
         st = store if isinstance(store, LayerStore) else LayerStore(store)  # after the policy
         puller = _Puller(source, st, o, name, progress, cancel)
         try:
