@@ -8,7 +8,9 @@ import base64
 import gzip
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -276,4 +278,40 @@ def test_encrypted_image_host_unpack_fails_guest_pull_reaches_the_guest(
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("coco: error: pod default/enc: container app did not start:"), last
     assert "hello from" not in r.stdout
+    _nothing_left(containerd, tmp_path)
+
+
+def test_local_pod_interrupted_while_its_sandbox_starts_leaves_nothing(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    """Ctrl-C while containerd is still inside RunPodSandbox (the shim has started the local
+    guest, whose start takes a second or two): `coco pod run` has no sandbox id yet, finds the
+    sandbox by the pod's metadata once containerd has made it, and removes it: no sandbox, shim,
+    guest, network namespace or mount is left."""
+    pod = _pod(tmp_path, test_images, "local-cut", deny="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coco.cli.main", "pod", "run", str(pod),
+         *_args(containerd, tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    netns = ""
+    try:
+        deadline = time.monotonic() + 300
+        # the shim writes the guest's plan (with the pod's netns from CNI) before starting it
+        while not (plans := list(containerd.coco_state.glob("*/plan.json"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        netns = json.loads(plans[0].read_text())["netns"]
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "the sandbox of pod default/local-cut is still being made" in err, err
+    assert err.strip().splitlines()[-1] == "coco: interrupted"
+    assert netns.startswith("/var/run/netns/")
+    assert not os.path.lexists(netns)
+    assert netns not in Path("/proc/self/mounts").read_text()
     _nothing_left(containerd, tmp_path)

@@ -85,27 +85,41 @@ class CriClient:
     def close(self) -> None:
         self._channel.close()
 
-    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        """Call ``method`` (e.g. ``RunPodSandbox``) with ``request``; its response message."""
+    def _stub(self, method: str, request: Any) -> Any:
         service, response = _METHODS[method]
-        stub = self._channel.unary_unary(
+        return self._channel.unary_unary(
             service + method,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response.FromString,
         )
+
+    def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        """Call ``method`` (e.g. ``RunPodSandbox``) with ``request``; its response message."""
         try:
-            return stub(request, timeout=self.timeout if timeout is None else timeout)
+            return self._stub(method, request)(
+                request, timeout=self.timeout if timeout is None else timeout
+            )
         except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else None
-            details = (e.details() if hasattr(e, "details") else "") or str(code)
-            name = code.name if code is not None else "UNKNOWN"
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise CriError(
-                    f"CRI {method} at {self.endpoint}: the runtime is unreachable ({_one_line(details)});"
-                    " is containerd running there?",
-                    name,
-                ) from None
-            raise CriError(f"CRI {method}: {_one_line(details)}", name) from None
+            raise self._error(method, e) from None
+
+    def begin(self, method: str, request: Any, *, timeout: float | None = None) -> Call:
+        """Send ``method`` with ``request`` without waiting: the :class:`Call` waits."""
+        future = self._stub(method, request).future(
+            request, timeout=self.timeout if timeout is None else timeout
+        )
+        return Call(self, method, future)
+
+    def _error(self, method: str, e: grpc.RpcError) -> CriError:
+        code = e.code() if hasattr(e, "code") else None
+        details = (e.details() if hasattr(e, "details") else "") or str(code)
+        name = code.name if code is not None else "UNKNOWN"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return CriError(
+                f"CRI {method} at {self.endpoint}: the runtime is unreachable ({_one_line(details)});"
+                " is containerd running there?",
+                name,
+            )
+        return CriError(f"CRI {method}: {_one_line(details)}", name)
 
     # --- the calls coco pod makes, with their request messages built here
 
@@ -120,9 +134,10 @@ class CriClient:
         req = pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id)
         return self.call("PodSandboxStatus", req).status
 
-    def run_sandbox(self, config: Any, handler: str) -> str:
+    def run_sandbox(self, config: Any, handler: str) -> Call:
+        """RunPodSandbox, sent; the call's result is the sandbox id."""
         req = pb.RunPodSandboxRequest(config=config, runtime_handler=handler)
-        return self.call("RunPodSandbox", req, timeout=max(self.timeout, 600)).pod_sandbox_id
+        return self.begin("RunPodSandbox", req, timeout=max(self.timeout, 600))
 
     def stop_sandbox(self, sandbox_id: str) -> None:
         self.call("StopPodSandbox", pb.StopPodSandboxRequest(pod_sandbox_id=sandbox_id))
@@ -130,11 +145,12 @@ class CriClient:
     def remove_sandbox(self, sandbox_id: str) -> None:
         self.call("RemovePodSandbox", pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id))
 
-    def create_container(self, sandbox_id: str, config: Any, sandbox_config: Any) -> str:
+    def create_container(self, sandbox_id: str, config: Any, sandbox_config: Any) -> Call:
+        """CreateContainer, sent; the call's result is the container id."""
         req = pb.CreateContainerRequest(
             pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox_config
         )
-        return self.call("CreateContainer", req, timeout=max(self.timeout, 600)).container_id
+        return self.begin("CreateContainer", req, timeout=max(self.timeout, 600))
 
     def start_container(self, container_id: str) -> None:
         req = pb.StartContainerRequest(container_id=container_id)
@@ -169,6 +185,37 @@ class CriClient:
             sandbox_config=sandbox_config,
         )
         return self.call("PullImage", req, timeout=max(self.timeout, 1800)).image_ref
+
+
+class Call:
+    """A call sent and not answered yet. Its answer can still be waited for after the caller
+    was interrupted, so that what the runtime goes on making (a sandbox, a container) is known
+    and can be removed: the call is only cancelled by :meth:`cancel` or by closing the client."""
+
+    _ID_FIELDS = {"RunPodSandbox": "pod_sandbox_id", "CreateContainer": "container_id"}
+
+    def __init__(self, client: CriClient, method: str, future: Any) -> None:
+        self.client = client
+        self.method = method
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The answer (for RunPodSandbox and CreateContainer: the id made); a CriError if the
+        runtime refused; TimeoutError if there is no answer within ``timeout`` s (the call goes
+        on)."""
+        try:
+            response = self._future.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise TimeoutError(f"CRI {self.method}: no answer within {timeout:g} s") from None
+        except grpc.FutureCancelledError:
+            raise CriError(f"CRI {self.method}: cancelled", "CANCELLED") from None
+        except grpc.RpcError as e:
+            raise self.client._error(self.method, e) from None
+        field = self._ID_FIELDS.get(self.method)
+        return getattr(response, field) if field else response
+
+    def cancel(self) -> None:
+        self._future.cancel()
 
 
 def _one_line(text: str) -> str:

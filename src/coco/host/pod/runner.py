@@ -4,7 +4,11 @@
 completion, creates and starts the containers, copies their logs to our stdout and stderr
 (prefixed ``[name]`` when the pod has several containers) and, when they have all exited (or on
 Ctrl-C, or on any failure), stops and removes the sandbox, its containers, the log directory and
-the volume directory. The exit status is the app container's (with several: the first non-zero
+the volume directory. Interrupted while the runtime is still making the sandbox or a container
+(RunPodSandbox or CreateContainer in flight), the clean-up waits for that call's answer (up to
+:data:`SETTLE` s) instead of cancelling it, so that what the runtime made is removed; after a
+RunPodSandbox that failed or was given up, it looks for the pod's sandbox by its name, namespace and
+uid. The exit status is the app container's (with several: the first non-zero
 one in the pod's order). A container that cannot be created or started (a policy deny, an image the
 guest cannot pull) ends the run with one line that carries the runtime's reason.
 
@@ -28,7 +32,7 @@ from typing import Any, BinaryIO
 from coco.errors import CocoError
 from coco.host.pod import PodError, guestpull
 from coco.host.pod import translate as tr
-from coco.host.pod.cri import CriClient
+from coco.host.pod.cri import Call, CriClient
 from coco.host.pod.logs import LogReader
 from coco.host.pod.manifest import Container, Pod
 from coco.rpc.protos import cri_pb2 as pb
@@ -37,6 +41,8 @@ STATE_ROOT = Path("/var/lib/coco/pods")
 """Where pods' volume directories live: ``<root>/<uid>/volumes/kubernetes.io~<kind>/<name>``."""
 
 POLL = 0.1  # seconds between looks at the log files and container states
+SETTLE = 60.0
+"""Seconds the clean-up waits for a sandbox or container the runtime is still making."""
 
 
 class PodFailed(PodError):
@@ -68,8 +74,11 @@ def _handler(pod: Pod, opts: RunOptions) -> str:
     return opts.runtime_class or str(pod.spec.get("runtimeClassName") or "")
 
 
-def find_sandboxes(client: CriClient, name: str, namespace: str) -> list[Any]:
-    return client.list_sandboxes({tr.LABEL_POD_NAME: name, tr.LABEL_POD_NAMESPACE: namespace})
+def find_sandboxes(client: CriClient, name: str, namespace: str, uid: str = "") -> list[Any]:
+    labels = {tr.LABEL_POD_NAME: name, tr.LABEL_POD_NAMESPACE: namespace}
+    if uid:
+        labels[tr.LABEL_POD_UID] = uid
+    return client.list_sandboxes(labels)
 
 
 # --- run
@@ -85,6 +94,8 @@ class _Run:
         self.pod_dir = opts.state_root / pod.uid
         self.volume_dir = self.pod_dir / "volumes"
         self.sandbox_id = ""
+        self.sandbox_asked = False  # RunPodSandbox was sent
+        self.pending: tuple[str, Call] | None = None  # (what, call) the runtime is still making
         self.sandbox_config: Any = None
         self.created_dirs: list[Path] = []
         self.containers: dict[str, str] = {}  # name -> container id
@@ -247,8 +258,12 @@ class _Run:
         self.make_volumes()
         kind = f"runtime class {self.handler}" if self.handler else "the default runtime"
         self.opts.say(f"creating pod {pod.full_name} with {kind}")
+        self.sandbox_asked = True
         try:
-            self.sandbox_id = self.client.run_sandbox(self.sandbox_config, self.handler)
+            self.sandbox_id = self._answer(
+                f"the sandbox of pod {pod.full_name}",
+                self.client.run_sandbox(self.sandbox_config, self.handler),
+            )
         except CocoError as e:
             raise PodError(f"pod {pod.full_name}: the sandbox did not start: {e}") from None
         self.refs = refs
@@ -264,7 +279,10 @@ class _Run:
         )
         kind = "init container" if c.init else "container"
         try:
-            cid = self.client.create_container(self.sandbox_id, cfg, self.sandbox_config)
+            cid = self._answer(
+                f"{kind} {c.name} of pod {self.pod.full_name}",
+                self.client.create_container(self.sandbox_id, cfg, self.sandbox_config),
+            )
         except CocoError as e:
             raise PodFailed(
                 f"pod {self.pod.full_name}: {kind} {c.name} was not created: {e}"
@@ -277,6 +295,36 @@ class _Run:
                 f"pod {self.pod.full_name}: {kind} {c.name} did not start: {e}"
             ) from None
         return cid
+
+    def _answer(self, what: str, call: Call) -> Any:
+        """The answer of ``call``, which makes ``what``. Interrupted meanwhile (Ctrl-C, SIGTERM),
+        the call stays pending: the clean-up waits for what it makes, to remove it."""
+        self.pending = (what, call)
+        try:
+            answer = call.result()
+        except CocoError:
+            self.pending = None
+            raise
+        self.pending = None
+        return answer
+
+    def _settle(self, warn: Callable[[str], None]) -> None:
+        """Wait (up to :data:`SETTLE` s) for the call the run stopped waiting for; a sandbox it
+        made becomes ours to remove (a container goes with its sandbox)."""
+        if self.pending is None:
+            return
+        (what, call), self.pending = self.pending, None
+        warn(f"{what} is still being made: waiting for it (up to {SETTLE:g} s) to remove it")
+        try:
+            answer = call.result(timeout=SETTLE)
+        except TimeoutError:
+            call.cancel()
+            warn(f"{what} was not made within {SETTLE:g} s: the call is cancelled")
+            return
+        except CocoError:
+            return  # the runtime did not make it
+        if call.method == "RunPodSandbox":
+            self.sandbox_id = answer
 
     def follow(self, names: list[str]) -> dict[str, int]:
         """Copy the logs of ``names`` until they have all exited; their exit codes."""
@@ -309,8 +357,16 @@ class _Run:
         grace = self.opts.grace
         if grace is None:
             grace = int(self.pod.spec.get("terminationGracePeriodSeconds", 30) or 0)
-        if self.sandbox_id:
-            remove_sandbox(self.client, self.sandbox_id, grace, warn)
+        self._settle(warn)
+        ids = [self.sandbox_id] if self.sandbox_id else []
+        if not ids and self.sandbox_asked:  # RunPodSandbox failed or was given up
+            try:
+                pod = self.pod
+                ids = [s.id for s in find_sandboxes(self.client, pod.name, pod.namespace, pod.uid)]
+            except CocoError as e:
+                warn(f"looking for the sandbox of pod {self.pod.full_name}: {e}")
+        for sandbox_id in ids:
+            remove_sandbox(self.client, sandbox_id, grace, warn)
         for d in reversed(self.created_dirs):
             shutil.rmtree(d, ignore_errors=True)
 
