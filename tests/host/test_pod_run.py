@@ -359,6 +359,74 @@ def test_interrupted_run_removes_everything(
     assert leftovers(tmp_path) == []
 
 
+def test_interrupted_while_a_container_is_being_made_removes_it(
+    containerd: Containerd, test_images: CriImages, tmp_path: Path
+) -> None:
+    """Ctrl-C while containerd is inside CreateContainer, held there because coco's snapshotter
+    (which prepares the container's rootfs) is stopped: `coco pod run` waits for the container,
+    then removes it with the sandbox; no container or sandbox of the pod is left."""
+    assert containerd.snapshotter is not None and containerd.snapshotter.proc is not None
+    snapshotter = containerd.snapshotter.proc.pid
+    pod = write_pod(
+        tmp_path,
+        f"""\
+        apiVersion: v1
+        kind: Pod
+        metadata: {{name: heldpod}}
+        spec:
+          terminationGracePeriodSeconds: 1
+          initContainers:
+          - {{name: first, image: {test_images.busybox}, command: ["/bin/sh", "-c", "echo up; sleep 2"]}}
+          containers:
+          - {{name: held, image: {test_images.busybox}, command: ["/bin/echo", "never"]}}
+        """,
+    )
+    log_start = containerd.log.stat().st_size
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coco.cli.main", "pod", "run", str(pod),
+         *pod_args(containerd, tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stopped = False
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "[first] up\n"
+        os.kill(snapshotter, signal.SIGSTOP)  # before the init container ends
+        stopped = True
+        deadline = time.monotonic() + 60
+        with containerd.log.open() as f:  # containerd logs a CreateContainer as it begins
+            f.seek(log_start)
+            seen = ""
+            while "CreateContainer within sandbox" not in seen or "Name:held," not in seen:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                seen += f.read()
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        err = ""  # until the clean-up says it waits for the container (or coco pod run ends)
+        while "is still being made" not in err and (line := proc.stderr.readline()):
+            err += line
+        os.kill(snapshotter, signal.SIGCONT)
+        stopped = False
+        out, rest = proc.communicate(timeout=120)
+        err += rest
+    finally:
+        if stopped:
+            os.kill(snapshotter, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "container held of pod default/heldpod is still being made" in err, err
+    assert "never" not in out
+    with CriClient(containerd.endpoint) as c:
+        left = [x.metadata.name for x in c.list_containers()
+                if x.labels.get("io.kubernetes.pod.name") == "heldpod"]  # fmt: skip
+    assert left == []
+    assert sandboxes(containerd) == []
+    assert leftovers(tmp_path) == []
+
+
 def test_logs_follow_until_the_container_exits(
     containerd: Containerd, test_images: CriImages, tmp_path: Path
 ) -> None:
