@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,25 +264,17 @@ def _answers(address: Path) -> bool:
     return r.returncode == 0
 
 
-def remove_pods(ctrd: Containerd, settle: float = 60) -> None:
-    """Stop and remove every pod sandbox containerd has (after a failure or Ctrl-C). A pod whose
-    RunPodSandbox was cut short is still being made by containerd: until its network namespace
-    (recorded by the CNI plugin) is gone, keep asking, for up to ``settle`` seconds."""
+def remove_pods(ctrd: Containerd) -> None:
+    """Stop and remove every pod sandbox containerd still has (after a failure or Ctrl-C; an
+    interrupted `coco pod run` removes its own, even one containerd was still making)."""
     from coco.errors import CocoError
     from coco.host.pod.cri import CriClient
 
-    deadline = time.monotonic() + settle
-    while True:
-        with contextlib.suppress(CocoError), CriClient(ctrd.endpoint, timeout=60) as client:
-            for s in client.list_sandboxes():
-                for step in (client.stop_sandbox, client.remove_sandbox):
-                    with contextlib.suppress(CocoError):
-                        step(s.id)
-        if not [p for p in _recorded_pods(ctrd) if os.path.lexists(p["netns"])]:
-            return
-        if time.monotonic() > deadline:
-            return  # what is left is found, removed and reported once containerd has stopped
-        time.sleep(0.5)
+    with contextlib.suppress(CocoError), CriClient(ctrd.endpoint, timeout=60) as client:
+        for s in client.list_sandboxes():
+            for step in (client.stop_sandbox, client.remove_sandbox):
+                with contextlib.suppress(CocoError):
+                    step(s.id)
 
 
 def _recorded_pods(ctrd: Containerd) -> list[dict[str, str]]:
