@@ -111,20 +111,14 @@ def fetch_config(image: str, access: Any) -> tuple[bytes, str]:
     """The image's config bytes and manifest digest, read from its registry (no layer)."""
     from coco.errors import CocoError
     from coco.oci.inspect import inspect_image
+    from coco.oci.models import host_arch
 
     try:
-        found = inspect_image(f"docker://{image}", access, os="linux", arch=_arch())
+        found = inspect_image(f"docker://{image}", access, os="linux", arch=host_arch())
     except CocoError as e:
         raise PodError(f"image {image}: reading its config for a guest pull: {e}") from None
     digest = found.instance.digest if found.instance is not None else found.digest
     return found.config.raw, str(digest)
-
-
-def _arch() -> str:
-    import platform
-
-    m = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
 
 
 def import_placeholder(address: str, name: str, archive: bytes, snapshotter: str) -> None:
