@@ -44,6 +44,7 @@ ip route add default via 10.0.2.2
 relay=$(sed -n 's/.*relay=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
 export relay
 echo "tiny: ready relay=$relay"
+if grep -q tiny.fail=1 /proc/cmdline; then echo "coco-podvm: error: tiny: asked to fail"; poweroff -f; fi
 if [ -n "$relay" ]; then nc -ll -p 15150 -e /relay.sh & fi
 while true; do sleep 1000; done
 """

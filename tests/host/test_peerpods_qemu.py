@@ -112,3 +112,32 @@ def test_qemu_provider_boot_reach_agent_stop(tiny: Path, work: Path, goclient: P
         assert not (work / "vms" / NAME).exists()
         state = json.loads((work / "pods" / SID / "sandbox.json").read_text())
         assert state["state"] == "created"
+
+
+def test_a_vm_that_powers_off_fails_the_remote_sandbox_at_once_with_its_reason(
+    tiny: Path, work: Path
+) -> None:
+    """The shim's remote sandbox against the CAA: the guest prints its init's error line and
+    powers off (as the pod VM does for userdata its TEE did not measure); StartVM fails with that
+    line long before the proxy timeout, and nothing is left: no VM, sandbox record or state."""
+    from coco.host.runtime import SandboxError
+    from coco.host.runtime.config import parse
+    from coco.host.runtime.sandbox import make
+
+    hv = work / "hv.sock"
+    args = ["qemu", "--podvm-image", str(tiny), "--data-dir", str(work / "vms"), "--socket",
+            str(hv), "--pods-dir", str(work / "pods"), "--reconcile-interval", "0",
+            "--kernel-arg", "tiny.fail=1", "--proxy-timeout", "600s"]  # fmt: skip
+    config = parse({"hypervisor": {"remote": {"remote_hypervisor_socket": str(hv)}},
+                    "runtime": {"state_dir": str(work / "state")}})  # fmt: skip
+    with caa_process(args, work / "caa.log", hv):
+        sandbox = make(config, SID)
+        with pytest.raises(SandboxError) as failed:
+            sandbox.start(None, {"io.kubernetes.cri.sandbox-name": "web"})
+        message = str(failed.value)
+        assert message.startswith("remote sandbox: StartVM at unix://"), message
+        assert f"VM {NAME} stopped before its forwarder answered: qemu exited" in message
+        assert message.endswith("coco-podvm: error: tiny: asked to fail"), message
+        assert list((work / "vms").iterdir()) == []
+        assert sorted(p.name for p in (work / "pods").iterdir()) == [".tls", "caa-id"]
+        assert not (work / "state" / SID).exists()

@@ -63,6 +63,7 @@ ANN_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 CAA_ID_FILE = "caa-id"
 MANUAL_SERVER_NAME = "podvm-server"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
+STOPPED_POLL = 1.0  # seconds between asking the provider whether a booting VM stopped
 
 
 @dataclass
@@ -355,7 +356,7 @@ class Caa:
             sb.forwarder_port = inst.forwarder_port or self.config.forwarder_port
             self.store.save(sb)  # still starting: a CAA that dies now leaves an orphan to delete
             proxy = await self._start_proxy(sb)
-            await proxy.wait_ready(self.config.proxy_timeout)
+            await self._wait_ready(proxy, inst)
             sb.state = "running"
             self.store.save(sb)
         except (CocoError, OSError) as e:
@@ -366,6 +367,22 @@ class Caa:
         except BaseException:
             await self._undo_start(sb, sb.instance_id)
             raise
+
+    async def _wait_ready(self, proxy: AgentProxy, inst: Instance) -> None:
+        """Wait for the forwarder; a VM that stops meanwhile fails at once, with its reason."""
+        ready = asyncio.create_task(proxy.wait_ready(self.config.proxy_timeout))
+        try:
+            while not (await asyncio.wait({ready}, timeout=STOPPED_POLL))[0]:
+                why = await asyncio.to_thread(self.provider.stopped, inst.id)
+                if why is not None:
+                    raise ProviderError(
+                        f"VM {inst.name} stopped before its forwarder answered: {why}", inst.id
+                    )
+            ready.result()
+        finally:
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError, CocoError):
+                await ready
 
     async def _undo_start(self, sb: Sandbox, instance_id: str) -> None:
         """Remove whatever the failed start made: the proxy, the VM (by id and by tag)."""

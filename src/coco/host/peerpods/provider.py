@@ -18,6 +18,7 @@ import importlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from coco.errors import HostError
 
@@ -106,6 +107,12 @@ class Provider(ABC):
     def list_instances(self, caa: str) -> list[Instance]:
         """The VMs tagged with CAA id ``caa`` (with their tags)."""
 
+    def stopped(self, instance_id: str) -> str | None:
+        """Why the VM is no longer running (e.g. the last line its guest printed), or None while
+        it runs or when the provider cannot tell. The CAA asks while it waits for the VM's
+        forwarder, so a VM that powered off fails StartVM at once with the reason."""
+        return None
+
     def teardown(self) -> None:
         """Release connections; VMs stay."""
         return
@@ -113,6 +120,19 @@ class Provider(ABC):
     def config_verifier(self) -> None:
         """Check the configuration against the cloud (``--cloud-config-verify``)."""
         return
+
+
+def guest_last_words(console_log: Path) -> str:
+    """What a stopped VM's guest said last: its init's error line (``coco-podvm: error: ...``)
+    if it printed one, else the console's last line; at most 400 characters."""
+    try:
+        data = console_log.read_bytes()[-16384:]
+    except OSError:
+        return "no console log"
+    lines = [" ".join(ln.split()) for ln in data.decode(errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if ln.startswith("coco-podvm: error")]
+    return ((errors or lines or ["the console is empty"])[-1])[:400]
 
 
 class ProviderFactory(ABC):

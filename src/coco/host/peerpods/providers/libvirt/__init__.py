@@ -44,6 +44,7 @@ from coco.host.peerpods.provider import (
     ProviderError,
     ProviderFactory,
     Tags,
+    guest_last_words,
     instance_name,
 )
 from coco.host.podvm.boot import KERNEL_ARGS
@@ -336,6 +337,18 @@ class LibvirtProvider(Provider):
                     instance_id,
                 ) from None
         shutil.rmtree(self.config.data_dir / name, ignore_errors=True)
+
+    def stopped(self, instance_id: str) -> str | None:
+        libvirt = _libvirt()
+        try:
+            dom = self.conn().lookupByUUIDString(instance_id)
+            if dom.isActive():
+                return None
+            name = dom.name()
+        except (libvirt.libvirtError, ProviderError):
+            return None  # cannot tell
+        log = self.config.data_dir / name / "console.log"
+        return f"domain {name} is shut off: {guest_last_words(log)}"
 
     def list_instances(self, caa: str) -> list[Instance]:
         libvirt = _libvirt()

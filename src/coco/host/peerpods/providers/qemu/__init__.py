@@ -29,6 +29,7 @@ from coco.host.peerpods.provider import (
     ProviderError,
     ProviderFactory,
     Tags,
+    guest_last_words,
     instance_name,
 )
 from coco.host.peerpods.providers.libvirt import FORWARDER_PORT, free_port, make_config_drive
@@ -130,6 +131,13 @@ class QemuProvider(Provider):
                 if _ours(pid, run_dir):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+    def stopped(self, instance_id: str) -> str | None:
+        with self._lock:
+            vm = self._vms.get(instance_id)
+        if vm is None or vm.qemu is None or vm.qemu.poll() is None:
+            return None
+        return f"qemu exited with status {vm.qemu.returncode}: {guest_last_words(vm.console_log)}"
 
     def list_instances(self, caa: str) -> list[Instance]:
         out = []
