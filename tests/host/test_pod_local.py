@@ -22,7 +22,7 @@ from tests.imagekit import tar_layer, write_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-ALLOWED = ["CreateSandboxRequest", "DestroySandboxRequest", "GetGuestDetailsRequest",
+ALLOWED = ["CreateSandboxRequest", "DestroySandboxRequest", "GuestDetailsRequest",
            "CopyFileRequest", "StartContainerRequest", "RemoveContainerRequest",
            "ExecProcessRequest", "SignalProcessRequest", "WaitProcessRequest", "ReadStreamRequest",
            "WriteStreamRequest", "CloseStdinRequest", "TtyWinResizeRequest",

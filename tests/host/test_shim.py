@@ -31,7 +31,7 @@ INITDATA = "io.katacontainers.config.hypervisor.cc_init_data"
 ALLOWED = [
     "CreateSandboxRequest",
     "DestroySandboxRequest",
-    "GetGuestDetailsRequest",
+    "GuestDetailsRequest",
     "CopyFileRequest",
     "StartContainerRequest",
     "RemoveContainerRequest",
@@ -188,6 +188,16 @@ def _leftovers(state: Path, cid: str) -> list[str]:
     return found
 
 
+NO_DETAILS = "going on without the guest's details"  # the shim's warning
+
+
+def _log_since(containerd, offset: int) -> str:
+    """containerd's log (which carries the shim's) from ``offset`` on."""
+    with containerd.log.open(errors="replace") as f:
+        f.seek(offset)
+        return f.read()
+
+
 def _pull(containerd, ns: str, image: str) -> None:
     containerd.ctr("-n", ns, "images", "pull", "--plain-http", image)
 
@@ -196,6 +206,7 @@ def _pull(containerd, ns: str, image: str) -> None:
 def test_ctr_run_local(containerd, test_images, local_runtime: Path) -> None:
     ns = "coco-shim"
     _pull(containerd, ns, test_images.busybox)
+    log_start = containerd.log.stat().st_size
     events = subprocess.Popen(
         ["ctr", "--address", str(containerd.address), "events"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -218,6 +229,7 @@ def test_ctr_run_local(containerd, test_images, local_runtime: Path) -> None:
     ours = [m.group(1) for ln in seen.splitlines() if '"shim-t1"' in ln
             for m in [re.search(r" (/tasks/\S+) ", ln)] if m]  # fmt: skip
     assert ours == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], seen
+    assert NO_DETAILS not in _log_since(containerd, log_start)  # ALLOWED names the agent's rules
     deadline = time.monotonic() + 20
     while _leftovers(local_runtime.parent / "st", "shim-t1") and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -238,6 +250,29 @@ def test_policy_denied_container_names_the_rule(containerd, test_images, local_r
     while _leftovers(local_runtime.parent / "st", "shim-denied") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _leftovers(local_runtime.parent / "st", "shim-denied") == []
+
+
+@pytest.mark.slow
+def test_denied_guest_details_is_logged(containerd, test_images, local_runtime) -> None:
+    """The shim does not need the guest's details to run the pod: a policy that denies
+    GetGuestDetails does not stop it, and the shim's log says so with the agent's reason."""
+    ns = "coco-shim"
+    _pull(containerd, ns, test_images.busybox)
+    log_start = containerd.log.stat().st_size
+    policy = _policy(deny_create=False).replace("default GuestDetailsRequest := true\n", "")
+    assert "GuestDetailsRequest" not in policy
+    run = _ctr_run(
+        containerd, ns, local_runtime, test_images.busybox, "shim-nodetails",
+        "/bin/sh", "-c", "echo ran", policy=policy,
+    )  # fmt: skip
+    assert (run.returncode, run.stdout.strip()) == (0, "ran"), run.stderr
+    said = [ln for ln in _log_since(containerd, log_start).splitlines() if NO_DETAILS in ln]
+    assert len(said) == 1, said
+    assert "agent GetGuestDetails: GuestDetailsRequest is blocked by policy" in said[0], said
+    deadline = time.monotonic() + 20
+    while _leftovers(local_runtime.parent / "st", "shim-nodetails") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(local_runtime.parent / "st", "shim-nodetails") == []
 
 
 def test_delete_prints_a_delete_response(tmp_path: Path) -> None:

@@ -151,11 +151,13 @@ class TaskService:
             self.health = Stub(self.client, HEALTH)
             await self.health.Check(health_pb2.CheckRequest(), timeout=30)
             await self._agent_call("CreateSandbox", self._sandbox_request(sid, spec))
-            with contextlib.suppress(RpcError):
+            try:
                 await self._agent_call(
                     "GetGuestDetails",
                     agent_pb2.GuestDetailsRequest(mem_block_size=True, mem_hotplug_probe=True),
                 )
+            except RpcError as e:  # the details are not needed to run the pod: go on, but say so
+                log.warning("sandbox %s: going on without the guest's details: %s", sid, e.message)
         except BaseException:
             await self._stop_sandbox()
             raise
