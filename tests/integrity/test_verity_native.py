@@ -1,5 +1,5 @@
 """The native verity block loop (coco.integrity._native) gives the same bytes as the Python loop,
-for every hash, format and salt, through build_tree (threads over one mapping) as through the
+for every hash, format and salt, through build_tree (threads reading ranges) as through the
 buffer call; without a compiler the Python loop does the work."""
 
 from __future__ import annotations
@@ -67,3 +67,31 @@ def test_no_compiler_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     data.write_bytes(bytes(range(256)) * 64)
     tree = verity.build_tree(data, verity.VerityParams(salt=b"", superblock=False))
     assert len(tree.root_hash) == 32
+
+
+@pytest.mark.parametrize("bs", [512, 4096])
+def test_reads_across_buffer_and_thread_boundaries(
+    tmp_path: Path, fn, monkeypatch: pytest.MonkeyPatch, bs: int
+) -> None:
+    """Each thread reads its range into a small buffer (here 3 blocks and a bit): the digests
+    land in the right places whatever the cuts."""
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(bs * 1000 + bs))
+    monkeypatch.setattr(verity, "_READ", 3 * bs + 100)
+    monkeypatch.setattr(verity, "PARALLEL_THRESHOLD", 0)
+    params = verity.VerityParams(
+        salt=b"salt", data_block_size=bs, hash_block_size=bs, superblock=False
+    )
+    native = verity.build_tree(data, params, workers=3)
+    monkeypatch.setattr(_native, "_loaded", [None])
+    assert native.tree == verity.build_tree(data, params, workers=3).tree
+
+
+def test_a_file_shorter_than_its_blocks_is_an_error(tmp_path: Path, fn) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(bytes(4096 * 5))
+    params = verity.VerityParams(salt=b"", superblock=False)
+    with pytest.raises(
+        verity.VerityError, match=r"expected 32768 bytes of data, found it ends at 20480"
+    ):
+        verity._digest_file_native(fn, str(data), 4096, 8, params, 2)
