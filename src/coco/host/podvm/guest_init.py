@@ -489,6 +489,7 @@ def process_userdata(tpm: bool) -> None:
     """Run ``coco process-user-data``; its last error line becomes the init's error."""
     if not tpm:
         say("userdata", check="none", reason="no-vTPM", initdata_checked="no-INSECURE")
+    start = time.monotonic()
     proc = subprocess.run(
         [COCO, *userdata_args(tpm)], capture_output=True, text=True, errors="replace", check=False
     )
@@ -498,7 +499,8 @@ def process_userdata(tpm: bool) -> None:
             f"process-user-data: {lines[-1] if lines else f'exit status {proc.returncode}'}"
         )
     sys.stdout.write(proc.stderr)  # which files it wrote, from where
-    say("userdata", state="written", initdata_check="pcr8" if tpm else "none")
+    took = f"{time.monotonic() - start:.1f}"
+    say("userdata", state="written", initdata_check="pcr8" if tpm else "none", took_s=took)
 
 
 def start_peerpod(loaded: tuple[bytes, set[str]] | None) -> tuple[dict[int, str], dict[str, str]]:
