@@ -124,6 +124,70 @@ def test_one_address_per_pod() -> None:
     assert a != socket_address("/run/containerd/containerd.sock", "default", "sb1")
 
 
+class _LateAgent:
+    """A Unix socket standing in for the VM's virtio-serial port while the guest's agent starts:
+    one byte stream, where the first ``lost`` requests arrive before the agent opened the port and
+    are never answered; Health.Check requests after those are answered SERVING."""
+
+    def __init__(self, lost: int) -> None:
+        self.lost = lost
+        self.connections = 0
+        self.requests: list[str] = []
+
+    async def serve(self, reader, writer) -> None:
+        from coco.rpc import frames
+        from coco.rpc.protos import health_pb2, ttrpc_pb2
+
+        self.connections += 1
+        while (frame := await frames.read_frame(reader)) is not None:
+            req = ttrpc_pb2.Request.FromString(frame.body)
+            self.requests.append(f"{req.service}/{req.method}")
+            if len(self.requests) <= self.lost:
+                continue
+            answer = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            body = ttrpc_pb2.Response(payload=answer.SerializeToString()).SerializeToString()
+            writer.write(frames.encode(frame.stream_id, frames.MessageType.RESPONSE, body))
+            await writer.drain()
+
+
+def _with_late_agent(tmp_path: Path, agent: _LateAgent, timeout: float):
+    import asyncio
+
+    from coco.host.runtime.task import connect_agent
+
+    async def go():
+        sock = tmp_path / "agent.sock"
+        server = await asyncio.start_unix_server(agent.serve, path=str(sock))
+        try:
+            client = await connect_agent(f"unix://{sock}", timeout)
+            await client.close()
+        finally:
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_health_check_is_sent_again_on_the_same_connection(tmp_path: Path) -> None:
+    agent = _LateAgent(lost=2)
+    _with_late_agent(tmp_path, agent, timeout=60)
+    assert agent.requests == ["grpc.Health/Check"] * 3
+    assert agent.connections == 1  # never a new connection to probe
+
+
+def test_health_check_gives_up_at_the_dial_timeout(tmp_path: Path) -> None:
+    from coco.rpc import Code, RpcError
+
+    agent = _LateAgent(lost=1_000_000)
+    with pytest.raises(RpcError) as e:
+        _with_late_agent(tmp_path, agent, timeout=2)
+    assert e.value.code == Code.DEADLINE_EXCEEDED
+    assert e.value.message == (
+        f"agent at unix://{tmp_path}/agent.sock: no answer to Health.Check within 2 s "
+        "([agent.kata] dial_timeout)"
+    )
+    assert len(agent.requests) >= 2 and agent.connections == 1
+
+
 # -- with containerd ---------------------------------------------------------------------------------
 def _policy(deny_create: bool) -> str:
     lines = ["package agent_policy", "", "default AllowRequestsFailingPolicy := false"]

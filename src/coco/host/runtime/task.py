@@ -56,6 +56,48 @@ NETNS = "coco.netns"  # to the sandbox: the pod's network namespace path
 IMAGE_NAME = "io.kubernetes.cri.image-name"
 VERSION = "coco-v2"
 DEFAULT_CALL_TIMEOUT = 60.0
+CHECK_FIRST_WAIT = 0.5  # seconds the first Health.Check waits for its answer; each next one
+CHECK_MAX_WAIT = 8.0  # waits twice as long as the last, up to this
+
+
+async def connect_agent(address: str, timeout: float) -> Client:
+    """A connection to the agent at ``address`` that has answered ``Health.Check``, within
+    ``timeout`` s (``[agent.kata] dial_timeout``). Dialing is retried while nothing accepts. Once
+    connected, the check is sent again on the same connection until the agent answers, never on
+    a new one: a virtio-serial port is one byte stream, what the host wrote before the guest's
+    agent opened it is lost, and a second connection would not reach the agent. A busy agent may
+    answer late, so each check waits twice as long as the last (from :data:`CHECK_FIRST_WAIT`
+    up to :data:`CHECK_MAX_WAIT` s); an answer to an earlier one is ignored."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = await Client.connect(address, timeout=5)
+            break
+        except RpcError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    health = Stub(client, HEALTH)
+    wait = CHECK_FIRST_WAIT
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                await health.Check(health_pb2.CheckRequest(), timeout=max(min(wait, left), 0.1))
+                return client
+            except RpcError as e:
+                if e.code != Code.DEADLINE_EXCEEDED:
+                    raise  # the connection ended, or the agent answered with an error
+                if time.monotonic() >= deadline:
+                    raise RpcError(
+                        Code.DEADLINE_EXCEEDED,
+                        f"agent at {address}: no answer to Health.Check within {timeout:g} s "
+                        "([agent.kata] dial_timeout)",
+                    ) from None
+            wait = min(wait * 2, CHECK_MAX_WAIT)
+    except BaseException:
+        await client.close()
+        raise
 
 
 def _status(code: int, text: str) -> RpcError:
@@ -146,10 +188,9 @@ class TaskService:
         self.sandbox, self.sandbox_id = sb, sid
         try:
             address = await asyncio.to_thread(sb.start, initdata, annotations)
-            self.client = await self._dial(address, self.config.dial_timeout)
+            self.client = await connect_agent(address, self.config.dial_timeout)
             self.agent = Stub(self.client, AGENT)
             self.health = Stub(self.client, HEALTH)
-            await self.health.Check(health_pb2.CheckRequest(), timeout=30)
             await self._agent_call("CreateSandbox", self._sandbox_request(sid, spec))
             try:
                 await self._agent_call(
@@ -161,17 +202,6 @@ class TaskService:
         except BaseException:
             await self._stop_sandbox()
             raise
-
-    @staticmethod
-    async def _dial(address: str, timeout: float) -> Client:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return await Client.connect(address, timeout=5)
-            except RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
 
     @staticmethod
     def _sandbox_request(sid: str, spec: dict[str, Any]) -> agent_pb2.CreateSandboxRequest:
