@@ -2,8 +2,9 @@
 pod (the secret printed from inside it, out of `coco pod run`), the three refusals with their
 reasons, exit 0, and nothing left behind (the services by pid, shims, mounts, sockets, the pods'
 network namespaces, the work directories); the same clean-up when interrupted in the middle of
-the pod's run; --keep leaves the services answering and says how to stop them; coco-qemu either
-passes or says what blocks it and fails."""
+the pod's run; --keep leaves the services answering and says how to stop them; `auto` picks
+coco-qemu where a pod VM can run and falls back to coco-local with a visible warning otherwise;
+and once per run the whole flow on coco-qemu (pod VMs under TCG with the node's vTPM)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import pytest
 from rich.console import Console
 
 from coco.demo import run as demo
-from coco.demo.session import Session, stop_group
+from coco.demo.session import Blocked, Session, stop_group
+from tests.host.conftest import podvm_image, podvm_source  # noqa: F401  (the session's image)
 
 TOOLS = ("containerd", "runc", "ctr", "docker-registry", "umoci", "busybox", "nsenter")
 SECRET_LINE = "the secret, fetched inside the pod from 127.0.0.1:8006:"
@@ -221,35 +223,80 @@ def _session(tmp_path: Path) -> tuple[Session, Console]:
 
 def test_auto_falls_back_to_coco_local_with_a_visible_warning(tmp_path: Path) -> None:
     session, console = _session(tmp_path)
-    assert demo.choose_runtime_class(session, "auto") == demo.LOCAL
+    blocker = "qemu-system-x86_64 not installed (scripts/install-system-deps)"
+    assert demo.choose_runtime_class(session, "auto", blocker=lambda _: blocker) == demo.LOCAL
     said = console.export_text()
-    assert said.startswith("WARNING: coco-qemu cannot run here (")
+    assert said.startswith(f"WARNING: coco-qemu cannot run here ({blocker}): ")
     assert "falling back to coco-local, which runs the guest on this host: INSECURE" in said
     assert session.events == [{"warning": said.removeprefix("WARNING: ").strip()}]
+    # asked for by name, the same blocker fails the step instead
+    with pytest.raises(Blocked, match=rf"^coco-qemu: {re.escape(blocker)}$"):
+        demo.choose_runtime_class(session, "coco-qemu", blocker=lambda _: blocker)
+
+
+def test_auto_picks_coco_qemu_where_a_pod_vm_can_run(tmp_path: Path) -> None:
+    session, console = _session(tmp_path)
+    assert demo.choose_runtime_class(session, "auto", blocker=lambda _: None) == demo.QEMU
+    assert "WARNING" not in console.export_text()
+
+
+def test_the_qemu_probe_names_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real probe on a PATH without QEMU's tools (mke2fs and depmod are still found in
+    /usr/sbin, as the build finds them)."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    why = demo.qemu_blocker(None)
+    assert why is not None and why.startswith("qemu-system-x86_64, swtpm, tpm2_createprimary")
+    assert "mmdebstrap" in why  # no image given: the build's tools are needed too
+    assert "mmdebstrap" not in (demo.qemu_blocker(tmp_path) or "")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_demo_on_coco_qemu_passes_or_names_its_blocker(
-    tmp_path: Path, host_state: set[str]
+@pytest.mark.timeout(2400)
+def test_demo_on_coco_qemu_lives_the_pod_in_a_vm_with_a_vtpm(
+    tmp_path: Path,
+    host_state: set[str],
+    podvm_image,  # noqa: F811
 ) -> None:
-    """Run once: the pod VM under QEMU (TCG here) with its vTPM."""
-    for tool in ("qemu-system-x86_64", "swtpm"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+    """Once per run: the same flow on coco-qemu (a TCG pod VM per pod, its vTPM a copy of the
+    node's, whose AK the demo enrolled in the KBS): the secret is released only to evidence whose
+    init_data is PCR 8 extended with the pod's initdata digest, which only a vTPM quote carries
+    (the sample evidence's claim is the digest itself); the guest pulls the image from 10.0.2.2
+    under its own name; the three refusals as on coco-local; nothing left, QEMU and swtpm
+    included. The pod VM image is the session's (tests/host's fixture, cached by content)."""
+    if demo.qemu_blocker(podvm_image.dir) is not None:
+        pytest.skip(f"coco-qemu cannot run here: {demo.qemu_blocker(podvm_image.dir)}")
     log = tmp_path / "demo.json"
     out = subprocess.run(
-        [*DEMO, "--runtime-class", "coco-qemu", "--json", str(log)],
-        capture_output=True, text=True, timeout=1700, stdin=subprocess.DEVNULL, env=WIDE,
+        [*DEMO, "--runtime-class", "coco-qemu", "--podvm-image", str(podvm_image.dir),
+         "--json", str(log)],
+        capture_output=True, text=True, timeout=2300, stdin=subprocess.DEVNULL, env=WIDE,
     )  # fmt: skip
+    text = out.stdout + out.stderr
     doc = json.loads(log.read_text())
     status = {s["number"]: s for s in doc["steps"]}
-    _assert_nothing_left(doc, host_state, pods=status["4"]["status"] != "skipped")
-    if status["3"]["status"] == "blocked":  # never pretended: it says why, and the demo fails
-        assert status["3"]["detail"] == f"coco-qemu: {demo.QEMU_BLOCKER}"
-        assert (out.returncode, doc["passed"]) == (1, False)
-        assert "demo did not pass" in out.stdout
-        pytest.xfail(status["3"]["detail"])
-    assert (out.returncode, doc["passed"]) == (0, True), (out.stdout + out.stderr)[-6000:]
+    assert (out.returncode, doc["passed"]) == (0, True), text[-6000:]
+    assert [s["status"] for s in doc["steps"]] == ["ok"] * 7 + ["off", "ok"]
     assert "INSECURE" not in out.stdout
-    assert SECRET_LINE in status["4"]["detail"]
+    assert status["1"]["facts"]["runtime_class"] == "coco-qemu"
+    assert "its attestation key, now trusted by the KBS's TPM verifier" in out.stdout
+    assert "-----BEGIN PUBLIC KEY-----" in out.stdout
+    # the initdata the guest is told: the registry reached at 10.0.2.2, the image keeps its name
+    assert re.search(
+        r'\n    prefix = "127\.0\.0\.1:\d+"\n    location = "10\.0\.2\.2:\d+"\n', out.stdout
+    )
+    pcr8 = re.search(r"the guest's vTPM carries it in PCR 8, extended once with it at boot: "
+                     r"([0-9a-f]{64})", out.stdout)  # fmt: skip
+    assert pcr8 is not None and f'ae.init_data == "{pcr8[1]}"' in out.stdout
+    secret = status["4"]["facts"]["secret_line"].removeprefix(SECRET_LINE).strip()
+    assert re.fullmatch(r"[a-z2-7]{16}", secret), status["4"]
+    assert f"    {SECRET_LINE} {secret}\n" in out.stdout
+    assert status["5a"]["detail"].startswith("the agent policy's denial: rule args: ")
+    assert status["5b"]["detail"] == (
+        "the KBS's refusal: the evidence does not carry the pod's initdata digest"
+    )
+    assert "refused with 401 PolicyDeny" in status["5b"]["facts"]["reason"]
+    assert status["5c"]["detail"].startswith("the guest's digest check: layer 1/1 sha256:")
+    assert out.stdout.count("refused, as it should be: ") == 3
+    _assert_nothing_left(doc, host_state)

@@ -39,6 +39,8 @@ def _arguments(p: Parser) -> None:
                    help="Write a machine-readable log of the steps here.")  # fmt: skip
     p.add_argument("--keep", action="store_true",
                    help="Leave the services running and print how to reach them.")  # fmt: skip
+    p.add_argument("--podvm-image", type=Path, metavar="DIR",
+                   help="coco-qemu's pod VM image (default: coco podvm build's, cached).")  # fmt: skip
 
 
 def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str, Any]]:
@@ -47,7 +49,10 @@ def build(group: Parser, argv: list[str]) -> tuple[Callable[..., Any], dict[str,
     return run, vars(group.parse_args(argv))
 
 
-def run(runtime_class: str, peer_pods: bool | None, json_path: Path | None, keep: bool) -> None:
+def run(
+    runtime_class: str, peer_pods: bool | None, json_path: Path | None, keep: bool,
+    podvm_image: Path | None,
+) -> None:  # fmt: skip
     from coco.demo.run import Options, main
 
-    sys.exit(main(Options(runtime_class, peer_pods, json_path, keep)))
+    sys.exit(main(Options(runtime_class, peer_pods, json_path, keep, podvm_image)))

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coco.demo.session import Blocked, Session, free_port, listening
+from coco.demo.session import Blocked, DemoError, Session, free_port, listening
 
 CNI_PLUGIN = r'''#!{python}
 """coco-demo-veth: a CNI plugin that keeps a pod's network inside the pod's namespace."""
@@ -81,6 +81,8 @@ class Containerd:
 
 
 def start_kbs(session: Session) -> Kbs:
+    """The KBS; its TPM verifier trusts the attestation keys in ``kbs/trusted-aks`` (empty until
+    the owner enrols a node's vTPM: :func:`enrol_vtpm`)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -104,10 +106,12 @@ def start_kbs(session: Session) -> Kbs:
     token.write_text(admin_token(load_admin_key(pem, str(d / "admin.pem"))))
     token.chmod(0o600)
     port = free_port()
+    (d / "trusted-aks").mkdir(mode=0o700)
     session.spawn(
         "kbs",
         ["coco", "kbs", "serve", "--listen", f"127.0.0.1:{port}", "--insecure-http",
          "--storage", f"sqlite://{d / 'kbs.db'}", "--admin-public-key", str(d / "admin.pub")],
+        env={"COCO_TPM_TRUSTED_AK_KEYS_DIR": str(d / "trusted-aks")},
         ready=listening(port),
         reach=f"http://127.0.0.1:{port} (SQLite {d / 'kbs.db'}, admin API behind an Ed25519 key)",
     )  # fmt: skip
@@ -143,8 +147,11 @@ def registry_blob(session: Session, digest: str) -> Path:
     )  # fmt: skip
 
 
-def start_containerd(session: Session, registry: str, pause_image: str) -> Containerd:
-    """containerd with everything under the work directory and coco's runtime installed."""
+def start_containerd(
+    session: Session, registry: str, pause_image: str, podvm_image: Path | None = None
+) -> Containerd:
+    """containerd with everything under the work directory and coco's runtime installed (with
+    ``podvm_image``, coco-qemu's pod VM image)."""
     for tool in ("containerd", "runc", "ctr", "nsenter", "ip"):
         if shutil.which(tool) is None:
             raise Blocked(f"{tool} is not installed (scripts/install-system-deps)")
@@ -196,7 +203,8 @@ def start_containerd(session: Session, registry: str, pause_image: str) -> Conta
     session.run(
         ["coco", "runtime", "install", "--containerd-config", str(config),
          "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin"),
-         "--snapshotter", str(snapshots)]
+         "--snapshotter", str(snapshots),
+         *(["--podvm-image", str(podvm_image)] if podvm_image else [])]
     )  # fmt: skip
     # the local sandbox keeps its per-pod state (Unix sockets) in a short directory of ours
     state = Path(tempfile.mkdtemp(prefix="coco-demo-st-", dir="/tmp"))
@@ -287,3 +295,52 @@ def umount_under(base: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
         subprocess.run(["umount", "-l", m], check=False, capture_output=True)
+
+
+def podvm_image(session: Session, given: Path | None) -> Path:
+    """The pod VM image: ``given``, else ``coco podvm build``'s (built once, then cached)."""
+    if given is not None:
+        session.say(f"the pod VM image: {given} (given)")
+        return given
+    session.say(
+        "the pod VM image (Debian's kernel, an initramfs, a root with coco's guest components): "
+        "built once, then found in the cache by its content"
+    )
+    out = session.run(["coco", "podvm", "build"], timeout=3600, what="building the pod VM image")
+    lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+    path = Path(lines[-1]) if lines else None
+    if path is None or not (path / "vmlinuz").exists():
+        raise DemoError(f"coco podvm build printed no image directory: {lines[-1:]}")
+    return path
+
+
+def enrol_vtpm(session: Session, ctrd: Containerd) -> Path:
+    """The node's vTPM: a swtpm state every pod VM boots a copy of; its attestation key goes
+    into the KBS's trusted AKs, as an owner enrols a node. Returns the state directory."""
+    state = ctrd.base / "vtpm"
+    out = session.run(
+        ["coco", "aa", "ak-public", "--tpm-state", str(state)],
+        what="enrolling the node's vTPM", show=False,
+    )  # fmt: skip
+    trusted = session.work / "kbs" / "trusted-aks" / "node.pub"
+    trusted.write_text(out.stdout)
+    session.say(f"its attestation key, now trusted by the KBS's TPM verifier ({trusted}):")
+    session.show(out.stdout)
+    return state
+
+
+def configure_qemu(session: Session, ctrd: Containerd, vtpm: Path) -> Path:
+    """coco-qemu's runtime config: the node's vTPM, TCG-sized timeouts, the short state dir."""
+    import tomlkit
+
+    path = ctrd.coco_config_dir / "configuration-qemu.toml"
+    doc = tomlkit.parse(path.read_text())
+    qemu = doc["hypervisor"]["qemu"]  # type: ignore[index]
+    qemu["tpm_state"] = str(vtpm)
+    qemu["boot_timeout"] = 600
+    doc["agent"] = {"kata": {"dial_timeout": 600, "create_container_timeout": 900}}
+    doc["runtime"] = {"state_dir": str(ctrd.local_state)}
+    path.write_text(tomlkit.dumps(doc))
+    session.say(f"coco-qemu's runtime config ({path}):")
+    session.show(path.read_text())
+    return path

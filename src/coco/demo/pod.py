@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ deny_reason := "the evidence carries no initdata" if {{
 """
 
 
+GUEST_HOST = "10.0.2.2"  # this host as a pod VM sees it (QEMU's user networking)
+
+
 @dataclass
 class Pod:
     yaml: Path
@@ -78,6 +82,19 @@ class Pod:
     initdata: Path
     digest_b64: str
     log_root: Path
+    evidence_init_data: str  # what the evidence's init_data claim must be (see init_data_claim)
+
+
+def init_data_claim(digest_b64: str, runtime_class: str) -> str:
+    """The ``init_data`` claim of the guest's evidence for an initdata digest: the digest itself
+    for the sample evidence of coco-local; for a vTPM (coco-qemu), PCR 8 after the guest extended
+    it once with the digest (fitted to 32 bytes), which the KBS's TPM verifier checked against
+    the initdata the guest presented."""
+    if runtime_class == "coco-local":
+        return digest_b64
+    from coco.tee.tpm.quote import init_data_pcr
+
+    return init_data_pcr(base64.b64decode(digest_b64)).hex()
 
 
 def pod_yaml(name: str, image: str, runtime_class: str, command: list[str]) -> str:
@@ -94,13 +111,22 @@ def pod_yaml(name: str, image: str, runtime_class: str, command: list[str]) -> s
     )
 
 
-def base_initdata(kbs_url: str, registry: str) -> str:
-    """The guest's configuration: ``aa.toml`` and ``cdh.toml`` (the generator adds the policy)."""
+def base_initdata(kbs_url: str, registry: str, guest_registry: str | None = None) -> str:
+    """The guest's configuration: ``aa.toml`` and ``cdh.toml`` (the generator adds the policy).
+
+    ``guest_registry``: where the guest reaches ``registry`` when that is another address (a pod
+    VM reaches this host's 127.0.0.1 at 10.0.2.2): the CDH pulls from there, while the image keeps
+    its name for the agent policy and the signature policy."""
     aa = f'[token_configs.kbs]\nurl = "{kbs_url}"\n\n[eventlog_config]\nenable_eventlog = false\n'
+    where = (
+        f'prefix = "{registry}"\nlocation = "{guest_registry}"'
+        if guest_registry
+        else (f'location = "{registry}"')
+    )
     cdh = (
         f'[kbc]\nname = "cc_kbc"\nurl = "{kbs_url}"\n\n[image]\n'
         f'image_security_policy_uri = "kbs:///{POLICY_PATH}"\n\n'
-        f'[[image.registry_config.registry]]\nlocation = "{registry}"\ninsecure = true\n'
+        f"[[image.registry_config.registry]]\n{where}\ninsecure = true\n"
     )
     return (
         'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n'
@@ -123,9 +149,8 @@ def node_settings(ctrd: Containerd, pause: str, log_root: Path) -> dict[str, obj
 
 
 def prepare(
-    session: Session, ctrd: Containerd, w: Workload, runtime_class: str, kbs_url: str,
-    registry: str,
-) -> Pod:  # fmt: skip
+    session: Session, ctrd: Containerd, w: Workload, runtime_class: str, kbs: Kbs, registry: str
+) -> Pod:
     """Write the pod, generate its policy into its initdata; return it."""
     d = session.work / "pod"
     d.mkdir(exist_ok=True)
@@ -133,15 +158,27 @@ def prepare(
     settings = d / "genpolicy-settings.json"
     settings.write_text(json.dumps(node_settings(ctrd, w.pause, log_root), indent=2))
     base = d / "initdata-base.toml"
-    base.write_text(base_initdata(kbs_url, registry))
+    if runtime_class == "coco-local":  # the guest's processes are on this host
+        base.write_text(base_initdata(kbs.url, registry))
+    else:
+        port = registry.rsplit(":", 1)[1]
+        base.write_text(
+            base_initdata(f"http://{GUEST_HOST}:{kbs.port}", registry, f"{GUEST_HOST}:{port}")
+        )
     path = d / "pod.yaml"
     path.write_text(pod_yaml("coco-demo", w.image, runtime_class, [f"/app/{SCRIPT_NAME}"]))
     session.say(f"the pod as its owner wrote it ({path}):")
     session.show(path.read_text())
     session.say(
         "the guest's configuration (aa.toml: where the KBS is; cdh.toml: the KBS again, the "
-        "signature policy to enforce, that the registry is plain HTTP) goes into its initdata:"
-    )
+        "signature policy to enforce, that the registry is plain HTTP"
+        + ("" if runtime_class == "coco-local" else
+           f", and that the pod VM reaches it at {GUEST_HOST}, under the image's own name")
+        + ") goes into its initdata:"
+    )  # fmt: skip
+    for name, text in tomllib.loads(base.read_text())["data"].items():
+        session.say(f"  {name}:")
+        session.show(text)
     initdata = d / "initdata.toml"
     session.run(
         ["coco", "policy", "generate", str(path), "--settings", str(settings),
@@ -157,9 +194,11 @@ def prepare(
     )
     digest = _digest(session, initdata)
     session.say(f"initdata digest (sha384), which the evidence must carry: {digest}")
-    return Pod(
-        path, "coco-demo", initdata, base64.b64encode(bytes.fromhex(digest)).decode(), log_root
-    )
+    digest_b64 = base64.b64encode(bytes.fromhex(digest)).decode()
+    claim = init_data_claim(digest_b64, runtime_class)
+    if runtime_class != "coco-local":
+        session.say(f"the guest's vTPM carries it in PCR 8, extended once with it at boot: {claim}")
+    return Pod(path, "coco-demo", initdata, digest_b64, log_root, claim)
 
 
 def _digest(session: Session, initdata: Path) -> str:
@@ -176,10 +215,11 @@ def _annotate(session: Session, pod: Path, initdata: Path) -> None:
     pod.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def upload_resource_policy(session: Session, kbs: Kbs, digest_b64: str, allow_sample: bool) -> None:
+def upload_resource_policy(session: Session, kbs: Kbs, pod: Pod, allow_sample: bool) -> None:
     text = RESOURCE_POLICY.format(
         secret=SECRET_PATH, key=IMAGE_KEY.removeprefix("kbs:///"), cosign=COSIGN_KEY_PATH,
-        policy=POLICY_PATH, digest=digest_b64, allow_sample="true" if allow_sample else "false",
+        policy=POLICY_PATH, digest=pod.evidence_init_data,
+        allow_sample="true" if allow_sample else "false",
     )  # fmt: skip
     path = session.work / "kbs" / "resource-policy.rego"
     path.write_text(text)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +29,13 @@ from coco.demo.session import (
 )
 
 LOCAL, QEMU, REMOTE = "coco-local", "coco-qemu", "coco-remote"
-QEMU_BLOCKER = (
-    "the pod VM path (a guest that attests with its vTPM and pulls from this host's registry, "
-    "and the KBS's reference values for it) is not finished in this checkout"
-)
 PEER_PODS_BLOCKER = (
-    "a peer pod runs in the pod VM of coco-qemu (started by coco cloud-api-adaptor through "
-    f"libvirt), and {QEMU_BLOCKER}"
+    "a peer pod runs the pod VM of coco-qemu through coco cloud-api-adaptor and the libvirt "
+    "provider, which this demo does not drive yet"
 )
+QEMU_TOOLS = ("qemu-system-x86_64", "swtpm", "tpm2_createprimary")
+BUILD_TOOLS = ("mmdebstrap", "mke2fs", "depmod")  # coco podvm build (when no image is given)
+VM_MEMORY_MIB = 1024  # coco-qemu's default_memory
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Options:
     peer_pods: bool | None = None  # None: where libvirtd exists
     json_path: Path | None = None
     keep: bool = False
+    podvm_image: Path | None = None  # None: coco podvm build (cached)
 
 
 def coco_command() -> list[str]:
@@ -50,12 +52,62 @@ def coco_command() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "coco.cli.main"]
 
 
-def choose_runtime_class(session: Session, wanted: str) -> str:
+def qemu_blocker(podvm_image: Path | None) -> str | None:
+    """Why a pod VM cannot run here, or None. Cheap (well under a second): the tools, root, the
+    memory, and QEMU making the pod VM's machine (q35, TCG or KVM) and quitting; a whole boot
+    (35-70 s under TCG) is left to the pod itself, whose failure the demo reports."""
+    from coco.host.podvm.boot import detect_accel
+
+    tools = QEMU_TOOLS + (() if podvm_image else BUILD_TOOLS)
+    missing = [
+        t
+        for t in tools
+        if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None
+    ]
+    if missing:
+        return f"{', '.join(missing)} not installed (scripts/install-system-deps)"
+    if os.geteuid() != 0:
+        return "the pod VM image build and containerd need root"
+    available = _mem_available_mib()
+    if available is not None and available < VM_MEMORY_MIB + 512:
+        return f"{available} MiB of memory available, a pod VM needs {VM_MEMORY_MIB} MiB and more"
+    qmp = '{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
+    accel = detect_accel()
+    try:
+        probe = subprocess.run(
+            ["qemu-system-x86_64", "-machine", "q35", "-accel", accel, "-nodefaults",
+             "-no-user-config", "-display", "none", "-S", "-qmp", "stdio"],
+            input=qmp, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"qemu-system-x86_64 did not make a q35 machine under {accel} within 30 s"
+    if probe.returncode != 0:
+        lines = [ln for ln in probe.stderr.splitlines() if ln.strip()] or ["no output"]
+        return f"qemu-system-x86_64 cannot make a q35 machine under {accel}: {lines[-1]}"
+    return None
+
+
+def _mem_available_mib() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def choose_runtime_class(
+    session: Session, wanted: str, podvm_image: Path | None = None,
+    blocker: Callable[[Path | None], str | None] = qemu_blocker,
+) -> str:  # fmt: skip
     if wanted == LOCAL:
         session.warn("coco-local runs the guest on this host: INSECURE, not a TEE (asked for)")
         return LOCAL
-    missing = [t for t in ("qemu-system-x86_64", "swtpm") if shutil.which(t) is None]
-    why = f"{', '.join(missing)} not installed" if missing else QEMU_BLOCKER
+    why = blocker(podvm_image)
+    if why is None:
+        session.say(f"coco-qemu: pod VMs under QEMU ({_accel()}) with a vTPM from swtpm")
+        return QEMU
     if wanted == QEMU:
         raise Blocked(f"coco-qemu: {why}")
     session.warn(
@@ -63,6 +115,12 @@ def choose_runtime_class(session: Session, wanted: str) -> str:
         "on this host: INSECURE, not a TEE"
     )
     return LOCAL
+
+
+def _accel() -> str:
+    from coco.host.podvm.boot import detect_accel
+
+    return "KVM" if detect_accel() == "kvm" else "TCG, no KVM here"
 
 
 def main(opts: Options) -> int:
@@ -112,13 +170,19 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
         "1", "Owner side",
         "The owner runs a Key Broker Service (KBS): it holds the keys and secrets and releases "
         "them only to a guest whose evidence it trusts. A registry holds images; the node runs "
-        "containerd with coco's runtime installed.",
+        "containerd with coco's runtime installed and, for pod VMs, a vTPM the owner enrols.",
     ) as s:  # fmt: skip
+        rc = choose_runtime_class(c, opts.runtime_class, opts.podvm_image)
         kbs = owner.start_kbs(c)
         registry = owner.start_registry(c)
-        ctrd = owner.start_containerd(c, registry, workload.pause_image(registry))
-        s.facts = {"kbs": kbs.url, "registry": registry, "containerd": ctrd.endpoint}
-        s.detail = f"KBS {kbs.url}, registry {registry}, containerd {ctrd.address}"
+        image = owner.podvm_image(c, opts.podvm_image) if rc == QEMU else None
+        ctrd = owner.start_containerd(c, registry, workload.pause_image(registry), image)
+        s.facts = {"kbs": kbs.url, "registry": registry, "containerd": ctrd.endpoint,
+                   "runtime_class": rc}  # fmt: skip
+        if image is not None:
+            owner.configure_qemu(c, ctrd, owner.enrol_vtpm(c, ctrd))
+            s.facts["podvm_image"] = str(image)
+        s.detail = f"KBS {kbs.url}, registry {registry}, containerd {ctrd.address}, {rc}"
     if not c.ok("1"):
         return _skip_rest(c, "1")
 
@@ -140,11 +204,10 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
         "A Kubernetes Pod, its agent policy generated from the image, and its initdata (the "
         "guest's configuration and that policy) whose digest the KBS will require.",
     ) as s:  # fmt: skip
-        rc = choose_runtime_class(c, opts.runtime_class)
-        p = pod.prepare(c, ctrd, w, rc, kbs.url, registry)
+        p = pod.prepare(c, ctrd, w, rc, kbs, registry)
         if rc == LOCAL:
             pod.trust_sample(c, kbs)
-        pod.upload_resource_policy(c, kbs, p.digest_b64, allow_sample=rc == LOCAL)
+        pod.upload_resource_policy(c, kbs, p, allow_sample=rc == LOCAL)
         s.detail = f"runtime class {rc}"
         s.facts = {"runtime_class": rc, "initdata_digest": p.digest_b64}
     if not c.ok("3"):
