@@ -281,6 +281,16 @@ def test_encrypted_image_host_unpack_fails_guest_pull_reaches_the_guest(
     _nothing_left(containerd, tmp_path)
 
 
+def _planned_netns(ctrd: Containerd) -> str | None:
+    """The network namespace in a local guest's plan, once one is written whole."""
+    for plan in ctrd.coco_state.glob("*/plan.json"):
+        try:
+            return json.loads(plan.read_text())["netns"]
+        except (OSError, ValueError):
+            continue  # not written yet
+    return None
+
+
 def test_local_pod_interrupted_while_its_sandbox_starts_leaves_nothing(
     containerd: Containerd, test_images: CriImages, tmp_path: Path
 ) -> None:
@@ -294,14 +304,13 @@ def test_local_pod_interrupted_while_its_sandbox_starts_leaves_nothing(
          *_args(containerd, tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    netns = ""
+    netns: str | None = None
     try:
         deadline = time.monotonic() + 300
         # the shim writes the guest's plan (with the pod's netns from CNI) before starting it
-        while not (plans := list(containerd.coco_state.glob("*/plan.json"))):
+        while (netns := _planned_netns(containerd)) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.02)
-        netns = json.loads(plans[0].read_text())["netns"]
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=200)
     finally:
@@ -311,7 +320,7 @@ def test_local_pod_interrupted_while_its_sandbox_starts_leaves_nothing(
     assert proc.returncode == 130, err
     assert "the sandbox of pod default/local-cut is still being made" in err, err
     assert err.strip().splitlines()[-1] == "coco: interrupted"
-    assert netns.startswith("/var/run/netns/")
+    assert netns is not None and netns.startswith("/var/run/netns/")
     assert not os.path.lexists(netns)
     assert netns not in Path("/proc/self/mounts").read_text()
     _nothing_left(containerd, tmp_path)
