@@ -12,15 +12,16 @@ trusts, when swtpm and tpm2-tools are here), ``coco cdh serve`` (cc_kbc, tokens 
   ``GetResource``: the AA's RCAR handshake with the KBS (auth, evidence, attest), the resource
   read and the CDH's first-call set-up; beside it the AA's ``GetToken("kbs")`` alone (the AA never
   caches: every call is a full RCAR flow), per attester;
-* pull: one image (two layers) encrypted twice, with a JWE key on disk (skopeo) and through
-  ``coco keyprovider serve`` (KEK registered in the KBS under its kid). Alternating rounds, fresh
-  stores: ``coco image pull --decryption-key KEY`` as its own process and through a running
-  ``coco image serve``, against ``coco cdh pull-image`` to a CDH started for the round (the first
-  pull attests: cold token; a second image, other kid, with the token warm). Medians and deltas.
+* pull: one image (two layers) encrypted twice by ``coco image copy``, to a JWE key on disk and
+  through ``coco keyprovider serve`` (the KEK registered in the KBS under its kid). Alternating
+  rounds, fresh stores: ``coco image pull --decryption-key KEY`` as its own process and through
+  a running ``coco image serve``, against ``coco cdh pull-image`` to a CDH started for the round
+  (the first pull attests: cold token; a second image, other kid, with the token warm). Medians
+  and deltas.
 
 The machine's load average is printed beside the numbers.
 
-    .venv/bin/python benchmarks/bench_guest.py [--calls 300] [--cold 8] [--rounds 3] [--size-mb 24]
+    .venv/bin/python benchmarks/bench_guest.py [--calls 300] [--cold 8] [--rounds 5] [--size-mb 24]
 """
 
 from __future__ import annotations
@@ -268,14 +269,14 @@ def main() -> None:
         "--cold", type=int, default=8, help="cold samples (a new CDH each) per attester"
     )
     ap.add_argument("--tokens", type=int, default=10, help="AA GetToken calls per attester")
-    ap.add_argument("--rounds", type=int, default=3, help="pull rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="pull rounds")
     ap.add_argument("--size-mb", type=int, default=24, help="image size (two layers)")
     ap.add_argument("--no-tpm", action="store_true", help="sample attester only")
     args = ap.parse_args()
     src = Path(__file__).resolve().parents[1] / "src"  # time the code, not the byte compiler
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
-    for tool in ("skopeo", "docker-registry", "openssl"):
+    for tool in ("docker-registry", "openssl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed")
     use_tpm = not args.no_tpm and all(shutil.which(t) for t in ("swtpm", "tpm2_quote"))
