@@ -428,9 +428,10 @@ def main() -> None:
     print(f"{'':10s}" + "".join(f"{k:>12s}" for k in PHASES))
     for name, rs in results.items():
         summary(name, rs)
-    runc = statistics.median(r.phases["total"] for r in results["runc"])
+    base = [r.phases["total"] for r in results.get("runc", [])]
+    runc = statistics.median(base) if base else float("nan")
     for name, rs in results.items():
-        if name != "runc":
+        if name != "runc" and base:
             t = statistics.median(r.phases["total"] for r in rs)
             print(f"{name}: {t:.2f} s to the first line = {t / runc:.1f} x runc ({runc:.2f} s)")
     print("\nmemory per pod (MB, median), RSS / PSS:")
