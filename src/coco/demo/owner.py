@@ -8,7 +8,11 @@
   node gets them; ``coco snapshotter serve`` runs beside it, so that the encrypted image the CRI
   pulls is left to the guest instead of being unpacked (and failing) on the host. Pod
   networking comes from a small CNI plugin written here that keeps the pod's network inside the
-  pod's namespace (a veth pair whose both ends stay there), so the host's network is untouched.
+  pod's namespace (a veth pair whose both ends stay there), so the host's network is untouched;
+* for coco-qemu, the pod VM image (``coco podvm build``, cached by content) and the node's vTPM:
+  one swtpm state every pod VM boots a copy of, whose attestation key the owner reads with
+  ``coco aa ak-public --tpm-state`` and puts among the KBS's trusted AKs (its TPM verifier's
+  ``COCO_TPM_TRUSTED_AK_KEYS_DIR``), as one enrols a node's TPM.
 """
 
 from __future__ import annotations

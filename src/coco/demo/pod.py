@@ -8,6 +8,11 @@ whose digest the guest's evidence carries and the KBS's resource policy requires
 settings tell the generator where this containerd keeps its bundles and where ``coco pod run``
 writes the pod's logs, since both differ from a default node. ``coco pod run`` then drives
 containerd through the CRI as a kubelet would.
+
+A pod VM (coco-qemu) reaches this host as 10.0.2.2: its ``cdh.toml`` maps the registry there
+under the image's own name, which the agent policy and the signature policy see; and its vTPM
+evidence carries the initdata as PCR 8 extended once with the digest, which is what the resource
+policy asks for (:func:`init_data_claim`).
 """
 
 from __future__ import annotations
