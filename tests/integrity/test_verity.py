@@ -425,8 +425,17 @@ def test_tree_with_superblock_inside_the_data_file(tmp_path):
     assert r.returncode == 0, r.stderr
     off = f"--hash-offset={33 * 4096}"
     res = invoke(
-        ["verity", "format", str(data), str(data), off, "--data-blocks=33", "-s", "77"]
-        + [f"--uuid={UUID}"]
+        [
+            "verity",
+            "format",
+            str(data),
+            str(data),
+            off,
+            "--data-blocks=33",
+            "-s",
+            "77",
+            f"--uuid={UUID}",
+        ]
     )
     assert res.exit_code == 0, res.output
     assert res.output == r.stdout.replace(str(ref), str(data))
