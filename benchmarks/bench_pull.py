@@ -206,7 +206,7 @@ def main() -> None:
     s = statistics.median(second)
     f1, f2 = statistics.median(svc_first), statistics.median(svc_second)
     print(
-        f"median: coco pull {c:.2f}s, skopeo+umoci {p:.2f}s, ratio {c / p:.2f} (goal <= 0.40); "
+        f"median: coco pull {c:.2f}s, skopeo+umoci {p:.2f}s, ratio {c / p:.2f} (goal <= 0.28); "
         f"peak RSS coco {max(coco_m)} MB, peer {max(peer_m)} MB (goal coco < 100 MB)"
     )
     print(
