@@ -4,7 +4,8 @@ reasons, exit 0, and nothing left behind (the services by pid, shims, mounts, so
 network namespaces, the work directories); the same clean-up when interrupted in the middle of
 the pod's run; --keep leaves the services answering and says how to stop them; `auto` picks
 coco-qemu where a pod VM can run and falls back to coco-local with a visible warning otherwise;
-and once per run the whole flow on coco-qemu (pod VMs under TCG with the node's vTPM)."""
+and once per run the whole flow on coco-qemu (pod VMs under TCG with the node's vTPM), with
+the peer pod of step 6."""
 
 from __future__ import annotations
 
@@ -263,8 +264,10 @@ def test_demo_on_coco_qemu_lives_the_pod_in_a_vm_with_a_vtpm(
     node's, whose AK the demo enrolled in the KBS): the secret is released only to evidence whose
     init_data is PCR 8 extended with the pod's initdata digest, which only a vTPM quote carries
     (the sample evidence's claim is the digest itself); the guest pulls the image from 10.0.2.2
-    under its own name; the three refusals as on coco-local; nothing left, QEMU and swtpm
-    included. The pod VM image is the session's (tests/host's fixture, cached by content)."""
+    under its own name; the three refusals as on coco-local; step 6, the same pod on
+    coco-remote through `coco cloud-api-adaptor serve qemu` (a copy of the node's vTPM), prints
+    the same secret; nothing left, the CAA, QEMU and swtpm included. The pod VM image is the
+    session's (tests/host's fixture, cached by content)."""
     if demo.qemu_blocker(podvm_image.dir) is not None:
         pytest.skip(f"coco-qemu cannot run here: {demo.qemu_blocker(podvm_image.dir)}")
     log = tmp_path / "demo.json"
@@ -277,7 +280,7 @@ def test_demo_on_coco_qemu_lives_the_pod_in_a_vm_with_a_vtpm(
     doc = json.loads(log.read_text())
     status = {s["number"]: s for s in doc["steps"]}
     assert (out.returncode, doc["passed"]) == (0, True), text[-6000:]
-    assert [s["status"] for s in doc["steps"]] == ["ok"] * 7 + ["off", "ok"]
+    assert [s["status"] for s in doc["steps"]] == ["ok"] * 9
     assert "WARNING" not in out.stdout  # (coco runtime install still says coco-local is INSECURE)
     assert status["1"]["facts"]["runtime_class"] == "coco-qemu"
     assert "its attestation key, now trusted by the KBS's TPM verifier" in out.stdout
@@ -299,4 +302,15 @@ def test_demo_on_coco_qemu_lives_the_pod_in_a_vm_with_a_vtpm(
     assert "refused with 401 PolicyDeny" in status["5b"]["facts"]["reason"]
     assert status["5c"]["detail"].startswith("the guest's digest check: layer 1/1 sha256:")
     assert out.stdout.count("refused, as it should be: ") == 3
-    _assert_nothing_left(doc, host_state)
+    # peer pods: the same pod on coco-remote, its VM from the CAA (a copy of the enrolled vTPM,
+    # the same initdata in PCR 8), prints the same secret; the CAA deleted the VM
+    assert status["6"]["facts"]["secret_line"] == status["4"]["facts"]["secret_line"]
+    assert status["6"]["detail"].startswith("coco-remote (CAA, provider qemu): ")
+    assert f"from inside the peer pod: {SECRET_LINE} {secret}\n" in out.stdout
+    assert out.stdout.count(f"    {SECRET_LINE} {secret}\n") == 2  # both pods' output
+    assert re.search(r'\n    remote_hypervisor_socket = "(/tmp/cd-pp-\w+)/hv\.sock"\n', out.stdout)
+    caa = [s for s in doc["services"] if s["name"] == "cloud-api-adaptor"]
+    assert len(caa) == 1
+    caa_dir = next(d for d in doc["dirs"] if "/cd-pp-" in d)
+    _assert_nothing_left(doc, host_state)  # the CAA by pid, its dir, QEMU and swtpm naming it
+    assert not Path(caa_dir).exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from coco.cli._args import Parser
+from coco.guest.forwarder import DEFAULT_POD_NAMESPACE
 from coco.host.peerpods.caa import encode_initdata
 from coco.host.peerpods.cloudconfig import apf_config, cloud_config
 from coco.host.peerpods.providers.libvirt import make_config_drive
@@ -62,6 +63,15 @@ def test_peerpod_plan_puts_the_agent_on_its_socket_and_the_forwarder_last() -> N
                        "tcp:15150")  # fmt: skip
     aa = plan[0][1]
     assert aa[aa.index("--initdata-toml") + 1] == "/i/initdata.toml"  # the AA binds it, once
+
+
+def test_a_peer_pods_api_server_runs_in_the_pods_network_namespace() -> None:
+    """The forwarder puts the containers into /run/netns/podns: the api-server they reach at
+    127.0.0.1:8006 must listen there (the others stay in the VM's own namespace)."""
+    assert g.pod_netns_wrap("api-server") == ("ip", "netns", "exec", "podns")
+    assert Path(DEFAULT_POD_NAMESPACE).name == g.POD_NETNS
+    for name in ("aa", "cdh", "agent", "forwarder"):
+        assert g.pod_netns_wrap(name) == ()
 
 
 def test_peerpod_command_lines_are_ones_this_cli_accepts(tmp_path: Path) -> None:

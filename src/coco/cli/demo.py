@@ -14,7 +14,8 @@ DESCRIPTION = (
     "containerd of the demo's own; an image built, signed and encrypted with a key only the KBS "
     "keeps; a pod with its agent policy and initdata run through the CRI; the secret printed "
     "from inside; three refusals (an altered pod, evidence without the pod's initdata, a "
-    "tampered layer); then everything stopped. Exits 0 only if every step did what it should."
+    "tampered layer); the same pod as a peer pod through a cloud-api-adaptor; then everything "
+    "stopped. Exits 0 only if every step did what it should."
 )
 
 
@@ -33,7 +34,7 @@ def _arguments(p: Parser) -> None:
         const=True,
         default=None,
         metavar="[=BOOL]",
-        help="Also run the pod as a peer pod (default: where libvirtd is installed).",
+        help="Also run the pod as a peer pod on coco-remote (default: where coco-qemu runs).",
     )
     p.add_argument("--json", dest="json_path", type=Path, metavar="FILE",
                    help="Write a machine-readable log of the steps here.")  # fmt: skip

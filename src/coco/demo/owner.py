@@ -152,10 +152,12 @@ def registry_blob(session: Session, digest: str) -> Path:
 
 
 def start_containerd(
-    session: Session, registry: str, pause_image: str, podvm_image: Path | None = None
-) -> Containerd:
+    session: Session, registry: str, pause_image: str, podvm_image: Path | None = None,
+    remote_socket: Path | None = None,
+) -> Containerd:  # fmt: skip
     """containerd with everything under the work directory and coco's runtime installed (with
-    ``podvm_image``, coco-qemu's pod VM image)."""
+    ``podvm_image``, coco-qemu's pod VM image; with ``remote_socket``, where coco-remote finds
+    the cloud-api-adaptor)."""
     for tool in ("containerd", "runc", "ctr", "nsenter", "ip"):
         if shutil.which(tool) is None:
             raise Blocked(f"{tool} is not installed (scripts/install-system-deps)")
@@ -208,7 +210,8 @@ def start_containerd(
         ["coco", "runtime", "install", "--containerd-config", str(config),
          "--config-dir", str(base / "coco"), "--shim-link-dir", str(base / "bin"),
          "--snapshotter", str(snapshots),
-         *(["--podvm-image", str(podvm_image)] if podvm_image else [])]
+         *(["--podvm-image", str(podvm_image)] if podvm_image else []),
+         *(["--remote-hypervisor-socket", str(remote_socket)] if remote_socket else [])]
     )  # fmt: skip
     # the local sandbox keeps its per-pod state (Unix sockets) in a short directory of ours
     state = Path(tempfile.mkdtemp(prefix="coco-demo-st-", dir="/tmp"))

@@ -56,9 +56,11 @@ allow if {{
 	data.plugin == "resource"
 	concat("/", data["resource-path"]) in released
 	input.submods.cpu0["ear.status"] != "contraindicated"
-	ae.init_data == "{digest}"
+	pods_initdata
 	tee_ok
 }}
+
+{pods_initdata}
 
 tee_ok if not ae.sample
 
@@ -70,7 +72,7 @@ tee_ok if {{
 deny_reason := "the evidence carries no initdata" if {{
 	not ae.init_data
 }} else := "the evidence does not carry the pod's initdata digest" if {{
-	ae.init_data != "{digest}"
+	not pods_initdata
 }} else := "the attestation policy does not trust the evidence" if {{
 	input.submods.cpu0["ear.status"] == "contraindicated"
 }}
@@ -154,15 +156,20 @@ def node_settings(ctrd: Containerd, pause: str, log_root: Path) -> dict[str, obj
 
 
 def prepare(
-    session: Session, ctrd: Containerd, w: Workload, runtime_class: str, kbs: Kbs, registry: str
-) -> Pod:
-    """Write the pod, generate its policy into its initdata; return it."""
+    session: Session, ctrd: Containerd, w: Workload, runtime_class: str, kbs: Kbs, registry: str,
+    name: str = "pod", extra_settings: dict[str, object] | None = None,
+) -> Pod:  # fmt: skip
+    """Write the pod (``name``.yaml), generate its policy into its initdata; return it.
+    ``extra_settings``: merged over the node's genpolicy settings."""
     d = session.work / "pod"
     d.mkdir(exist_ok=True)
     log_root = d / "logs"
-    settings = d / "genpolicy-settings.json"
-    settings.write_text(json.dumps(node_settings(ctrd, w.pause, log_root), indent=2))
-    base = d / "initdata-base.toml"
+    settings = d / f"{name}-genpolicy-settings.json"
+    node = node_settings(ctrd, w.pause, log_root)
+    for key, value in (extra_settings or {}).items():
+        node[key] = {**node.get(key, {}), **value}  # type: ignore[dict-item]
+    settings.write_text(json.dumps(node, indent=2))
+    base = d / f"{name}-initdata-base.toml"
     if runtime_class == "coco-local":  # the guest's processes are on this host
         base.write_text(base_initdata(kbs.url, registry))
     else:
@@ -170,7 +177,7 @@ def prepare(
         base.write_text(
             base_initdata(f"http://{GUEST_HOST}:{kbs.port}", registry, f"{GUEST_HOST}:{port}")
         )
-    path = d / "pod.yaml"
+    path = d / f"{name}.yaml"
     path.write_text(pod_yaml("coco-demo", w.image, runtime_class, [f"/app/{SCRIPT_NAME}"]))
     session.say(f"the pod as its owner wrote it ({path}):")
     session.show(path.read_text())
@@ -184,14 +191,14 @@ def prepare(
     for name, text in tomllib.loads(base.read_text())["data"].items():
         session.say(f"  {name}:")
         session.show(text)
-    initdata = d / "initdata.toml"
+    initdata = d / f"{name}-initdata.toml"
     session.run(
         ["coco", "policy", "generate", str(path), "--settings", str(settings),
          "--initdata", str(base), "--initdata-out", str(initdata), "--allow-logs",
-         "--src-tls-verify=false", "--raw-out", str(d / "policy.rego")],
+         "--src-tls-verify=false", "--raw-out", str(d / f"{name}-policy.rego")],
         what="generating the agent policy",
     )  # fmt: skip
-    policy = (d / "policy.rego").read_text()
+    policy = (d / f"{name}-policy.rego").read_text()
     session.say(
         f"agent policy: {len(policy)} bytes of Rego, added to the initdata as policy.rego and the "
         f"pod annotated with {INITDATA_ANNOTATION}; the guest holds every request of the host "
@@ -220,11 +227,16 @@ def _annotate(session: Session, pod: Path, initdata: Path) -> None:
     pod.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def upload_resource_policy(session: Session, kbs: Kbs, pod: Pod, allow_sample: bool) -> None:
+def upload_resource_policy(
+    session: Session, kbs: Kbs, pod: Pod, allow_sample: bool, also: tuple[Pod, ...] = ()
+) -> None:
+    """The resource policy releasing the pod's resources to evidence carrying its initdata (or
+    that of a pod in ``also``: the same pod with another agent policy)."""
+    claims = [p.evidence_init_data for p in (pod, *also)]
     text = RESOURCE_POLICY.format(
         secret=SECRET_PATH, key=IMAGE_KEY.removeprefix("kbs:///"), cosign=COSIGN_KEY_PATH,
-        policy=POLICY_PATH, digest=pod.evidence_init_data,
-        allow_sample="true" if allow_sample else "false",
+        policy=POLICY_PATH, allow_sample="true" if allow_sample else "false",
+        pods_initdata="\n".join(f'pods_initdata if ae.init_data == "{c}"' for c in claims),
     )  # fmt: skip
     path = session.work / "kbs" / "resource-policy.rego"
     path.write_text(text)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coco.demo import owner, pod, workload
+from coco.demo import owner, peerpods, pod, workload
 from coco.demo.session import (
     Blocked,
     DemoError,
@@ -29,10 +29,7 @@ from coco.demo.session import (
 )
 
 LOCAL, QEMU, REMOTE = "coco-local", "coco-qemu", "coco-remote"
-PEER_PODS_BLOCKER = (
-    "a peer pod runs the pod VM of coco-qemu through coco cloud-api-adaptor and the libvirt "
-    "provider, which this demo does not drive yet"
-)
+PEER_PODS_NEED_QEMU = "a peer pod is the pod VM of coco-qemu, which does not run here"
 QEMU_TOOLS = ("qemu-system-x86_64", "swtpm", "tpm2_createprimary")
 BUILD_TOOLS = ("mmdebstrap", "mke2fs", "depmod")  # coco podvm build (when no image is given)
 VM_MEMORY_MIB = 1024  # coco-qemu's default_memory
@@ -41,7 +38,7 @@ VM_MEMORY_MIB = 1024  # coco-qemu's default_memory
 @dataclass
 class Options:
     runtime_class: str = "auto"  # auto | coco-qemu | coco-local
-    peer_pods: bool | None = None  # None: where libvirtd exists
+    peer_pods: bool | None = None  # None: where coco-qemu's pod VM runs
     json_path: Path | None = None
     keep: bool = False
     podvm_image: Path | None = None  # None: coco podvm build (cached)
@@ -176,11 +173,17 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
         kbs = owner.start_kbs(c)
         registry = owner.start_registry(c)
         image = owner.podvm_image(c, opts.podvm_image) if rc == QEMU else None
-        ctrd = owner.start_containerd(c, registry, workload.pause_image(registry), image)
+        caa_dir = peerpods.short_dir(c) if rc == QEMU and opts.peer_pods is not False else None
+        ctrd = owner.start_containerd(
+            c, registry, workload.pause_image(registry), image,
+            remote_socket=caa_dir / "hv.sock" if caa_dir else None,
+        )  # fmt: skip
+        vtpm = None
         s.facts = {"kbs": kbs.url, "registry": registry, "containerd": ctrd.endpoint,
                    "runtime_class": rc}  # fmt: skip
         if image is not None:
-            owner.configure_qemu(c, ctrd, owner.enrol_vtpm(c, ctrd))
+            vtpm = owner.enrol_vtpm(c, ctrd)
+            owner.configure_qemu(c, ctrd, vtpm)
             s.facts["podvm_image"] = str(image)
         s.detail = f"KBS {kbs.url}, registry {registry}, containerd {ctrd.address}, {rc}"
     if not c.ok("1"):
@@ -238,7 +241,7 @@ def _steps(session: Session, opts: Options, facts: dict[str, object]) -> None:
     if not c.ok("4"):
         return _skip_rest(c, "4")
     _refusals(c, ctrd, p, w)
-    _peer_pods(c, opts)
+    _peer_pods(c, opts, rc, (kbs, registry, ctrd), p, w, (caa_dir, image, vtpm))
 
 
 def _refusals(c: Session, ctrd: owner.Containerd, p: pod.Pod, w: workload.Workload) -> None:
@@ -272,9 +275,13 @@ def _refusals(c: Session, ctrd: owner.Containerd, p: pod.Pod, w: workload.Worklo
         data[len(data) // 2] ^= 0xFF
         blob.write_bytes(bytes(data))
         c.say(f"flipped one byte of {w.layer_digest} in {blob}")
-        _refused(
-            c, s, ctrd, p, p.yaml, "the guest's digest check", r"(layer \S+ \S+ digest mismatch.*)"
-        )
+        try:
+            _refused(c, s, ctrd, p, p.yaml, "the guest's digest check",
+                     r"(layer \S+ \S+ digest mismatch.*)")  # fmt: skip
+        finally:
+            data[len(data) // 2] ^= 0xFF
+            blob.write_bytes(bytes(data))
+            c.say("and put it back as it was")
 
 
 def _refused(
@@ -295,19 +302,52 @@ def _refused(
     s.facts = {"reason": line, "exit": code}
 
 
-def _peer_pods(c: Session, opts: Options) -> None:
+def _peer_pods(
+    c: Session, opts: Options, rc: str, node: tuple[owner.Kbs, str, owner.Containerd],
+    p: pod.Pod, w: workload.Workload, vm: tuple[Path | None, Path | None, Path | None],
+) -> None:  # fmt: skip
     title = "Peer pods"
-    if opts.peer_pods is None:  # on by default only where it can run: not yet anywhere
-        c.skip("6", title, f"off by default: {PEER_PODS_BLOCKER}", status="off")
-        return
-    if not opts.peer_pods:
+    caa_dir, image, vtpm = vm
+    if opts.peer_pods is False:
         c.skip("6", title, "off (--peer-pods=false)", status="off")
+        return
+    if rc != QEMU or caa_dir is None or image is None or vtpm is None:
+        if opts.peer_pods is None:
+            c.skip("6", title, f"off by default: {PEER_PODS_NEED_QEMU}", status="off")
+        else:
+            with c.step("6", title, "The same pod on coco-remote."):
+                raise Blocked(PEER_PODS_NEED_QEMU)
         return
     with c.step(
         "6", title,
-        "The same pod on coco-remote: the cloud-api-adaptor asks libvirt for a pod VM.",
-    ):  # fmt: skip
-        raise Blocked(PEER_PODS_BLOCKER)
+        "The same pod (image, secret, guest configuration) on coco-remote: coco's shim asks a "
+        "cloud-api-adaptor for the pod's VM instead of starting one; the CAA boots the pod VM "
+        "image in peer-pod mode and the shim reaches the agent through the CAA's proxy. In the "
+        "VM the forwarder puts the containers into the pod's network namespace, so the agent "
+        "policy, hence the initdata and its digest, differ: the owner adds that digest to the "
+        "resource policy.",
+    ) as s:  # fmt: skip
+        kbs, registry, ctrd = node
+        c.say(peerpods.LIBVIRT_NOTE)
+        remote = pod.prepare(c, ctrd, w, REMOTE, kbs, registry, name="pod-remote",
+                             extra_settings=peerpods.network_namespace())  # fmt: skip
+        pod.upload_resource_policy(c, kbs, p, allow_sample=False, also=(remote,))
+        peerpods.start_caa(c, caa_dir, image, vtpm, VM_MEMORY_MIB)
+        peerpods.configure_remote(c, ctrd)
+        code, out, err = pod.pod_run(c, ctrd, remote, remote.yaml)
+        line = next((ln for ln in out.splitlines() if workload.SECRET_LINE in ln), "")
+        if code != 0 or not line:
+            why = pod.reason(err) if err.strip() else f"exit {code} and no output"
+            raise DemoError(f"the peer pod did not print its secret: {why}")
+        if w.secret not in line:
+            raise DemoError(f"the peer pod printed {line!r}, not the secret the KBS holds")
+        c.say(f"from inside the peer pod: {line}", "bold green")
+        left = peerpods.vms_left(caa_dir)
+        if left:
+            raise DemoError(f"the CAA still has the pod's VM after the pod went: {left}")
+        c.say("the pod removed, the CAA deleted its VM")
+        s.detail = f"coco-remote (CAA, provider qemu): {line}"
+        s.facts = {"secret_line": line, "provider": "qemu", "runtime_class": REMOTE}
 
 
 def _skip_rest(c: Session, after: str) -> None:

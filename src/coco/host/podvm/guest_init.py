@@ -354,9 +354,12 @@ def listening(pid: int, path: str) -> bool:
     return Path(path).exists()
 
 
-def start_service(name: str, args: list[str], socket: str | None) -> int:
-    """Start ``coco ARGS``; with ``socket``, wait until it listens there (see :func:`listening`)."""
-    proc = subprocess.Popen([COCO, *args], stdin=subprocess.DEVNULL, start_new_session=True)
+def start_service(
+    name: str, args: list[str], socket: str | None, wrap: tuple[str, ...] = ()
+) -> int:
+    """Start ``coco ARGS`` (behind ``wrap``, e.g. ``ip netns exec NS``); with ``socket``, wait
+    until it listens there (see :func:`listening`)."""
+    proc = subprocess.Popen([*wrap, COCO, *args], stdin=subprocess.DEVNULL, start_new_session=True)
     start = time.monotonic()
     while socket is not None and not listening(proc.pid, socket):
         if proc.poll() is not None:
@@ -431,6 +434,23 @@ def has_config_drive() -> bool:
 
 def peerpod_mode(cmdline: dict[str, str]) -> bool:
     return cmdline.get("coco.peerpod") == "1" or has_config_drive()
+
+
+POD_NETNS = "podns"  # the pod's network namespace, /run/netns/podns (the forwarder's default)
+
+
+def pod_netns_wrap(name: str) -> tuple[str, ...]:
+    """What a peer pod's service ``name`` runs behind: the api-server in the pod's network
+    namespace, where the forwarder puts the containers, so that they reach it at
+    127.0.0.1:8006 as in a pod VM of coco-qemu (upstream's podvm does the same)."""
+    return ("ip", "netns", "exec", POD_NETNS) if name == "api-server" else ()
+
+
+def make_pod_netns() -> None:
+    """``/run/netns/podns`` with ``lo`` up (the forwarder finds it made)."""
+    if not Path(f"/run/netns/{POD_NETNS}").exists():
+        sh("ip", "netns", "add", POD_NETNS)
+    sh("ip", "-n", POD_NETNS, "link", "set", "lo", "up")
 
 
 def peerpod_plan(
@@ -518,11 +538,14 @@ def start_peerpod(loaded: tuple[bytes, set[str]] | None) -> tuple[dict[int, str]
     for name, args, wait in plan:
         if name == "cdh" and (PEERPOD_DIR / "auth.json").exists():
             os.environ[CDH_AUTH_ENV] = f"file://{PEERPOD_DIR / 'auth.json'}"
+        wrap = pod_netns_wrap(name)
+        if wrap:
+            make_pod_netns()
         if wait is not None and wait.startswith("tcp:"):
-            pid = start_service(name, args, None)
+            pid = start_service(name, args, None, wrap)
             wait_tcp(name, pid, int(wait[4:]))
         else:
-            pid = start_service(name, args, wait)
+            pid = start_service(name, args, wait, wrap)
         services[pid] = name
         if name == "aa":
             if digest is not None:

@@ -58,9 +58,11 @@ class QemuProvider(Provider):
         cpu: int = 1,
         memory: int = 2048,
         kernel_args: tuple[str, ...] = (),
+        tpm_state: Path | None = None,
     ) -> None:
         self.image = image
         self.kernel_args = kernel_args
+        self.tpm_state = tpm_state
         self.data_dir = data_dir
         self.cpu = cpu
         self.memory = memory
@@ -103,6 +105,7 @@ class QemuProvider(Provider):
                 forwards=[(port, FORWARDER_PORT)],
                 run_dir=run_dir / "vm",
                 kernel_args=["coco.peerpod=1", *self.kernel_args],
+                tpm_state=self.tpm_state,
             )
             vm.config_drive = run_dir / "cidata.iso"
             vm.start()
@@ -207,10 +210,16 @@ class QemuFactory(ProviderFactory):
         )
         parser.add_argument("--kernel-arg", dest="kernel_args", action="append", default=[],
                             metavar="ARG", help="An extra kernel argument for the pod VMs (repeatable).")  # fmt: skip
+        parser.add_argument("--tpm-state", type=Path, default=env("QEMU_TPM_STATE"),
+                            help="Each VM's vTPM starts as a copy of this swtpm state (the node's, "
+                            "whose AK the owner enrolled; QEMU_TPM_STATE); default: a new vTPM.")  # fmt: skip
 
     def new_provider(self, args: argparse.Namespace) -> Provider:
         image = Path(args.podvm_image) if args.podvm_image else None
-        return QemuProvider(image, args.data_dir, args.cpu, args.memory, tuple(args.kernel_args))
+        tpm = Path(args.tpm_state) if args.tpm_state else None
+        return QemuProvider(
+            image, args.data_dir, args.cpu, args.memory, tuple(args.kernel_args), tpm_state=tpm
+        )
 
 
 FACTORY = QemuFactory()
