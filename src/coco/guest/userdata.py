@@ -37,6 +37,7 @@ from pathlib import Path
 
 from coco import yamlio
 from coco.errors import CocoError, InitdataError
+from coco.files import atomic_write
 from coco.integrity import initdata as initdata_doc
 
 log = logging.getLogger(__name__)
@@ -262,11 +263,8 @@ def provision(
     for path, content in out.items():
         target = root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.chmod(tmp, 0o600 if path.endswith("auth.json") or path.endswith("apf.json") else 0o644)
-        os.replace(tmp, target)
+        private = path.endswith(("auth.json", "apf.json"))
+        atomic_write(target, content, 0o600 if private else 0o644)
         written.append(path)
     return sorted(written)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from coco.crypto.digest import Digest, HashingReader
 from coco.errors import ManifestError, OciError
+from coco.files import atomic_write, fsync_dir
 from coco.oci import mediatypes as mt
 from coco.oci.models import Descriptor, ImageConfig, Index, Manifest, go_json, parse_manifest
 
@@ -66,8 +67,8 @@ class OciLayout:
             raise OciError(f"oci:{path}: exists and is not an OCI layout")
         p.mkdir(parents=True, exist_ok=True)
         (p / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        _atomic_write(p / "oci-layout", _LAYOUT_FILE)
-        _atomic_write(p / "index.json", b'{"schemaVersion":2,"manifests":[]}')
+        atomic_write(p / "oci-layout", _LAYOUT_FILE)
+        atomic_write(p / "index.json", b'{"schemaVersion":2,"manifests":[]}')
         return cls(p)
 
     # --- reading -------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class LayoutTransaction:
                 os.replace(tmp, dst)
                 dirs.add(dst.parent)
         for d in dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
         if self._tags:
             with _locked(lay.path / "oci-layout"):
                 for _tag, desc in self._tags:
@@ -280,7 +281,7 @@ class LayoutTransaction:
                 doc["manifests"] = [e.to_json() for e in entries]
                 if index.annotations:
                     doc["annotations"] = dict(index.annotations)
-                _atomic_write(lay.path / "index.json", go_json(doc))
+                atomic_write(lay.path / "index.json", go_json(doc))
         self._done = True
 
     def discard(self) -> None:
@@ -297,22 +298,6 @@ def _file_chunks(f: object) -> Iterator[bytes]:
             yield b
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 _WRITEBACK = 16 << 20
 
 
@@ -321,14 +306,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     writeback of dirty pages on POSIX_FADV_DONTNEED), so the final fsync has little left."""
     with contextlib.suppress(OSError, AttributeError):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -13,17 +13,15 @@ Upstream's CAA keeps sandboxes in memory, so a restart loses every pod (its issu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coco import jsonio
+from coco.files import atomic_write
 from coco.host.peerpods.provider import PeerPodError
 
 STATE_FILE = "sandbox.json"
@@ -72,8 +70,8 @@ class Store:
         d = self.pod_dir(sb.id)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         if userdata is not None:
-            _write(d / USERDATA_FILE, userdata.encode())
-        _write(d / STATE_FILE, json.dumps(dataclasses.asdict(sb), indent=1).encode())
+            atomic_write(d / USERDATA_FILE, userdata.encode(), 0o600)
+        atomic_write(d / STATE_FILE, json.dumps(dataclasses.asdict(sb), indent=1).encode(), 0o600)
 
     def userdata(self, sid: str) -> str:
         return (self.pod_dir(sid) / USERDATA_FILE).read_text()
@@ -103,17 +101,3 @@ class Store:
                 raise PeerPodError(f"{where}: id {sb.id!r} does not match its directory")
             out[sb.id] = sb
         return out
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -10,9 +10,7 @@ the pods directory), so a restarted CAA still reaches the VMs it made.
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from coco.files import atomic_write
 from coco.host.peerpods.provider import PeerPodError
 
 CLIENT_CN = "cloud-api-adaptor"
@@ -63,17 +62,6 @@ def _cert(
         eku = [usage.CLIENT_AUTH] if client else [usage.SERVER_AUTH]
         b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -121,7 +109,7 @@ class Certs:
             ("ca.key", _pem_key(ca_key)),
             ("client.key", _pem_key(client_key)),
         ):
-            _write_private(files[name], data)
+            atomic_write(files[name], data, 0o600)
         certs = cls(ca_key, ca_cert, client_key, client_cert)
         certs.directory = directory
         return certs
