@@ -20,6 +20,7 @@ from pathlib import Path
 from coco.errors import PodVmError
 from coco.host.podvm import guest_init, kernel, rootfs
 from coco.host.podvm.cache import Cache, digest, tree_digest
+from coco.host.podvm.pause import write_pause_bundle
 from coco.host.podvm.run import run
 
 FORMAT = "1"
@@ -149,7 +150,7 @@ def _build(
         lib = tree / "usr/lib" if (tree / "lib").is_symlink() else tree / "lib"
         run(["cp", "-a", kern.modules / "lib/modules", lib], "pod VM build: kernel modules")
         _guest_files(tree, key)
-        _pause_bundle(tree / "pause_bundle", kern.busybox)
+        write_pause_bundle(tree / "pause_bundle", kern.busybox)
         rootfs.make_ext4(tree, work / "root.img", kernel.ROOT_LABEL)
         kernel.pack_initramfs(kern, work / "initrd.img", scratch)
         shutil.copy2(kern.vmlinuz, work / "vmlinuz")
@@ -192,24 +193,6 @@ def _guest_files(tree: Path, key: str) -> None:
     ):
         (tree / "etc" / name).unlink(missing_ok=True)
         (tree / "etc" / name).write_text(text)
-
-
-def _pause_bundle(bundle: Path, busybox: Path) -> None:
-    """``/pause_bundle``, the sandbox container the agent runs (as upstream's image has one): a
-    static busybox that sleeps, as an unprivileged user, on a read-only root."""
-    (bundle / "rootfs/bin").mkdir(parents=True)
-    shutil.copy2(busybox, bundle / "rootfs/bin/busybox")
-    spec = {
-        "ociVersion": "1.0.2",
-        "process": {
-            "user": {"uid": 65535, "gid": 65535},
-            "args": ["/bin/busybox", "sleep", "2147483647"],
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-        },
-        "root": {"path": "rootfs", "readonly": True},
-    }
-    (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def export(image: Image, output: Path) -> None:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from coco.host.podvm.pause import write_pause_bundle
 from coco.host.runtime import SandboxError
 from coco.host.runtime.sandbox import Sandbox, kill_if_same, start_time
 
@@ -57,21 +58,7 @@ def pause_bundle(directory: Path) -> Path:
             "local sandbox: busybox not found (needed for the pause container): install the "
             "Debian package busybox-static, or set [hypervisor.local] pause_bundle"
         )
-    rootfs = directory / "rootfs"
-    (rootfs / "bin").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(busybox, rootfs / "bin" / "busybox")
-    spec = {
-        "ociVersion": "1.0.2",
-        "process": {
-            "user": {"uid": 65535, "gid": 65535},
-            "args": ["/bin/busybox", "sleep", "2147483647"],
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-        },
-        "root": {"path": "rootfs", "readonly": True},
-    }
-    (directory / "config.json").write_text(json.dumps(spec))
-    return directory
+    return write_pause_bundle(directory, busybox)
 
 
 class LocalSandbox(Sandbox):
