@@ -15,9 +15,9 @@ import pytest
 
 from coco.cli.main import main
 from coco.guest.userdata import UserdataError, provision, read_config_drive, read_pcr8
-from coco.host.peerpods.caa import encode_initdata
 from coco.host.peerpods.cloudconfig import apf_config, cloud_config
 from coco.host.peerpods.providers.libvirt import make_config_drive
+from coco.integrity.initdata import encode as encode_initdata
 from coco.integrity.initdata import fit
 from tests.swtpm import start_swtpm
 

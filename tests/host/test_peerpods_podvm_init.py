@@ -18,11 +18,11 @@ import pytest
 
 from coco.cli._args import Parser
 from coco.guest.forwarder import DEFAULT_POD_NAMESPACE
-from coco.host.peerpods.caa import encode_initdata
 from coco.host.peerpods.cloudconfig import apf_config, cloud_config
 from coco.host.peerpods.providers.libvirt import make_config_drive
 from coco.host.podvm import guest_init as g
 from coco.integrity import initdata
+from coco.integrity.initdata import encode as encode_initdata
 from tests.swtpm import start_swtpm
 
 DOC = b'version = "0.1.0"\nalgorithm = "sha384"\n\n[data]\n"policy.rego" = "package agent_policy"\n'

@@ -15,9 +15,7 @@ provider made before the shim hears the error.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import gzip
 import logging
 import secrets
 import ssl
@@ -485,9 +483,4 @@ class Caa:
         return podvminfo_pb2.GetInfoResponse(VMID=vmid)
 
 
-def encode_initdata(raw: bytes) -> str:
-    """gzip + base64, the form of ``INITDATA`` and of the userdata file."""
-    return base64.b64encode(gzip.compress(raw, mtime=0)).decode()
-
-
-__all__ = ["Caa", "CaaConfig", "Instance", "encode_initdata"]
+__all__ = ["Caa", "CaaConfig", "Instance"]
