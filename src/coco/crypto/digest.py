@@ -28,6 +28,15 @@ def fit(data: bytes, size: int) -> bytes:
     return data[:size].ljust(size, b"\0")
 
 
+def init_data_pcr(init_data: bytes) -> bytes:
+    """A SHA-256 PCR after one extension from zero with ``init_data`` fitted to 32 bytes.
+
+    What PCR 8 of a vTPM holds once the guest bound its initdata digest, and what the TPM verifier
+    and the peer-pod VM's userdata check compare with.
+    """
+    return hashlib.sha256(bytes(32) + fit(init_data, 32)).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     """A parsed ``algorithm:hex`` digest."""

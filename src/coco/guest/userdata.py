@@ -23,7 +23,6 @@ it checks out:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coco import yamlio
+from coco.crypto.digest import init_data_pcr
 from coco.errors import CocoError, InitdataError
 from coco.files import atomic_write
 from coco.integrity import initdata as initdata_doc
@@ -216,7 +216,7 @@ def read_pcr8(tcti: str) -> bytes:
 def expected_pcr8(digest: bytes | None) -> bytes:
     if digest is None:
         return bytes(32)
-    return hashlib.sha256(bytes(32) + initdata_doc.fit(digest, 32)).digest()
+    return init_data_pcr(digest)
 
 
 def check_measured(digest: bytes | None, measured: bytes, where: str) -> None:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from coco.crypto.digest import init_data_pcr
 from coco.errors import AttestationError
 from coco.tee.binary import ByteReader
 
@@ -180,11 +181,6 @@ def check_pcr_digest(attest: Attest, pcrs: list[bytes], where: str) -> None:
         )
     if INITDATA_PCR not in selected:
         raise AttestationError(f"{where}: the quote does not cover PCR{INITDATA_PCR} (init-data)")
-
-
-def init_data_pcr(init_data: bytes) -> bytes:
-    """PCR8 after extending it once from zero with the init-data digest (fitted to 32 bytes)."""
-    return hashlib.sha256(bytes(32) + init_data[:32].ljust(32, b"\0")).digest()
 
 
 def check_init_data(pcrs: list[bytes], expected_init_data: bytes | None, where: str) -> None:
