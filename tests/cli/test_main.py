@@ -64,3 +64,31 @@ def test_a_group_is_imported_only_when_used() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "lazy"
+
+
+def test_quick_exit_keeps_output_and_atexit_work(tmp_path) -> None:
+    """After a command returns, the program leaves with os._exit: what it wrote to a pipe (still
+    in stdout's buffer) arrives whole, atexit handlers run, and nothing after entry() runs."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, sys, pathlib\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "from coco.cli.main import entry\n"
+        "sys.argv = ['coco', 'completion', 'bash']\n"
+        "entry()\n"
+        "raise SystemExit(3)  # entry() returned: no quick exit\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert marker.read_text() == "yes"
+    normal = coco("completion", "bash")
+    assert out.stdout == normal.stdout.encode() and len(out.stdout) > 200
+
+
+def test_main_called_in_process_returns() -> None:
+    """Only entry() leaves early: main() called by code (the tests' CLI runner) comes back."""
+    from tests.cli.run import invoke
+
+    result = invoke(["image", "--help"])
+    assert result.exit_code == 0
+    assert "pull" in result.stdout

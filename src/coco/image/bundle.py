@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from coco.errors import BundleError
+from coco.files import mark_hierarchy_top
 from coco.image.flatten import DIR_FLAGS, flatten_layers, holds_only_whiteouts, open_under
 from coco.image.layerdir import OPAQUE_XATTR
 from coco.image.runtime_spec import runtime_config
@@ -123,6 +124,7 @@ def create_bundle(
             layers = [store.get(d) for d in diff_ids]
             store.register_bundle(path, diff_ids)
             rootfs = path / "rootfs"
+            mark_hierarchy_top(path)  # a flattened rootfs in a block group of its own
             rootfs.mkdir(mode=0o755)
             os.chmod(rootfs, 0o755)
             if not flatten:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from coco.errors import LayerStoreError
+from coco.files import mark_hierarchy_top
 from coco.image.unpack import UnpackLimits, UnpackStats, unpack_layer
 
 __all__ = ["LayerInfo", "LayerStore"]
@@ -125,6 +126,7 @@ class LayerStore:
         open_root(self.root)
         for d in (self._layers, self._tmp):
             d.mkdir(mode=0o700, exist_ok=True)
+        mark_hierarchy_top(self._tmp)  # each layer unpacked into a block group of its own
         self._secret_key: bytes | None = None
 
     # -- locks -------------------------------------------------------------------------------

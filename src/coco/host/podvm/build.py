@@ -26,11 +26,9 @@ from coco.host.podvm.run import run
 FORMAT = "1"
 FILES = ("vmlinuz", "initrd.img", "root.img", "manifest.json")
 COCO_WRAPPER = """#!/usr/bin/python3
-import sys
+from coco.cli.main import entry
 
-from coco.cli.main import main
-
-sys.exit(main())
+entry()
 """
 
 

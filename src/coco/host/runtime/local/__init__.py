@@ -46,7 +46,7 @@ def coco_command(configured: str = "") -> list[str]:
     found = shutil.which("coco")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from coco.cli.main import main; sys.exit(main())"]
+    return [sys.executable, "-c", "from coco.cli.main import entry; entry()"]
 
 
 def pause_bundle(directory: Path) -> Path:
