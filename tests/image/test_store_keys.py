@@ -340,6 +340,107 @@ def test_damaged_secret(cli: Cli, store: LayerStore, open_registry: Registry, ke
     assert code == 0 and "0 pulled, 1 reused" in err, err
 
 
+# -- proofs remembered by key files (claims) ---------------------------------------------------
+def _warm_pull_imports(store: Path, ref: str, bundle: Path, *flags: str) -> tuple[str, str]:
+    """A pull in a new process with ``-X importtime``: (its stderr, the modules it imported)."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "coco.cli.main", "image", "pull",
+         "--tls-verify=false", "--store", str(store), *flags, ref, str(bundle)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    mods = "\n".join(ln for ln in out.stderr.splitlines() if ln.startswith("import time:"))
+    return "\n".join(ln for ln in out.stderr.splitlines() if not ln.startswith("import")), mods
+
+
+def test_claim_reuses_without_loading_a_key(
+    cli: Cli, store: LayerStore, open_registry: Registry, keys: Keys
+) -> None:
+    """The key files that decrypted a layer are remembered (by their bytes, keyed by the store's
+    secret): the same files again reuse it without cryptography or the RSA operation; the same
+    bytes elsewhere too; other bytes, or a wrong password, are checked the long way."""
+    secret = unique()
+    ref = _push_enc(cli.tmp, open_registry, [tar([F("c", secret)])], f"jwe:{keys.pub}")
+    code, err = cli.pull(store.root, ref, "b1", "--decryption-key", str(keys.priv))
+    assert code == 0 and "1 pulled, 0 reused" in err, err
+    (d,) = store.layers()
+    (claim,) = store.get(d).claims
+    assert len(claim) == 64 and claim not in store.get(d).keys
+
+    err, mods = _warm_pull_imports(
+        store.root, ref, cli.tmp / "b2", "--decryption-key", str(keys.priv)
+    )
+    assert "0 pulled, 1 reused" in err, err
+    assert "cryptography" not in mods and "coco.ocicrypt.config" not in mods
+    assert (cli.tmp / "b2/rootfs/c").read_bytes() == secret
+
+    moved = cli.tmp / "elsewhere.pem"  # the same bytes under another name
+    shutil.copy(keys.priv, moved)
+    err, mods = _warm_pull_imports(store.root, ref, cli.tmp / "b3", "--decryption-key", str(moved))
+    assert "0 pulled, 1 reused" in err and "cryptography" not in mods, err
+
+    # the other key: no claim matches; unwrapping fails as on a fresh store
+    _refused_as_fresh(cli, store, ref, "b4", "--decryption-key", str(keys.other))
+    # the right key file given with a password it does not take: another claim, the long way,
+    # which refuses the password (the key is not encrypted) as a fresh store does
+    _refused_as_fresh(cli, store, ref, "b5", "--decryption-key", f"{keys.priv}:pass=nope")
+    assert store.get(d).claims == frozenset({claim})
+
+
+def test_claims_cannot_be_forged_or_carried(
+    cli: Cli, store: LayerStore, open_registry: Registry, keys: Keys
+) -> None:
+    """A claim is an HMAC under the store's secret: one written into the record by hand, or
+    carried from another store, proves nothing, and the pull unwraps (and fails without the
+    key) as before."""
+    ref = _push_enc(cli.tmp, open_registry, [tar([F("f", unique())])], f"jwe:{keys.pub}")
+    key = ["--decryption-key", str(keys.priv)]
+    assert cli.pull(store.root, ref, "b1", *key)[0] == 0
+    (d,) = store.layers()
+    meta_path = store.root / "layers" / d.partition(":")[2] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+
+    # a second store's claims for the same key and layer are made with its own secret
+    other = LayerStore(cli.tmp / "other")
+    assert cli.pull(other.root, ref, "o1", *key)[0] == 0
+    other_meta_path = other.root / "layers" / d.partition(":")[2] / "meta.json"
+    other_meta = json.loads(other_meta_path.read_text())
+    assert set(other_meta["claims"]).isdisjoint(meta["claims"])
+
+    # carried over, and a made-up one: a pull with the wrong key, or none, is still refused
+    meta["claims"] = sorted({*meta["claims"], *other_meta["claims"], "00" * 32})
+    meta_path.write_text(json.dumps(meta))
+    _refused_as_fresh(cli, store, ref, "b2", "--decryption-key", str(keys.other))
+    _refused_as_fresh(cli, store, ref, "b3")
+
+    # the right key still works, by its claim
+    err, mods = _warm_pull_imports(store.root, ref, cli.tmp / "b4", *key)
+    assert "0 pulled, 1 reused" in err and "cryptography" not in mods, err
+
+
+def test_claim_is_recorded_on_first_proof(
+    cli: Cli, store: LayerStore, open_registry: Registry, keys: Keys
+) -> None:
+    """A record without claims (a store from before them): the first reuse proves the key by
+    unwrapping, records the claim, and the next reuse needs no key operation."""
+    ref = _push_enc(cli.tmp, open_registry, [tar([F("r", unique())])], f"jwe:{keys.pub}")
+    key = ["--decryption-key", str(keys.priv)]
+    assert cli.pull(store.root, ref, "b1", *key)[0] == 0
+    (d,) = store.layers()
+    meta_path = store.root / "layers" / d.partition(":")[2] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["claims"]
+    meta_path.write_text(json.dumps(meta))
+    assert store.get(d).claims == frozenset()
+
+    err, mods = _warm_pull_imports(store.root, ref, cli.tmp / "b2", *key)
+    assert "0 pulled, 1 reused" in err, err
+    assert "cryptography" in mods  # proven the long way
+    assert len(store.get(d).claims) == 1
+    err, mods = _warm_pull_imports(store.root, ref, cli.tmp / "b3", *key)
+    assert "0 pulled, 1 reused" in err and "cryptography" not in mods, err
+
+
 # -- the library and the pull service ----------------------------------------------------------
 def test_library_pull(
     tmp_path: Path, store: LayerStore, open_registry: Registry, keys: Keys

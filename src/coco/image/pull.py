@@ -94,6 +94,10 @@ class PullOptions:
     arch: str | None = None
     variant: str | None = None
     limits: UnpackLimits | None = None
+    decryption_keys: tuple[str, ...] = ()
+    """The ``--decryption-key`` values ``decryption`` was made from, if it was: the store then
+    remembers which key files proved a layer's key, and a later pull with the same files reuses
+    the layer without loading a key (see LayerStore.proven)."""
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -157,6 +161,8 @@ class _Puller:
         self.committed: list[str] = []  # layers this pull added to the store
         self.decrypter: DecryptLayers | None = None
         self.private: dict[int, PrivateOptions] = {}  # unwrapped key options by layer index
+        self.key_files: bytes | None = None  # digest of the key files given (keyspec)
+        self._lock = threading.Lock()
         if options.limits is None:
             from coco.image.unpack import UnpackLimits
 
@@ -165,37 +171,65 @@ class _Puller:
             self.limits = options.limits
 
     def prepare(self, m: Manifest) -> None:
-        """Load the decryption keys if a layer is encrypted: in the store or not, its key must be
-        proven (errors before any download)."""
+        """If a layer is encrypted, keys must be given: in the store or not, its key must be
+        proven (errors before any download). The keys themselves are loaded when a layer's key
+        is first unwrapped, which a layer the store knows these key files for does not need."""
         encrypted = [d for d in m.layers if mt.is_encrypted(d.media_type)]
         if not encrypted:
             return
-        dec = self.o.decryption
-        if not dec:
+        if not self.o.decryption:
             raise PullError(
                 f"{self.ref}: layer {encrypted[0].digest} is encrypted ({encrypted[0].media_type});"
                 " expected a --decryption-key that can open it, found none given"
             )
-        from coco.ocicrypt import DecryptLayers  # ocicrypt only when a layer is encrypted
+        if self.o.decryption_keys:
+            from coco.ocicrypt.keyspec import key_files_digest
 
-        self.decrypter = DecryptLayers(dec() if callable(dec) else dec, self.ref)
+            self.key_files = key_files_digest(self.o.decryption_keys)
+
+    def _decrypter(self) -> DecryptLayers:
+        with self._lock:
+            if self.decrypter is None:
+                from coco.ocicrypt import DecryptLayers  # ocicrypt only when a key is needed
+
+                dec = self.o.decryption
+                self.decrypter = DecryptLayers(dec() if callable(dec) else dec, self.ref)
+            return self.decrypter
 
     def _unwrap(self, i: int, total: int, desc: Descriptor) -> PrivateOptions:
         """The layer's private options (fails as decrypting it would when no key unwraps them)."""
         private = self.private.get(i)
         if private is None:
-            assert self.decrypter is not None  # prepare() made it
-            private = self.private[i] = self.decrypter.unwrap(i, total, desc)
+            private = self.private[i] = self._decrypter().unwrap(i, total, desc)
         return private
 
+    def _claim(self, desc: Descriptor) -> bytes | None:
+        """What the store remembers a key proof by: this descriptor's wrapped keys and public
+        options with the key files given (None: the keys are not all plain files)."""
+        if self.key_files is None:
+            return None
+        from coco.ocicrypt.keyspec import ANN_PREFIX
+
+        ann = {k: v for k, v in desc.annotations.items() if k.startswith(ANN_PREFIX)}
+        doc = {"digest": desc.digest, "mediaType": desc.media_type, "annotations": ann}
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return sha256_digest(text + b"\0" + self.key_files).encode()
+
     def reusable(self, i: int, total: int, desc: Descriptor, diff_id: str) -> bool:
-        """Whether the store may give this layer (see LayerStore.reusable)."""
+        """Whether the store may give this layer (see LayerStore.reusable and .proven)."""
         if not self.store.has(diff_id):
             return False
-        key = None
-        if mt.is_encrypted(desc.media_type):
-            key = self._unwrap(i, total, desc).to_bytes()
-        return self.store.reusable(diff_id, self.limits, key)
+        if not mt.is_encrypted(desc.media_type):
+            return self.store.reusable(diff_id, self.limits, None)
+        claim = self._claim(desc)
+        if claim is not None and self.store.proven(diff_id, self.limits, claim):
+            return True
+        key = self._unwrap(i, total, desc).to_bytes()
+        if not self.store.reusable(diff_id, self.limits, key):
+            return False
+        if claim is not None:
+            self.store.remember_claim(diff_id, claim)
+        return True
 
     def _open(self, desc: Descriptor, where: str) -> Iterator[bytes]:
         """The blob (digest checked at its end), in chunks small enough that the queues of every
@@ -246,7 +280,8 @@ class _Puller:
                         f"found {extra} trailing bytes"
                     )
                 key = None if private is None else private.to_bytes()
-                self.store.commit(diff_id, tmp, stats, key)
+                claim = None if private is None else self._claim(desc)
+                self.store.commit(diff_id, tmp, stats, key, claim)
                 if not stored:
                     self.committed.append(diff_id)
         except Cancelled:

@@ -149,6 +149,7 @@ class PullRequest:
                 self.retry_times,
             ),
             decryption=decryption if keys else None,
+            decryption_keys=tuple(keys),
             policy=policy,
             jobs=self.jobs,
             flatten=self.flatten,

@@ -4,7 +4,7 @@ Layout under the store root::
 
     layers/<hex>/fs/         the layer directory (overlay lower-layer form, see coco.image.unpack)
     layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs", "whiteout_dirs",
-                             "entries", "bytes", "file_bytes", "encrypted", "keys"}
+                             "entries", "bytes", "file_bytes", "encrypted", "keys", "claims"}
     tmp/<random>/            unpacks in progress; renamed into layers/ only on success
     index.json               {"version": 1, "bundles": {"/abs/bundle": {"layers": [diff_id...]}}}
     secret                   32 random bytes (mode 0600) keying the key proofs
@@ -26,6 +26,16 @@ presents the options it unwrapped from its own manifest. Anything else (no key, 
 key, a record from before these fields) is not reusable: the pull fetches the layer as if the
 store lacked it, which fails where a fresh store fails, or completes the record at
 :meth:`LayerStore.commit`.
+
+Unwrapping a key costs a private-key operation and, in a new process, loading ``cryptography``
+(together about half of a warm pull). So a proof is also remembered by what produced it:
+``claims`` lists HMAC-SHA256(secret, diff_id NUL "claim" NUL c), where c is a digest of the
+layer's wrapped-key and public-options annotations together with the exact bytes (and
+passwords) of the key files the pull was given (:func:`coco.ocicrypt.keyspec.key_files_digest`).
+Unwrapping is deterministic, so the same key bytes and the same annotations unwrap to the same
+options again; a claim is recorded only after they did and the options matched a proof, and
+:meth:`LayerStore.proven` accepts it without the key operation. Other keys, other annotations or
+another store (another secret) do not match, and the pull unwraps as before.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ class LayerInfo:
     file_bytes: int | None = None  # None: stored before it was recorded
     encrypted: bool | None = None  # first stored from an encrypted layer; None: not recorded
     keys: frozenset[str] = frozenset()  # key proofs (see the module docstring)
+    claims: frozenset[str] = frozenset()  # proofs remembered by key files (module docstring)
 
     def within(self, limits: UnpackLimits) -> bool:
         """Whether a fresh unpack under ``limits`` accepts this layer (unknown: no)."""
@@ -175,6 +186,7 @@ class LayerStore:
             file_bytes if isinstance(file_bytes, int) else None,
             encrypted if isinstance(encrypted, bool) else None,
             frozenset(meta.get("keys", [])),
+            frozenset(meta.get("claims", [])),
         )
 
     def reusable(self, diff_id: str, limits: UnpackLimits, key: bytes | None) -> bool:
@@ -190,8 +202,31 @@ class LayerStore:
             return not info.encrypted
         return self._proof(diff_id, key) in info.keys
 
+    def proven(self, diff_id: str, limits: UnpackLimits, claim: bytes) -> bool:
+        """Whether encrypted layer ``diff_id`` may be reused on the strength of ``claim`` alone
+        (recorded by :meth:`remember_claim` or :meth:`commit`; see the module docstring)."""
+        if not self.has(diff_id):
+            return False
+        info = self.get(diff_id)
+        if info.encrypted is not True or not info.within(limits):
+            return False
+        return self._claim_proof(diff_id, claim) in info.claims
+
+    def remember_claim(self, diff_id: str, claim: bytes) -> None:
+        """Record that the key files of ``claim`` proved a key for ``diff_id`` (just now, by
+        unwrapping and matching a proof)."""
+        proof = self._claim_proof(diff_id, claim)
+        info = self.get(diff_id)
+        if info.encrypted is True and proof not in info.claims:
+            self._complete(diff_id, {"keys": [], "claims": [proof]})
+
     def _proof(self, diff_id: str, key: bytes) -> str:
         msg = diff_id.encode() + b"\0" + key
+        return hmac.new(self._secret(), msg, hashlib.sha256).hexdigest()
+
+    def _claim_proof(self, diff_id: str, claim: bytes) -> str:
+        # private options are JSON and start with "{": the two kinds of proof never meet
+        msg = diff_id.encode() + b"\0claim\0" + claim
         return hmac.new(self._secret(), msg, hashlib.sha256).hexdigest()
 
     def _secret(self) -> bytes:
@@ -246,11 +281,17 @@ class LayerStore:
             raise
 
     def commit(
-        self, diff_id: str, tmp: Path, stats: UnpackStats, key: bytes | None = None
+        self,
+        diff_id: str,
+        tmp: Path,
+        stats: UnpackStats,
+        key: bytes | None = None,
+        claim: bytes | None = None,
     ) -> LayerInfo:
         """Move a finished unpack into place; ``key``: the private options that decrypted it
-        (None: it was not encrypted). If the layer is there already, that one stays and its
-        record gains the key proof (a record from before sizes and keys is completed)."""
+        (None: it was not encrypted), ``claim``: the key files that unwrapped them, if known.
+        If the layer is there already, that one stays and its record gains the proofs (a record
+        from before sizes and keys is completed)."""
         target = self._dir(diff_id)
         meta = {
             "diff_id": diff_id,
@@ -262,6 +303,7 @@ class LayerStore:
             "file_bytes": stats.file_bytes,
             "encrypted": key is not None,
             "keys": [] if key is None else [self._proof(diff_id, key)],
+            "claims": [] if key is None or claim is None else [self._claim_proof(diff_id, claim)],
         }
         try:
             (tmp / "meta.json").write_text(json.dumps(meta))
@@ -280,11 +322,13 @@ class LayerStore:
             old = json.loads(path.read_text())
             if isinstance(old.get("encrypted"), bool) and isinstance(old.get("keys"), list):
                 keys = sorted(set(old["keys"]) | set(new["keys"]))
-                if keys == sorted(old["keys"]):
+                old_claims = old.get("claims") if isinstance(old.get("claims"), list) else []
+                claims = sorted(set(old_claims) | set(new.get("claims", [])))
+                if keys == sorted(old["keys"]) and claims == sorted(old_claims):
                     return
-                meta = {**old, "keys": keys}
+                meta = {**old, "keys": keys, "claims": claims}
             else:  # recorded before sizes and keys were: this unpack's record stands for it
-                fields = ("entries", "bytes", "file_bytes", "encrypted", "keys")
+                fields = ("entries", "bytes", "file_bytes", "encrypted", "keys", "claims")
                 meta = {**old, **{k: new[k] for k in fields}}
             fd, tmp = tempfile.mkstemp(prefix="meta-", dir=self._tmp)
             with os.fdopen(fd, "w") as f:

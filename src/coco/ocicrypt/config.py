@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from coco.errors import OcicryptError
+from coco.ocicrypt.keyspec import KeyConfigError, password, read_key_file, split_key
 
 ENV_KEYPROVIDER_CONFIG = "OCICRYPT_KEYPROVIDER_CONFIG"
 
@@ -50,10 +50,6 @@ if TYPE_CHECKING:  # x509, jwcrypto and key providers load only when used
     from cryptography import x509
 
     from coco.ocicrypt.keywrap.keyprovider import KeyProvider
-
-
-class KeyConfigError(OcicryptError):
-    """A key string, key file or ocicrypt config that cannot be used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,15 +165,6 @@ def _provider(name: str, attrs: Any, where: str) -> KeyProvider:
 # --- key strings -------------------------------------------------------------------------------
 
 
-def _read_file(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise KeyConfigError(f"{flag} {path}: file not found") from None
-    except OSError as e:
-        raise KeyConfigError(f"{flag} {path}: cannot read: {e.strerror}") from None
-
-
 def _load_public_key(data: bytes, where: str) -> PublicKey:
     from cryptography.hazmat.primitives import serialization
 
@@ -243,9 +230,9 @@ def encrypt_config(
                 f"{flag} {value!r}: expected jwe:PUBKEY, pkcs7:CERT or provider:NAME[:VALUE]"
             )
         if scheme == "jwe":
-            jwe.append(_load_public_key(_read_file(rest, flag), f"{flag} jwe:{rest}"))
+            jwe.append(_load_public_key(read_key_file(rest, flag), f"{flag} jwe:{rest}"))
         elif scheme == "pkcs7":
-            certs.append(_load_cert(_read_file(rest, flag), f"{flag} pkcs7:{rest}"))
+            certs.append(_load_cert(read_key_file(rest, flag), f"{flag} pkcs7:{rest}"))
         elif scheme == "provider":
             name, param = _split_provider(value, flag)
             if kps is None:
@@ -276,22 +263,6 @@ def _require_provider(kps: Mapping[str, KeyProvider], name: str, where: str) -> 
         raise KeyConfigError(
             f"{where}: key provider {name!r} has none of 'cmd', 'grpc', 'ttrpc' or 'native'"
         )
-
-
-def _password(spec: str, where: str) -> bytes:
-    if spec.startswith("pass="):
-        return spec[5:].encode()
-    if spec.startswith("file="):
-        data = _read_file(spec[5:], where)
-        return data.split(b"\n", 1)[0].rstrip(b"\r")
-    if spec.startswith("fd="):
-        try:
-            fd = int(spec[3:])
-            with os.fdopen(os.dup(fd), "rb") as f:
-                return f.read().split(b"\n", 1)[0].rstrip(b"\r")
-        except (ValueError, OSError) as e:
-            raise KeyConfigError(f"{where}: cannot read the password from {spec!r}: {e}") from None
-    return spec.encode()
 
 
 _LOADED: dict[bytes, PrivateKey | x509.Certificate] = {}  # by _key_id (at most _MAX_LOADED)
@@ -416,13 +387,10 @@ def decrypt_config(
             providers.setdefault(name, []).append(param)
             given.append(f"provider:{name}")
             continue
-        if os.path.exists(value):
-            path, pw = value, None
-        else:
-            path, sep, spec = value.partition(":")
-            pw = _password(spec, f"{flag} {path}") if sep else None
+        path, spec = split_key(value)
+        pw = None if spec is None else password(spec, f"{flag} {path}")
         where = f"{flag} {path}"
-        obj = _load_private(_read_file(path, flag), pw, where)
+        obj = _load_private(read_key_file(path, flag), pw, where)
         if not isinstance(obj, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             certs.append(obj)
             given.append(f"certificate {Path(path).name}")

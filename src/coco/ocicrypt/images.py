@@ -28,6 +28,7 @@ from coco.oci import mediatypes as mt
 from coco.oci.models import Descriptor, go_json
 from coco.ocicrypt import cipher
 from coco.ocicrypt.config import DecryptConfig, EncryptConfig
+from coco.ocicrypt.keyspec import ANN_PREFIX
 from coco.ocicrypt.keywrap import KeyUnwrapError
 from coco.ocicrypt.keywrap import jwe as jwe_wrap
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:  # the copier (and its thread pool) and pkcs7 load only when u
 PKCS7_SCHEME = "pkcs7"
 PROVIDER_PREFIX = "provider."  # keyprovider.SCHEME_PREFIX (loaded only for providers)
 
-ANN_PREFIX = "org.opencontainers.image.enc."
 ANN_KEYS = ANN_PREFIX + "keys."
 ANN_PUBOPTS = ANN_PREFIX + "pubopts"
 
