@@ -15,10 +15,9 @@ import contextlib
 import fcntl
 import os
 import struct
-import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "mark_hierarchy_top"]
+__all__ = ["atomic_write", "create_temp", "fsync_dir", "mark_hierarchy_top"]
 
 # <linux/fs.h>: FS_IOC_GETFLAGS/_SETFLAGS (declared with a long, read and written as an int by
 # every filesystem) and FS_TOPDIR_FL
@@ -29,7 +28,7 @@ _FS_TOPDIR_FL = 0x00020000
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (file mode ``mode``) in one rename, durably."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = create_temp(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -42,6 +41,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def create_temp(directory: str | os.PathLike[str], prefix: str) -> tuple[int, str]:
+    """A new file ``directory/PREFIX<random>`` (mode 0600, never one that existed): its open
+    descriptor and path, as ``tempfile.mkstemp`` gives them, without loading :mod:`tempfile`
+    (and :mod:`random`, :mod:`shutil` with it) in short processes."""
+    for _ in range(100):
+        path = os.path.join(directory, prefix + os.urandom(6).hex())
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        return fd, path
+    raise FileExistsError(f"{directory}: no free temporary name for {prefix!r}")
 
 
 def fsync_dir(path: Path) -> None:

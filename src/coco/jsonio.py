@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 from coco.errors import CocoError
+
+TYPE_CHECKING = False  # typing stays unloaded: light clients parse JSON too
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def decode_text(data: bytes | str, *, what: str, error: type[CocoError]) -> str:

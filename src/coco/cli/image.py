@@ -449,9 +449,12 @@ def pull_cmd(
             )
         print(answer["manifest_digest"])
         return
-    from coco.cli._progress import bars
     from coco.image.pull import pull_image
 
+    if quiet:  # no bars: their module stays unloaded
+        bars: Callable[[bool], contextlib.AbstractContextManager[Any]] = _no_bars
+    else:
+        from coco.cli._progress import bars
     r = _ref(ref, "REF")
     options = req.options()
     with _terminate_cleanly(), bars(quiet) as progress:
@@ -464,6 +467,10 @@ def pull_cmd(
             file=sys.stderr,
         )
     print(result.manifest_digest)
+
+
+def _no_bars(quiet: bool) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

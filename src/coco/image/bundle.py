@@ -28,7 +28,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -139,6 +138,8 @@ def create_bundle(
                     mode = "overlay"
                 except OSError as e:
                     log.info("%s: overlay mount refused (%s); flattening instead", where, e)
+                    import shutil  # only when something is removed
+
                     shutil.rmtree(path / "overlay")
             if mode == "flatten":
                 flatten_layers(layers, rootfs)
@@ -336,6 +337,8 @@ def _teardown(store: LayerStore, path: Path) -> None:
     rootfs = path / "rootfs"
     if _is_mount(rootfs):
         _umount(rootfs)
+    import shutil  # only when something is removed
+
     shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(Exception):
         store.unregister_bundle(path)
@@ -349,5 +352,7 @@ def remove_bundle(store: LayerStore, bundle_dir: str | os.PathLike[str]) -> None
             _umount(path / "rootfs")
     except OSError as e:
         raise BundleError(f"bundle {path}: {e}") from None
+    import shutil  # only when something is removed
+
     shutil.rmtree(path, ignore_errors=True)
     store.unregister_bundle(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from collections import OrderedDict
 
@@ -141,6 +140,8 @@ class LayerDir:
             for top, dirs, files, _ in os.fwalk(name, dir_fd=dfd):  # never follows symlinks
                 rel = path + top[len(name) :]
                 gone += [f"{rel}/{n}" for n in (*dirs, *files)]
+            import shutil  # only when something is removed
+
             shutil.rmtree(name, dir_fd=dfd)
             for p in gone:
                 self.created.discard(p)

@@ -32,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,8 +56,8 @@ if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither thread
     from concurrent.futures import Future
 
     from coco.image.bundle import Bundle
+    from coco.image.limits import UnpackLimits
     from coco.image.store import LayerStore
-    from coco.image.unpack import UnpackLimits
     from coco.ocicrypt.images import DecryptLayers, PrivateOptions
 
 __all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_image"]
@@ -164,7 +163,7 @@ class _Puller:
         self.key_files: bytes | None = None  # digest of the key files given (keyspec)
         self._lock = threading.Lock()
         if options.limits is None:
-            from coco.image.unpack import UnpackLimits
+            from coco.image.limits import UnpackLimits
 
             self.limits = UnpackLimits()
         else:
@@ -441,6 +440,8 @@ def _rollback(store: LayerStore, diff_ids: list[str]) -> None:
             doomed = store.root / "tmp" / f"rollback-{layer_dir.name}"
             with contextlib.suppress(OSError):
                 os.rename(layer_dir, doomed)
+                import shutil  # only when something is removed
+
                 shutil.rmtree(doomed, ignore_errors=True)
     except CocoError:
         pass

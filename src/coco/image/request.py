@@ -72,7 +72,7 @@ class PullRequest:
     # -- the wire ------------------------------------------------------------------------------
     def for_service(self) -> dict[str, Any]:
         """The wire object: paths absolute, key files too, and the caller's auth-file variables."""
-        from coco.oci.auth import AUTHFILE_ENV
+        from coco.oci import AUTHFILE_ENV  # not coco.oci.auth: the client stays light
 
         out = {name: getattr(self, name) for name in FIELDS}
         for name in _PATHS:

@@ -46,16 +46,17 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from coco.errors import LayerStoreError
-from coco.files import mark_hierarchy_top
-from coco.image.unpack import UnpackLimits, UnpackStats, unpack_layer
+from coco.files import create_temp, mark_hierarchy_top
+
+if TYPE_CHECKING:  # the untar loads only when a layer is unpacked
+    from coco.image.limits import UnpackLimits
+    from coco.image.unpack import UnpackStats
 
 __all__ = ["LayerInfo", "LayerStore"]
 
@@ -236,7 +237,7 @@ class LayerStore:
             path = self.root / "secret"
             try:
                 if not path.exists():
-                    fd, tmp = tempfile.mkstemp(prefix="secret-", dir=self._tmp)  # mode 0600
+                    fd, tmp = create_temp(self._tmp, "secret-")  # mode 0600
                     try:
                         os.write(fd, os.urandom(_SECRET_SIZE))
                         os.fsync(fd)
@@ -272,12 +273,14 @@ class LayerStore:
     def staging(self) -> Iterator[Path]:
         """A fresh temp dir inside the store (``fs/`` inside is the unpack target); removed
         when the block fails, and by :meth:`commit` otherwise."""
+        import tempfile
+
         tmp = Path(tempfile.mkdtemp(prefix="layer-", dir=self._tmp))
         (tmp / "fs").mkdir(mode=0o755)
         try:
             yield tmp
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _rmtree(tmp, ignore_errors=True)
             raise
 
     def commit(
@@ -309,7 +312,7 @@ class LayerStore:
             (tmp / "meta.json").write_text(json.dumps(meta))
             os.rename(tmp, target)
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _rmtree(tmp, ignore_errors=True)
             if not self.has(diff_id):
                 raise
             self._complete(diff_id, meta)
@@ -330,7 +333,7 @@ class LayerStore:
             else:  # recorded before sizes and keys were: this unpack's record stands for it
                 fields = ("entries", "bytes", "file_bytes", "encrypted", "keys", "claims")
                 meta = {**old, **{k: new[k] for k in fields}}
-            fd, tmp = tempfile.mkstemp(prefix="meta-", dir=self._tmp)
+            fd, tmp = create_temp(self._tmp, "meta-")
             with os.fdopen(fd, "w") as f:
                 json.dump(meta, f)
             os.replace(tmp, path)
@@ -349,6 +352,8 @@ class LayerStore:
         with self.session():
             if self.has(diff_id):
                 return self.get(diff_id)
+            from coco.image.unpack import unpack_layer
+
             with self.staging() as tmp:
                 stats = unpack_layer(
                     stream, tmp / "fs", limits=limits, diff_id=diff_id if verify else None
@@ -372,7 +377,7 @@ class LayerStore:
         return data
 
     def _write_index(self, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix="index-", dir=self.root)
+        fd, tmp = create_temp(self.root, "index-")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, self.root / "index.json")
@@ -416,8 +421,14 @@ class LayerStore:
                 # rename first so a half-removed layer never looks committed
                 doomed = self._tmp / f"prune-{d.name}"
                 os.rename(d, doomed)
-                shutil.rmtree(doomed)
+                _rmtree(doomed)
                 removed.append(diff_id or d.name)
             for t in self._tmp.iterdir():
-                shutil.rmtree(t, ignore_errors=True)
+                _rmtree(t, ignore_errors=True)
         return removed
+
+
+def _rmtree(path: str | os.PathLike[str], ignore_errors: bool = False) -> None:
+    import shutil  # only when something is taken away
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)

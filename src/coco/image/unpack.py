@@ -46,6 +46,7 @@ from typing import BinaryIO
 
 from coco.errors import CocoError, UnpackError
 from coco.image.layerdir import DIR_FLAGS, OPAQUE_XATTR, LayerDir
+from coco.image.limits import UnpackLimits
 
 __all__ = ["OPAQUE_XATTR", "UnpackLimits", "UnpackStats", "unpack_layer"]
 
@@ -70,23 +71,6 @@ _META_TYPES = (
     tarfile.GNUTYPE_LONGNAME,
     tarfile.GNUTYPE_LONGLINK,
 )
-
-
-@dataclass(frozen=True)
-class UnpackLimits:
-    """Bounds on what one layer may do; the defaults suit real images."""
-
-    max_layer_size: int = 32 << 30  # bytes of decompressed tar stream
-    max_files: int = 1_000_000  # tar entries, whiteouts and directories included
-    max_depth: int = 128  # path components of one entry
-    unsafe_allow_devices: bool = False  # create char/block device nodes (as root only)
-
-    def __post_init__(self) -> None:
-        for name in ("max_layer_size", "max_files", "max_depth"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"UnpackLimits.{name} must be positive")
-        if self.unsafe_allow_devices:
-            log.warning("unpack: unsafe_allow_devices: device nodes from images will be created")
 
 
 @dataclass

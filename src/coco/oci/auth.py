@@ -47,10 +47,6 @@ def parse_creds(text: str, flag: str = "--creds") -> Credentials:
     return Credentials(user, password)
 
 
-AUTHFILE_ENV = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "HOME")
-"""The environment variables :func:`default_authfiles` looks at."""
-
-
 def default_authfiles(environ: Mapping[str, str] | None = None) -> list[Path]:
     """The auth files that exist, in lookup order (see the module docstring), in ``environ``
     (by default this process's environment). ``$REGISTRY_AUTH_FILE`` is the only one when set."""

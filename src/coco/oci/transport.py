@@ -8,7 +8,6 @@ they come (unreferenced until a manifest points at them) and the tagged manifest
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +181,8 @@ class LayoutDestination(ImageDestination):
     def abort(self) -> None:
         self._tx.discard()
         if self._fresh:
+            import shutil  # only when something is removed
+
             shutil.rmtree(self.layout.path, ignore_errors=True)
             if self._existed:
                 self.layout.path.mkdir()
