@@ -160,6 +160,8 @@ def test_pull_through_http_proxy(
         monkeypatch.delenv(var.upper(), raising=False)
     monkeypatch.setenv("HTTP_PROXY", url)
     monkeypatch.setenv("https_proxy", url)  # the HTTPS attempt tunnels through it (and fails)
+    # a cache of its own, where the copy above left no memory of plain HTTP for the registry
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     res = pull_image(
         open_registry.url(repo, "v1"),
         tmp_path / "bundle",

@@ -4,7 +4,11 @@ cross-repository mount.
 
 One :class:`RegistryClient` talks to one registry host and is safe to share between threads.
 With ``tls_verify=False`` it talks HTTPS without certificate checks and falls back to plain HTTP
-when the registry does not speak TLS (like skopeo's ``--tls-verify=false``).
+when the registry does not speak TLS (like skopeo's ``--tls-verify=false``). Such a fallback is
+remembered across processes (an empty file ``$XDG_CACHE_HOME/coco/http-registries/HOST[:PORT]``),
+so that the next client with ``tls_verify=False`` goes straight to plain HTTP and tries HTTPS only
+if that fails, and forgets it once HTTPS works there again. Best effort: an unwritable cache is no
+memory. With ``tls_verify=True`` the memory is never read: plain HTTP stays impossible.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import functools
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coco import __version__
 from coco.crypto.digest import HashingReader, sha256_digest
@@ -28,6 +32,9 @@ from coco.errors import AuthError, CocoError, DigestMismatchError, RegistryError
 from coco.oci import mediatypes as mt
 from coco.oci.auth import Credentials
 from coco.oci.http import Pool, Response, TransportError
+
+if TYPE_CHECKING:  # ssl loads only when a TLS connection is made
+    import ssl
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -72,6 +79,8 @@ def _verified_tls(registry: str, cert_dir: Path | None) -> ssl.SSLContext | None
         raise RegistryError(
             f"{registry}: cert dir {cert_dir}: cannot read it: {e.strerror}"
         ) from None
+    import ssl
+
     ctx = ssl.create_default_context()
     for name in names:
         path = cert_dir / name
@@ -94,10 +103,37 @@ def _verified_tls(registry: str, cert_dir: Path | None) -> ssl.SSLContext | None
 @functools.cache
 def _unverified_tls() -> ssl.SSLContext:
     """TLS without certificate checks, for ``--tls-verify=false`` (no CA bundle loaded)."""
+    import ssl
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+_HOST_PORT = re.compile(r"([A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+
+
+def _plain_http_mark(host: str) -> Path | None:
+    """The file whose presence says that ``host`` (``name[:port]``) speaks plain HTTP."""
+    if not _HOST_PORT.fullmatch(host):
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "coco", "http-registries", host)
+
+
+def _remember_plain_http(mark: Path, plain: bool) -> None:
+    """Record (``plain``) or forget that a registry speaks plain HTTP; best effort."""
+    try:
+        if plain:
+            from coco.files import atomic_write
+
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(mark, b"")
+        else:
+            mark.unlink(missing_ok=True)
+    except OSError as e:
+        log.debug("%s: cannot update the scheme memory: %s", mark, e)
 
 
 class RegistryClient:
@@ -121,7 +157,7 @@ class RegistryClient:
         self._retries = max(0, retry_times)
         self._retry_delay = retry_delay
         self._http = Pool(
-            tls=_verified_tls(registry, cert_dir) if tls_verify else _unverified_tls(),
+            tls=_verified_tls(registry, cert_dir) if tls_verify else _unverified_tls,
             connect_timeout=15.0,
             read_timeout=timeout,
             headers={"User-Agent": _UA},
@@ -158,26 +194,40 @@ class RegistryClient:
         with self._lock:
             if self._base is not None:
                 return
-            schemes = ["https"] if self._tls_verify else ["https", "http"]
-            last: Exception | None = None
+            mark = None if self._tls_verify else _plain_http_mark(self._host)
+            remembered = mark is not None and mark.exists()
+            if self._tls_verify:
+                schemes = ["https"]
+            else:
+                schemes = ["http", "https"] if remembered else ["https", "http"]
+            failed: dict[str, Exception] = {}
+            odd: RegistryError | None = None  # what a remembered plain-HTTP port answered
             for scheme in schemes:
                 url = f"{scheme}://{self._host}/v2/"
                 try:
                     resp = self._http.request("GET", url)
                     resp.read()
                 except TransportError as e:
-                    last = e
+                    failed[scheme] = e
                     continue
                 if resp.status_code == 401:
                     hdr = resp.headers.get("www-authenticate", "")
                     self._challenge = Challenge.parse(hdr) if hdr else Challenge("basic", {})
                 elif resp.status_code != 200 and resp.status_code != 404:
-                    raise RegistryError(f"{what}: ping {url}: registry answered {_status(resp)}")
+                    odd = RegistryError(f"{what}: ping {url}: registry answered {_status(resp)}")
+                    if scheme == "http" and remembered:
+                        continue  # it may speak TLS now (Go answers plain HTTP there with 400)
+                    raise odd
                 self._base = f"{scheme}://{self._host}"
+                if mark is not None and (scheme == "http") != remembered:
+                    _remember_plain_http(mark, scheme == "http")
                 return
+            if odd is not None:
+                raise odd
             hint = (
                 " (a plain-HTTP registry? then set --tls-verify=false)" if self._tls_verify else ""
             )
+            last = failed.get("http") or failed.get("https")
             raise RegistryError(
                 f"{what}: cannot connect to {self.registry}: {_exc_text(last)}{hint}"
             )
