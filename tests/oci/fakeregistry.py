@@ -1,11 +1,15 @@
 """A tiny scripted HTTP server for registry behaviour docker-registry cannot be made to show
-(500 answers, truncated bodies, non-JSON manifests) and a bearer-token endpoint."""
+(500 answers, truncated bodies, non-JSON manifests) and a bearer-token endpoint; a TCP relay that
+notes how each connection through it began (a TLS ClientHello or a plain HTTP request)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
@@ -58,3 +62,81 @@ def reply(
     if h.command != "HEAD":
         h.wfile.write(body)
         h.wfile.flush()
+
+
+@dataclass
+class Relay:
+    host: str
+    starts: list[bytes] = field(default_factory=list)  # the first bytes of each connection
+
+    def tls_attempts(self) -> int:
+        return sum(s.startswith(b"\x16\x03") for s in self.starts)  # a TLS handshake record
+
+    def plain_requests(self) -> int:
+        return sum(s[:4] in (b"GET ", b"HEAD", b"POST", b"PUT ") for s in self.starts)
+
+
+@contextmanager
+def relay(target: str) -> Iterator[Relay]:
+    """Forward TCP connections from 127.0.0.1:<free port> to ``target`` (host:port)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    r = Relay(f"127.0.0.1:{lsock.getsockname()[1]}")
+    socks: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+    host, port = target.rsplit(":", 1)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def handle(client: socket.socket) -> None:
+        try:
+            first = client.recv(1 << 16)
+        except OSError:
+            first = b""
+        r.starts.append(first[:8])
+        if not first:
+            return
+        try:
+            up = socket.create_connection((host, int(port)), timeout=10)
+        except OSError:
+            return
+        socks.append(up)
+        up.sendall(first)
+        back = threading.Thread(target=pump, args=(up, client), daemon=True)
+        threads.append(back)
+        back.start()
+        pump(client, up)
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                return
+            client.settimeout(10)
+            socks.append(client)
+            t = threading.Thread(target=handle, args=(client,), daemon=True)
+            threads.append(t)
+            t.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield r
+    finally:
+        lsock.shutdown(socket.SHUT_RDWR)
+        lsock.close()
+        acceptor.join(5)
+        for s in list(socks):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for t in list(threads):
+            t.join(5)
+        for s in socks:
+            s.close()

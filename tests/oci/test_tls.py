@@ -1,5 +1,6 @@
 """A docker-registry serving HTTPS with a self-signed certificate: verification on refuses it,
-``tls_verify=False`` talks HTTPS without checks (no fallback to HTTP needed)."""
+``tls_verify=False`` talks HTTPS without checks (no fallback to HTTP needed), also when the
+scheme memory says the port spoke plain HTTP before."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from coco.oci.copy import CopyOptions, copy_image
 from coco.oci.registry import RegistryClient
 from tests.conftest import start_registry
 from tests.imagekit import tar_layer, write_image
+from tests.oci.fakeregistry import relay
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,25 @@ def test_self_signed_https(tls_registry: str, tmp_path: Path) -> None:
     client.ping()
     assert client._base == f"https://{tls_registry}"  # HTTPS was used, not the HTTP fallback
     client.close()
+
+
+def test_stale_plain_http_memory_of_a_registry_that_speaks_tls(
+    tls_registry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with relay(tls_registry) as r:
+        mark = tmp_path / "coco" / "http-registries" / r.host
+        mark.parent.mkdir(parents=True)
+        mark.write_bytes(b"")  # as if the port spoke plain HTTP the last time
+        client = RegistryClient(r.host, tls_verify=False)
+        client.ping()
+        client.close()
+        assert client._base == f"https://{r.host}"
+        assert r.starts[0].startswith(b"GET /v2/")  # the memory was used: HTTP first ...
+        assert (r.tls_attempts(), r.plain_requests()) == (1, 1)  # ... then HTTPS
+        assert not mark.exists()  # and forgotten
+        r.starts.clear()
+        client = RegistryClient(r.host, tls_verify=False)
+        client.ping()
+        client.close()
+        assert (r.tls_attempts(), r.plain_requests()) == (1, 0)
