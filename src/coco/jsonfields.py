@@ -13,9 +13,12 @@ error class, so each package raises its own family, and every message has the sa
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Final
 
 from coco.errors import CocoError
+
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 __all__ = ["REQUIRED", "Fields", "kind"]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from coco.errors import DigestMismatchError, ManifestError
+from coco.record import record
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
@@ -37,7 +37,7 @@ def init_data_pcr(init_data: bytes) -> bytes:
     return hashlib.sha256(bytes(32) + fit(init_data, 32)).digest()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Digest:
     """A parsed ``algorithm:hex`` digest."""
 

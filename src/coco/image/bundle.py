@@ -30,9 +30,7 @@ import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from coco.errors import BundleError
 from coco.files import mark_hierarchy_top
@@ -40,6 +38,11 @@ from coco.image.flatten import DIR_FLAGS, flatten_layers, holds_only_whiteouts, 
 from coco.image.layerdir import OPAQUE_XATTR
 from coco.image.runtime_spec import runtime_config
 from coco.image.store import LayerInfo, LayerStore
+from coco.record import record
+
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "Bundle",
@@ -51,7 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@record
 class Bundle:
     """An assembled bundle: ``path/config.json`` and ``path/rootfs``."""
 

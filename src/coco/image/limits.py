@@ -4,12 +4,12 @@ untar so that a pull whose layers are all in the store loads neither it nor :mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from coco.record import record
 
 __all__ = ["UnpackLimits"]
 
 
-@dataclass(frozen=True)
+@record
 class UnpackLimits:
     """Bounds on what one layer may do; the defaults suit real images."""
 

@@ -34,9 +34,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
 
 from coco.crypto.digest import sha256_digest
 from coco.errors import (
@@ -51,7 +49,9 @@ from coco.oci.models import Descriptor, ImageConfig, Manifest
 from coco.oci.reference import ImageReference, parse_reference
 from coco.oci.stream import Cancelled, ChunkReader, prefetch
 from coco.oci.transport import Access, ImageSource, open_source, platform_manifest
+from coco.record import Factory, record
 
+TYPE_CHECKING = False  # typing stays unloaded in a short pull
 if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither threads nor the untar
     from concurrent.futures import Future
 
@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither thread
     from coco.image.store import LayerStore
     from coco.ocicrypt.images import DecryptLayers, PrivateOptions
 
-__all__ = ["LayerPull", "PullOptions", "PullResult", "SignaturePolicy", "pull_image"]
+__all__ = ["LayerPull", "PullOptions", "PullResult", "pull_image"]
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,23 @@ _QUEUE_DEPTH = 4  # chunks between the reader thread and the decoders
 _CHUNK = 1 << 20  # registry read size: every queue downstream holds chunks of this size
 
 
-class SignaturePolicy(Protocol):
-    """What the pull needs from a signature policy: refuse (raise a CocoError) or return."""
+if TYPE_CHECKING:
+    from typing import Any, Protocol
 
-    def check(self, source: ImageSource, manifest_raw: bytes, manifest_digest: str) -> None: ...
+    class SignaturePolicy(Protocol):
+        """What the pull needs from a signature policy: refuse (raise a CocoError) or return."""
+
+        def check(self, source: ImageSource, manifest_raw: bytes, manifest_digest: str) -> None: ...
+
+    class _Progress(Protocol):
+        def task(self, description: str, total: int | None) -> Any: ...
 
 
-class _Progress(Protocol):
-    def task(self, description: str, total: int | None) -> Any: ...
-
-
-@dataclass(frozen=True)
+@record
 class PullOptions:
     """How to reach the image, which keys and policy apply, and how the bundle is assembled."""
 
-    access: Access = field(default_factory=Access)
+    access: Access = Factory(Access)
     decryption: Any = None
     """A coco.ocicrypt.DecryptConfig, or a callable making one (called only when the image has
     an encrypted layer: its key is needed even when the layer is in the store), or None."""
@@ -103,14 +105,14 @@ class PullOptions:
             raise PullError(f"pull: --jobs must be at least 1, found {self.jobs}")
 
 
-@dataclass(frozen=True)
+@record
 class LayerPull:
     digest: str
     diff_id: str
     action: str  # "pulled" or "reused"
 
 
-@dataclass(frozen=True)
+@record
 class PullResult:
     reference: str
     manifest_digest: str

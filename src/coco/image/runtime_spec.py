@@ -10,11 +10,14 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from coco.errors import BundleError
 from coco.image.flatten import DIR_FLAGS
 from coco.oci.user import DEFAULT_PATH, Accounts, resolve_user
+
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["runtime_config"]
 

@@ -47,12 +47,15 @@ import hmac
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from coco.errors import LayerStoreError
 from coco.files import create_temp, mark_hierarchy_top
+from coco.record import record
+
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 if TYPE_CHECKING:  # the untar loads only when a layer is unpacked
     from coco.image.limits import UnpackLimits
@@ -64,7 +67,7 @@ _HEX_LEN = {"sha256": 64, "sha512": 128}
 _SECRET_SIZE = 32
 
 
-@dataclass(frozen=True)
+@record
 class LayerInfo:
     """A committed layer: its diff_id, its directory and what the unpacker recorded."""
 

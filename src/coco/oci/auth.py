@@ -17,16 +17,16 @@ import binascii
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from coco import jsonio
 from coco.errors import AuthError, UsageError
+from coco.record import record
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Credentials:
     username: str
     password: str

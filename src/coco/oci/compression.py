@@ -11,7 +11,10 @@ bounded by the reads, whatever a layer inflates to (a few KiB of zstd can descri
 from __future__ import annotations
 
 import io
-from typing import Any, BinaryIO
+
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

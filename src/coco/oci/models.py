@@ -15,13 +15,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
 
 from coco.crypto.digest import Digest, sha256_digest
 from coco.errors import ManifestError
 from coco.jsonfields import Fields, kind
 from coco.oci import mediatypes as mt
+from coco.record import Factory, record, replace
+
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXTRA_LAYER_TYPES = frozenset({mt.OCI_EMPTY, "application/vnd.wasm.content.layer.v1+wasm"})
 
@@ -35,7 +38,7 @@ def _annotations(obj: Mapping[str, Any], where: str) -> dict[str, str]:
     return dict(_FIELDS.mapping(obj, "annotations", where))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Platform:
     """The platform of an index entry (``os``/``architecture``/``variant`` ...)."""
 
@@ -82,7 +85,7 @@ class Platform:
         return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Descriptor:
     """A content descriptor: media type, digest and size of a blob, plus optional extras."""
 
@@ -90,7 +93,7 @@ class Descriptor:
     digest: str
     size: int
     urls: tuple[str, ...] = ()
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = Factory(dict)
     data: str | None = None
     platform: Platform | None = None
     artifact_type: str = ""
@@ -158,14 +161,14 @@ class Descriptor:
         return f"{alg}:{hx[:12]}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Manifest:
     """An image manifest (OCI or Docker v2 schema 2)."""
 
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = Factory(dict)
     subject: Descriptor | None = None
     artifact_type: str = ""
     raw: bytes = b""
@@ -215,13 +218,13 @@ class Manifest:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Index:
     """An image index (OCI) or manifest list (Docker)."""
 
     media_type: str
     manifests: tuple[Descriptor, ...]
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = Factory(dict)
     subject: Descriptor | None = None
     artifact_type: str = ""
     raw: bytes = b""
@@ -391,7 +394,7 @@ def parse_manifest(
     )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ImageConfig:
     """The parts of an image config this package uses; ``raw`` keeps the exact bytes.
 
@@ -402,7 +405,7 @@ class ImageConfig:
     os: str
     diff_ids: tuple[str, ...]
     variant: str = ""
-    config: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = Factory(dict)
     raw: bytes = b""
 
     @classmethod

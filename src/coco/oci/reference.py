@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from coco.crypto.digest import Digest
 from coco.errors import ManifestError, UsageError
+from coco.record import record
 
 DOCKER_HUB = "docker.io"
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -19,7 +19,7 @@ _HOST_RE = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LayoutReference:
     """``oci:PATH[:TAG]``: an image in an OCI layout directory (TAG is its ref.name)."""
 
@@ -30,7 +30,7 @@ class LayoutReference:
         return f"oci:{self.path}" + (f":{self.tag}" if self.tag else "")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DockerReference:
     """``docker://HOST[:PORT]/REPO[:TAG|@DIGEST]``: an image in a registry."""
 

@@ -17,11 +17,14 @@ import io
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
 
 from coco.errors import CocoError
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 _END = object()
 
 

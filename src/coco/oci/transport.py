@@ -9,21 +9,21 @@ they come (unreferenced until a manifest points at them) and the tagged manifest
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from coco.crypto.digest import sha256_digest
 from coco.errors import DigestMismatchError, ManifestError, UsageError
 from coco.oci.auth import Credentials, find_credentials
 from coco.oci.models import Descriptor, Index, Manifest, parse_manifest
 from coco.oci.reference import DockerReference, ImageReference, LayoutReference
+from coco.record import record
 
+TYPE_CHECKING = False  # typing stays unloaded in short processes
 if TYPE_CHECKING:  # each transport's module loads only when it is used
     from coco.oci.registry import RegistryClient
 
 
-@dataclass(frozen=True)
+@record
 class Access:
     """How to reach a registry: credentials (flag > authfile > the default auth files, see
     :mod:`coco.oci.auth`), TLS verification with the registry's own CA (``cert_dir``, else

@@ -10,15 +10,14 @@ is taken as it is, and a number's passwd row (when there is one) gives the prima
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from coco.errors import CocoError
+from coco.record import record
 
 #: The PATH a process gets when the image config sets none (runc's and containerd's default).
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass(frozen=True)
+@record
 class ImageUser:
     uid: int
     gid: int
