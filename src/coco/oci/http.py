@@ -316,7 +316,9 @@ class Pool:
             proxy_headers = _proxy_auth(p)
         sock: socket.socket | None = None
         try:
-            sock = socket.create_connection(addr, timeout=self._connect_timeout)
+            # an ASCII name as bytes: getaddrinfo would load the idna codec (~1 ms) for a str
+            name = addr[0].encode() if addr[0].isascii() else addr[0]
+            sock = socket.create_connection((name, addr[1]), timeout=self._connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
                 if proxy_headers is not None:
