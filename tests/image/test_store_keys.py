@@ -307,6 +307,27 @@ def test_old_plain_records_are_completed(
     assert (cli.tmp / "b3/rootfs/p").read_bytes() == b"plain"
 
 
+def test_records_from_before_whiteout_dirs_are_completed(
+    cli: Cli, store: LayerStore, open_registry: Registry
+) -> None:
+    """Bundles trust whiteout_dirs to skip directories that cannot hold only whiteouts, so a
+    record without it is incomplete: the layer is fetched again and the record gains it."""
+    ref, _ = push(cli.tmp, open_registry, [tar([F("w/.wh.gone", b""), F("k", b"kept")])])
+    assert cli.pull(store.root, ref, "b1", "--flatten")[0] == 0
+    (d,) = store.layers()
+    assert store.get(d).whiteout_dirs == frozenset({"w"})
+    meta_path = store.root / "layers" / d.partition(":")[2] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["whiteout_dirs"]
+    meta_path.write_text(json.dumps(meta))
+    assert store.get(d).file_bytes is None  # incomplete: never reused as it is
+    code, err = cli.pull(store.root, ref, "b2")
+    assert code == 0 and "1 pulled, 0 reused" in err, err
+    assert store.get(d).whiteout_dirs == frozenset({"w"}) and store.get(d).file_bytes == 4
+    assert not (cli.tmp / "b2/rootfs/w").exists()  # a dir of only whiteouts shows nothing
+    assert (cli.tmp / "b2/rootfs/k").read_bytes() == b"kept"
+
+
 def test_store_secret(cli: Cli, store: LayerStore, open_registry: Registry, keys: Keys) -> None:
     ref = _push_enc(cli.tmp, open_registry, [tar([F("s", unique())])], f"jwe:{keys.pub}")
     assert cli.pull(store.root, ref, "b1", "--flatten", "--decryption-key", str(keys.priv))[0] == 0

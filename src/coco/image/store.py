@@ -65,6 +65,7 @@ __all__ = ["LayerInfo", "LayerStore"]
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
 _SECRET_SIZE = 32
+_LAYOUT_FIELDS = ("implicit_dirs", "fresh_dirs", "whiteout_dirs")  # what a bundle reads of a record
 
 
 @record
@@ -187,7 +188,8 @@ class LayerStore:
             int(meta.get("bytes", 0)),
             frozenset(meta.get("fresh_dirs", [])),
             frozenset(meta.get("whiteout_dirs", [])),
-            file_bytes if isinstance(file_bytes, int) else None,
+            # a record from before whiteout_dirs counts as incomplete (refetched, completed)
+            file_bytes if isinstance(file_bytes, int) and "whiteout_dirs" in meta else None,
             encrypted if isinstance(encrypted, bool) else None,
             frozenset(meta.get("keys", [])),
             frozenset(meta.get("claims", [])),
@@ -330,11 +332,13 @@ class LayerStore:
                 keys = sorted(set(old["keys"]) | set(new["keys"]))
                 old_claims = old.get("claims") if isinstance(old.get("claims"), list) else []
                 claims = sorted(set(old_claims) | set(new.get("claims", [])))
-                if keys == sorted(old["keys"]) and claims == sorted(old_claims):
+                missing = {k: new[k] for k in _LAYOUT_FIELDS if k not in old and k in new}
+                if keys == sorted(old["keys"]) and claims == sorted(old_claims) and not missing:
                     return
-                meta = {**old, "keys": keys, "claims": claims}
+                meta = {**old, **missing, "keys": keys, "claims": claims}
             else:  # recorded before sizes and keys were: this unpack's record stands for it
-                fields = ("entries", "bytes", "file_bytes", "encrypted", "keys", "claims")
+                fields = ("entries", "bytes", "file_bytes", "encrypted", "keys", "claims",
+                          *_LAYOUT_FIELDS)  # fmt: skip
                 meta = {**old, **{k: new[k] for k in fields}}
             fd, tmp = create_temp(self._tmp, "meta-")
             with os.fdopen(fd, "w") as f:
