@@ -36,12 +36,13 @@ import socket
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from coco.errors import OciError
 
+TYPE_CHECKING = False  # typing stays unloaded in short processes
 if TYPE_CHECKING:
     import ssl
+    from typing import Any, BinaryIO
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10

@@ -22,9 +22,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from coco import __version__
 from coco.crypto.digest import HashingReader, sha256_digest
@@ -32,16 +30,18 @@ from coco.errors import AuthError, CocoError, DigestMismatchError, RegistryError
 from coco.oci import mediatypes as mt
 from coco.oci.auth import Credentials
 from coco.oci.http import Pool, Response, TransportError
+from coco.record import record
 
-if TYPE_CHECKING:  # ssl loads only when a TLS connection is made
-    import ssl
+TYPE_CHECKING = False  # typing stays unloaded in short processes
+if TYPE_CHECKING:
+    import ssl  # loaded only when a TLS connection is made
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 _UA = f"coco/{__version__}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Challenge:
     """A parsed ``WWW-Authenticate`` header."""
 
