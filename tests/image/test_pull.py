@@ -205,6 +205,37 @@ def test_second_pull_fetches_no_layer_blob(
     )
 
 
+def test_second_pull_takes_its_config_from_the_store(
+    tmp_path: Path, store: LayerStore, open_registry: Registry
+) -> None:
+    """The store keeps configs by digest: a second pull of a stored image asks the registry for
+    its manifest only. A kept config that no longer hashes to its digest is fetched again, and
+    prune empties the cache."""
+    ref, img = push(tmp_path, open_registry, [tar([F("c", unique())])])
+    pull_image(ref, tmp_path / "one", store, PullOptions(access=ACCESS))
+    kept = store.root / "configs" / img.config_digest.partition(":")[2]
+    assert kept.read_bytes() == img.config
+    blob = open_registry.blob_file(img.config_digest)
+    blob.rename(blob.with_name("data.away"))
+    try:
+        second = pull_image(ref, tmp_path / "two", store, PullOptions(access=ACCESS))
+        assert second.config_digest == img.config_digest
+        assert (second.bundle.path / "config.json").read_bytes() == (
+            tmp_path / "one" / "config.json"
+        ).read_bytes()
+        kept.write_bytes(img.config.replace(b"linux", b"LINUX"))  # damaged: not trusted
+        with pytest.raises(CocoError):  # ... and the registry has no copy to fetch
+            pull_image(ref, tmp_path / "three", store, PullOptions(access=ACCESS))
+        assert not (tmp_path / "three").exists()
+    finally:
+        blob.with_name("data.away").rename(blob)
+    third = pull_image(ref, tmp_path / "four", store, PullOptions(access=ACCESS))
+    assert third.config_digest == img.config_digest
+    assert kept.read_bytes() == img.config  # fetched again, checked, kept again
+    assert _cli(["image", "prune", "--store", str(store.root), "-q"]) == 0
+    assert not (store.root / "configs").exists()
+
+
 def test_shared_layers_and_prune(
     tmp_path: Path, store: LayerStore, open_registry: Registry
 ) -> None:

@@ -310,8 +310,8 @@ def test_old_plain_records_are_completed(
 def test_records_from_before_whiteout_dirs_are_completed(
     cli: Cli, store: LayerStore, open_registry: Registry
 ) -> None:
-    """Bundles trust whiteout_dirs to skip directories that cannot hold only whiteouts, so a
-    record without it is incomplete: the layer is fetched again and the record gains it."""
+    """A record without whiteout_dirs (the overlay bundle reads it) is incomplete: the layer is
+    fetched again and the record gains it."""
     ref, _ = push(cli.tmp, open_registry, [tar([F("w/.wh.gone", b""), F("k", b"kept")])])
     assert cli.pull(store.root, ref, "b1", "--flatten")[0] == 0
     (d,) = store.layers()

@@ -138,6 +138,13 @@ def _setup_logging(level: int) -> None:
         return
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _LoggingOnImport)]
     sys.meta_path.insert(0, _LoggingOnImport(level))  # type: ignore[arg-type]
+    import coco.log  # until then, coco.log's loggers print warnings as the format above does
+
+    coco.log.write_directly(level, _write_record)
+
+
+def _write_record(level_name: str, message: str) -> None:
+    sys.stderr.write(f"coco: {level_name}: {message}\n")
 
 
 class _LoggingOnImport:

@@ -26,12 +26,12 @@ import contextlib
 import ctypes
 import errno
 import json
-import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import coco.log
 from coco.errors import BundleError
 from coco.files import mark_hierarchy_top
 from coco.image.flatten import DIR_FLAGS, flatten_layers, holds_only_whiteouts, open_under
@@ -51,7 +51,7 @@ __all__ = [
     "runtime_config",
 ]  # runtime_config: re-exported
 
-log = logging.getLogger(__name__)
+log = coco.log.get(__name__)  # logging loads only if a record needs it
 
 
 @record
@@ -207,8 +207,6 @@ def _fix_implicit_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
     or replaces it or a parent with a file or a symlink, or makes a parent opaque, hides them.
     """
     paths = sorted({p for ly in layers for p in ly.implicit_dirs if p}, key=lambda p: -len(p))
-    if len(layers) == 1:  # no lower layer to take metadata from: only whiteout-only dirs count
-        paths = [p for p in paths if _whiteouts_at_or_below(layers[0], p)]
     stacks: dict[str, list[tuple[LayerInfo, os.stat_result, bool]]] = {}
     for p in paths:
         found = [(ly, st) for ly, st, _ in _merged_dir(layers, p, stacks)]
@@ -224,12 +222,7 @@ def _fix_implicit_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
         parent, _, name = p.rpartition("/")
         try:
             if source is None:
-                if all(
-                    p in ly.implicit_dirs
-                    and _whiteouts_at_or_below(ly, p)
-                    and _only_whiteouts_at(ly, p)
-                    for ly, _ in found
-                ):
+                if all(p in ly.implicit_dirs and _only_whiteouts_at(ly, p) for ly, _ in found):
                     pfd = _open_under_path(rootfs, parent)
                     try:
                         with contextlib.suppress(OSError):
@@ -318,13 +311,6 @@ def _merge_whiteout_dirs(layers: Sequence[LayerInfo], rootfs: Path) -> None:
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(fd)
-
-
-def _whiteouts_at_or_below(layer: LayerInfo, rel: str) -> bool:
-    """Whether the layer recorded whiteouts in ``rel`` or a directory under it (an implicit
-    directory without any cannot hold only whiteouts: it was made for an entry)."""
-    below = rel + "/"
-    return any(w == rel or w.startswith(below) for w in layer.whiteout_dirs)
 
 
 def _only_whiteouts_at(layer: LayerInfo, rel: str) -> bool:

@@ -30,12 +30,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import coco.log
 from coco.crypto.digest import sha256_digest
 from coco.errors import (
     CocoError,
@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # a warm pull (every layer in the store) needs neither thread
 
 __all__ = ["LayerPull", "PullOptions", "PullResult", "pull_image"]
 
-log = logging.getLogger(__name__)
+log = coco.log.get(__name__)  # logging loads only if a record needs it
 
 _QUEUE_DEPTH = 4  # chunks between the reader thread and the decoders
 _CHUNK = 1 << 20  # registry read size: every queue downstream holds chunks of this size
@@ -376,7 +376,11 @@ def pull_image(
         if o.policy is not None:
             o.policy.check(source, m.raw, m.digest)
         cwhat = f"{name}: config {m.config.digest}"
-        raw_cfg = b"".join(source.open_blob(m.config, cwhat))
+        from coco.image.store import LayerStore
+
+        root = store.root if isinstance(store, LayerStore) else store
+        cached = LayerStore.cached_config(root, m.config.digest)  # checked against the digest
+        raw_cfg = cached if cached is not None else b"".join(source.open_blob(m.config, cwhat))
         config = ImageConfig.parse(raw_cfg, cwhat)
         if config.os != "linux":
             raise PullError(f"{cwhat}: expected os 'linux', found {config.os!r}")
@@ -388,7 +392,6 @@ def pull_image(
         if not m.layers:
             raise PullError(f"{name}: expected at least one layer, found none")
         from coco.image.bundle import create_bundle  # not loaded by copy's load_policy
-        from coco.image.store import LayerStore
 
         st = store if isinstance(store, LayerStore) else LayerStore(store)  # after the policy
         puller = _Puller(source, st, o, name, progress, cancel)
@@ -405,6 +408,8 @@ def pull_image(
                     image_config=_config_obj(raw_cfg),
                     flatten=o.flatten,
                 )
+            if cached is None:
+                st.keep_config(m.config.digest, raw_cfg)
         except BaseException:
             _rollback(st, puller.committed)
             raise

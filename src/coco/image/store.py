@@ -6,6 +6,7 @@ Layout under the store root::
     layers/<hex>/meta.json   {"diff_id", "implicit_dirs", "fresh_dirs", "whiteout_dirs",
                              "entries", "bytes", "file_bytes", "encrypted", "keys", "claims"}
     tmp/<random>/            unpacks in progress; renamed into layers/ only on success
+    configs/<hex>            image configs by digest (a cache: checked against it when read)
     index.json               {"version": 1, "bundles": {"/abs/bundle": {"layers": [diff_id...]}}}
     secret                   32 random bytes (mode 0600) keying the key proofs
     gc.lock, index.lock      flock files
@@ -49,6 +50,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from coco.crypto.digest import sha256_digest
 from coco.errors import LayerStoreError
 from coco.files import create_temp, mark_hierarchy_top
 from coco.record import record
@@ -65,6 +67,7 @@ __all__ = ["LayerInfo", "LayerStore"]
 
 _HEX_LEN = {"sha256": 64, "sha512": 128}
 _SECRET_SIZE = 32
+_MAX_CONFIG = 4 << 20  # configs kept by the store; larger ones are fetched each time
 _LAYOUT_FIELDS = ("implicit_dirs", "fresh_dirs", "whiteout_dirs")  # what a bundle reads of a record
 
 
@@ -408,6 +411,38 @@ class LayerStore:
             if data["bundles"].pop(str(Path(bundle).absolute()), None) is not None:
                 self._write_index(data)
 
+    # -- image configs ---------------------------------------------------------------------
+    @staticmethod
+    def cached_config(root: str | os.PathLike[str], digest: str) -> bytes | None:
+        """The config blob ``digest`` if a pull into the store at ``root`` kept it and it still
+        hashes to its digest; None otherwise. Creates nothing (a refused pull writes nothing)."""
+        try:
+            path = Path(root, "configs", _check_diff_id(digest))
+            with open(path, "rb") as f:
+                data = f.read(_MAX_CONFIG + 1)
+        except (OSError, LayerStoreError):
+            return None
+        if len(data) > _MAX_CONFIG or sha256_digest(data) != digest:
+            return None  # sha512 configs are not kept (see keep_config)
+        return data
+
+    def keep_config(self, digest: str, data: bytes) -> None:
+        """Keep a config blob the pull checked against ``digest`` (best effort)."""
+        if len(data) > _MAX_CONFIG or not digest.startswith("sha256:"):
+            return
+        d = self.root / "configs"
+        try:
+            d.mkdir(mode=0o700, exist_ok=True)
+            fd, tmp = create_temp(d, ".config-")
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, d / _check_diff_id(digest))
+        except OSError:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+
     def prune(self) -> list[str]:
         """Remove layers no bundle uses (bundles whose directory vanished are forgotten) and
         stale temp dirs; returns the removed diff_ids."""
@@ -432,6 +467,7 @@ class LayerStore:
                 removed.append(diff_id or d.name)
             for t in self._tmp.iterdir():
                 _rmtree(t, ignore_errors=True)
+            _rmtree(self.root / "configs", ignore_errors=True)  # a cache: pulls refill it
         return removed
 
 

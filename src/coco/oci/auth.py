@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import coco.log
 from coco import jsonio
 from coco.errors import AuthError, UsageError
 from coco.record import record
 
-log = logging.getLogger(__name__)
+log = coco.log.get(__name__)  # logging loads only if a record needs it
 
 
 @record

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import re
 import threading
@@ -24,6 +23,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import coco.log
 from coco import __version__
 from coco.crypto.digest import HashingReader, sha256_digest
 from coco.errors import AuthError, CocoError, DigestMismatchError, RegistryError
@@ -36,7 +36,7 @@ TYPE_CHECKING = False  # typing stays unloaded in short processes
 if TYPE_CHECKING:
     import ssl  # loaded only when a TLS connection is made
 
-log = logging.getLogger(__name__)
+log = coco.log.get(__name__)  # logging loads only if a record needs it
 CHUNK = 1 << 20
 _UA = f"coco/{__version__}"
 
