@@ -10,15 +10,33 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+_CACHE_HOME: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's own $XDG_CACHE_HOME (inherited by every coco process it starts): what coco
+    remembers across processes (registries that speak plain HTTP, checked keys, the native hash
+    loop) is made fresh by the tests and stays out of the user's ~/.cache."""
+    global _CACHE_HOME
+    _CACHE_HOME = tempfile.mkdtemp(prefix="coco-test-cache-")
+    os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _CACHE_HOME is not None:
+        shutil.rmtree(_CACHE_HOME, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@
   The data goes to a temporary file beside the target (so the rename stays on one filesystem), is
   flushed to disk, gets its mode, and is renamed over the target; a failure removes the temporary
   file and leaves the target as it was.
+- :func:`cache_dir`: where coco keeps what it remembers between processes.
 - :func:`mark_hierarchy_top`: where a tree of many new files (an unpacked layer, a flattened
   rootfs) should be placed on disk.
 """
@@ -17,7 +18,7 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["atomic_write", "create_temp", "fsync_dir", "mark_hierarchy_top"]
+__all__ = ["atomic_write", "cache_dir", "create_temp", "fsync_dir", "mark_hierarchy_top"]
 
 # <linux/fs.h>: FS_IOC_GETFLAGS/_SETFLAGS (declared with a long, read and written as an int by
 # every filesystem) and FS_TOPDIR_FL
@@ -41,6 +42,13 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/coco/PARTS`` (``~/.cache`` when unset): plain-HTTP registries, checked
+    keys, the native hash loop, pod VM images of a non-root user. Not created here."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "coco", *parts)
 
 
 def create_temp(directory: str | os.PathLike[str], prefix: str) -> tuple[int, str]:

@@ -31,7 +31,9 @@ AA = ATTESTATION_AGENT.name
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coco-tests"
+    # not $XDG_CACHE_HOME: the suite points that at a fresh directory per run (tests/conftest.py),
+    # and the Go build is worth keeping between runs (it is keyed by its source)
+    return Path.home() / ".cache" / "coco-tests"
 
 
 @pytest.fixture(scope="session")

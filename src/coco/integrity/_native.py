@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from coco.files import cache_dir
+
 _SOURCE = Path(__file__).with_name("_blockhash.c")
 _lock = threading.Lock()
 _loaded: list[Callable[..., int] | None] = []  # [] not tried yet; [None] not available
@@ -41,8 +43,7 @@ def _libcrypto() -> str | None:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "coco", "native")
+    return cache_dir("native")
 
 
 def _build(target: Path, crypto: str) -> None:

@@ -27,6 +27,7 @@ import coco.log
 from coco import __version__
 from coco.crypto.digest import HashingReader, sha256_digest
 from coco.errors import AuthError, CocoError, DigestMismatchError, RegistryError
+from coco.files import cache_dir
 from coco.oci import mediatypes as mt
 from coco.oci.auth import Credentials
 from coco.oci.http import Pool, Response, TransportError
@@ -118,8 +119,7 @@ def _plain_http_mark(host: str) -> Path | None:
     """The file whose presence says that ``host`` (``name[:port]``) speaks plain HTTP."""
     if not _HOST_PORT.fullmatch(host):
         return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "coco", "http-registries", host)
+    return cache_dir("http-registries", host)
 
 
 def _remember_plain_http(mark: Path, plain: bool) -> None:

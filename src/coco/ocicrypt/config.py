@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from coco.files import cache_dir
 from coco.ocicrypt.keyspec import KeyConfigError, password, read_key_file, split_key
 
 ENV_KEYPROVIDER_CONFIG = "OCICRYPT_KEYPROVIDER_CONFIG"
@@ -279,8 +280,7 @@ def _key_id(data: bytes, password: bytes | None) -> bytes:
 
 
 def _checked_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "coco", "checked-keys")
+    return cache_dir("checked-keys")
 
 
 def _was_checked(key_id: bytes) -> bool:

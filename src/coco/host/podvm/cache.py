@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from coco.errors import PodVmError
+from coco.files import cache_dir
 
 ENV_CACHE = "COCO_PODVM_CACHE"
 KEEP = 3  # finished stages of each kind kept besides the one in use
@@ -30,8 +31,7 @@ def default_cache_dir() -> Path:
         return Path(os.environ[ENV_CACHE])
     if os.geteuid() == 0:
         return Path("/var/cache/coco/podvm")
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "coco" / "podvm"
+    return cache_dir("podvm")
 
 
 def digest(parts: Iterable[str | bytes]) -> str:
