@@ -425,3 +425,27 @@ def test_replacing_directories_stays_linear(tmp_path: Path) -> None:
     plain = lines(base + [F(f"g{i}") for i in range(2_000)], "plain")  # as many entries
     flipping = lines(base + flips, "flipping")
     assert flipping < 2 * plain, (flipping, plain)
+
+
+def test_full_disk_while_files_are_written(tmp_path: Path) -> None:
+    """Small files are written by a thread of the unpacker's own: a write that fails there (a
+    full filesystem: a 1 MiB tmpfs) fails the unpack with the entry it was writing, and every
+    descriptor is closed when unpack_layer returns."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        blob = tar([F(f"f{i}", os.urandom(400 << 10)) for i in range(4)])
+        with pytest.raises(UnpackError) as e:
+            unpack_layer(io.BytesIO(blob), mnt)
+        msg = str(e.value)
+        assert msg.count("\n") == 0 and "No space left on device" in msg, msg
+        assert "layer entry " in msg and "'f" in msg and "cannot create file" in msg, msg
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

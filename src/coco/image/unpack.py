@@ -39,10 +39,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import stat
 import tarfile
+import threading
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from coco.errors import CocoError, UnpackError
 from coco.image.layerdir import DIR_FLAGS, OPAQUE_XATTR, LayerDir
@@ -56,6 +58,7 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_NAME = ".wh..wh..opq"
 
 _CHUNK = 1 << 20
+_WRITE_BUFFERS = 8  # files of at most _CHUNK bytes in flight to the writer thread
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_NAMESPACES = ("user.", "security.")
 # tar extension headers (PAX records, GNU long names, sparse maps) are read whole into memory:
@@ -158,6 +161,25 @@ class _Reader:
             while view:
                 view = view[write(fd, view) :]
 
+    def fill(self, buf: memoryview, size: int) -> memoryview:
+        """The next ``size`` bytes of the stream (at most ``len(buf)``) read into ``buf``,
+        counted and hashed as :meth:`read` does; a short stream raises tarfile.ReadError."""
+        readinto = getattr(self._raw, "readinto", None)
+        got = 0
+        while got < size:
+            want = buf[got:size]
+            if readinto is not None:
+                n = readinto(want)
+            else:  # a source without readinto (never one of coco.oci.compression's)
+                data = self._raw.read(len(want))
+                n = len(data)
+                want[:n] = data
+            if not n:
+                raise tarfile.ReadError("unexpected end of data")
+            self._account(want[:n])
+            got += n
+        return buf[:size]
+
     def tell(self) -> int:
         return self.count
 
@@ -243,6 +265,71 @@ class _GuardedInfo(tarfile.TarInfo):
         return member  # type: ignore[no-any-return]
 
 
+class _Writer:
+    """Writes small files' data, then their metadata, on a thread of its own, and closes them.
+
+    The untar thread parses headers, reads (and hashes) each file's bytes into a buffer and
+    hands the open descriptor over; this thread's ``write`` (the kernel's copy into the page
+    cache) runs meanwhile on the other core. Everything is done through the descriptor the untar
+    thread opened safely, so later entries (a whiteout, a replacement) cannot redirect it. Memory
+    is bounded by the buffers (:data:`_WRITE_BUFFERS` of :data:`_CHUNK`). The first error is
+    raised on the untar thread at its next hand-over or at :meth:`join`, naming its entry.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[int, memoryview, Any, str] | None] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(_WRITE_BUFFERS):
+            self._free.put(memoryview(bytearray(_CHUNK)))
+        self._error: tuple[str, BaseException] | None = None
+        self._thread = threading.Thread(target=self._run, name="coco-untar-write", daemon=True)
+        self._thread.start()
+
+    def buffer(self) -> memoryview:
+        """A free buffer (waits while all are in flight)."""
+        self.check()
+        return self._free.get()
+
+    def give_back(self, buf: memoryview) -> None:
+        self._free.put(buf)
+
+    def submit(self, fd: int, data: memoryview, buf: memoryview, finish: Any, where: str) -> None:
+        """Write ``data`` (held in ``buf``, which comes back to the pool) to ``fd``, call
+        ``finish(fd)``, close ``fd``."""
+        self._jobs.put((fd, data, (buf, finish), where))  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        if self._error is not None:
+            where, e = self._error
+            text = getattr(e, "strerror", None) or e
+            raise UnpackError(f"{where}: cannot create file: {text}") from None
+
+    def join(self) -> None:
+        """Wait until everything handed over is written and closed (idempotent)."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fd, data, (buf, finish), where = job  # type: ignore[misc]
+            try:
+                if self._error is None:
+                    view = data
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    finish(fd)
+            except BaseException as e:  # reported on the untar thread
+                if self._error is None:
+                    self._error = (where, e)
+            finally:
+                os.close(fd)
+                self._free.put(buf)
+
+
 class _Unpacker(LayerDir):
     """Applies the entries of one layer's tar, in order, onto its layer directory."""
 
@@ -261,6 +348,7 @@ class _Unpacker(LayerDir):
         self.stats = UnpackStats()
         self.current: str | None = None  # the entry being written (for truncation errors)
         self.written = 0  # bytes of regular files, as declared (sparse holes included)
+        self.writer = _Writer()
 
     # -- entries -----------------------------------------------------------------------------
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
@@ -346,6 +434,10 @@ class _Unpacker(LayerDir):
             return
         if ti.isreg():
             self._clear(dfd, base, path, keep_dir=False)
+            if ti.sparse is None and ti.size <= _CHUNK:
+                self._small_file(tf, ti, dfd, base, where)
+                st.files += 1
+                return
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dfd)
             try:
                 if ti.sparse is not None:
@@ -396,6 +488,31 @@ class _Unpacker(LayerDir):
             st.others += 1
             return
         raise UnpackError(f"{where}: unsupported tar entry type {ti.type!r}")
+
+    def _small_file(
+        self, tf: tarfile.TarFile, ti: tarfile.TarInfo, dfd: int, base: str, where: str
+    ) -> None:
+        """A file of at most one chunk: its bytes read here, written by the writer thread."""
+        reader = tf.fileobj
+        assert isinstance(reader, _Reader) and reader.count == ti.offset_data
+        buf = self.writer.buffer()
+        try:
+            data = reader.fill(buf, ti.size)  # tarfile skips the padding at its next()
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=dfd)
+        except BaseException:
+            self.writer.give_back(buf)
+            raise
+        chown = self._needs_chown(ti)
+        mode, mtime = self._mode(ti), _mtime(ti)
+
+        def finish(fd: int) -> None:
+            if chown:
+                os.fchown(fd, ti.uid, ti.gid)
+            os.fchmod(fd, mode)
+            self._xattrs(fd, ti)
+            os.utime(fd, (mtime, mtime))
+
+        self.writer.submit(fd, data, buf, finish, where)
 
     def _hardlink(self, ti: tarfile.TarInfo, dfd: int, base: str, path: str, where: str) -> None:
         tparts = _components(ti.linkname, f"{where}: hardlink target", strict=True)
@@ -502,6 +619,8 @@ class _Unpacker(LayerDir):
     def finish(self) -> None:
         """Directory mtimes (and modes, when not root) last, once their contents stopped
         changing; deepest first. A directory a later entry replaced is skipped."""
+        self.writer.join()
+        self.writer.check()
         for path, (mode, mtime) in sorted(self.dir_meta.items(), key=lambda kv: -len(kv[0])):
             try:
                 if path:
@@ -650,6 +769,7 @@ def unpack_layer(
             raise UnpackError(f"layer {diff_id}{msg[len('layer') :]}") from None
         raise
     finally:
+        up.writer.join()  # every descriptor closed before the caller may remove the tree
         up.close()
     if hasher is not None:
         reader.drain()
