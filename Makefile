@@ -11,6 +11,9 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 	@scripts/install-system-deps
+	@# bytecode for every module now: a shell with PYTHONDONTWRITEBYTECODE set would otherwise
+	@# leave short `coco` runs compiling what changed since the last cached bytecode, every time
+	@$(BIN)/python -m compileall -q src
 
 $(STAMP): pyproject.toml
 	@scripts/install-system-deps
