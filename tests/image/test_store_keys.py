@@ -489,6 +489,39 @@ def test_library_pull(
     assert [x.action for x in res.layers] == ["reused"]
 
 
+def test_claim_names_only_the_bytes_that_unwrapped(
+    tmp_path: Path, store: LayerStore, open_registry: Registry, keys: Keys
+) -> None:
+    """A key file rewritten between the claim's digest and the key's loading (here: while the
+    pull loads its keys) records no claim: the claim would name bytes that unwrapped nothing.
+    Its new bytes (the same key, PEM with a trailing newline more) then earn their own claim."""
+    from coco.ocicrypt import decrypt_config
+
+    ref = _push_enc(tmp_path, open_registry, [tar([F("race", b"R")])], f"jwe:{keys.pub}")
+    kf = tmp_path / "key.pem"
+    kf.write_bytes(keys.priv.read_bytes())
+
+    def load_and_change() -> object:
+        kf.write_bytes(keys.priv.read_bytes() + b"\n")
+        return decrypt_config([str(kf)])
+
+    opts = PullOptions(
+        access=Access(tls_verify=False), decryption=load_and_change, decryption_keys=(str(kf),)
+    )
+    res = pull_image(ref, tmp_path / "b1", store, opts)
+    assert [x.action for x in res.layers] == ["pulled"]
+    (d,) = store.layers()
+    assert store.get(d).claims == frozenset() and len(store.get(d).keys) == 1
+
+    steady = PullOptions(
+        access=Access(tls_verify=False),
+        decryption=lambda: decrypt_config([str(kf)]),
+        decryption_keys=(str(kf),),
+    )
+    res = pull_image(ref, tmp_path / "b2", store, steady)  # proven by unwrapping, then claimed
+    assert [x.action for x in res.layers] == ["reused"] and len(store.get(d).claims) == 1
+
+
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "run" / "image.sock")

@@ -228,9 +228,16 @@ class _Puller:
         key = self._unwrap(i, total, desc).to_bytes()
         if not self.store.reusable(diff_id, self.limits, key):
             return False
-        if claim is not None:
+        if claim is not None and self._same_key_files():
             self.store.remember_claim(diff_id, claim)
         return True
+
+    def _same_key_files(self) -> bool:
+        """Whether the key files still hold the bytes the claims were computed from (a file
+        changed while the keys were loaded must not name what it did not unwrap)."""
+        from coco.ocicrypt.keyspec import key_files_digest
+
+        return key_files_digest(self.o.decryption_keys) == self.key_files
 
     def _open(self, desc: Descriptor, where: str) -> Iterator[bytes]:
         """The blob (digest checked at its end), in chunks small enough that the queues of every
@@ -282,6 +289,8 @@ class _Puller:
                     )
                 key = None if private is None else private.to_bytes()
                 claim = None if private is None else self._claim(desc)
+                if claim is not None and not self._same_key_files():
+                    claim = None
                 self.store.commit(diff_id, tmp, stats, key, claim)
                 if not stored:
                     self.committed.append(diff_id)
