@@ -104,6 +104,18 @@ class Containerd:
         )
 
 
+def _accepting(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` now."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Snapshotter:
     """``coco snapshotter serve`` as the fixture runs it; restartable by the tests."""
@@ -123,7 +135,7 @@ class Snapshotter:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        while not _accepting(self.socket):  # not the file alone: a stopped one may leave it
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(

@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,16 @@ def test_snapshots_survive_a_snapshotter_restart(
     rows = _rows(containerd)
     containerd.snapshotter.stop()
     containerd.snapshotter.start()
-    after = containerd.ctr("-n", "k8s.io", "snapshots", "--snapshotter", "coco", "ls").stdout
+    # containerd noticed the old one go and reconnects with a backoff (grpc-go's, from 1 s):
+    # until then it answers "unavailable", as it would to a kubelet, which retries too
+    deadline = time.monotonic() + 30
+    while True:
+        r = containerd.ctr("-n", "k8s.io", "snapshots", "--snapshotter", "coco", "ls", check=False)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.returncode == 0, r.stderr
+    after = r.stdout
     assert after == before
     assert _rows(containerd) == rows
     pod = write_pod(

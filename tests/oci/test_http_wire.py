@@ -299,3 +299,35 @@ def test_importing_the_registry_client_loads_no_tls_nor_http_client() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_answer_sent_before_the_body_was_taken_is_the_answer() -> None:
+    """A server may refuse a request without reading its body (413, say) and close: sending
+    the rest then fails (EPIPE or a reset), and the answer already sent is what the client gets
+    instead of a bare 'Broken pipe'; that connection is not used again."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    host = f"127.0.0.1:{lsock.getsockname()[1]}"
+
+    def refuse() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            rfile = conn.makefile("rb")
+            while rfile.readline() not in (b"\r\n", b""):
+                pass
+            conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+            conn.shutdown(socket.SHUT_WR)
+            with suppress(OSError):  # read a little of the body, then stop reading it at all
+                conn.recv(1 << 16)
+            rfile.close()
+
+    t = threading.Thread(target=refuse, daemon=True)
+    t.start()
+    body = (b"x" * (1 << 20) for _ in range(256))  # far more than the socket buffers hold
+    try:
+        r = Pool().request("PUT", f"http://{host}/upload", content=body)
+        assert (r.status_code, r.read()) == (413, b"big")
+    finally:
+        lsock.close()
+        t.join(10)

@@ -422,6 +422,24 @@ class Pool:
                 )
             try:
                 _send(conn.sock, head, content)
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # the server may have answered and closed before taking the whole body (an early
+                # error, or a reply that ignores the body): that answer is the one that counts
+                early = _early_answer(conn, method)
+                if early is None:
+                    conn.close()
+                    if reused and replayable:
+                        continue  # the server closed the idle connection: once more, anew
+                    raise TransportError(_text(e)) from None
+                (mode, left, _keep) = early[1]
+                return Response(self, key, conn, url, early[0], (mode, left, False))
+            except OSError as e:
+                conn.close()
+                raise TransportError(_text(e)) from None
+            except BaseException:  # the body's iterator failed (a digest check, say)
+                conn.close()
+                raise
+            try:
                 answer = _read_answer(conn.rfile, method)
             except _STALE as e:
                 conn.close()
@@ -496,6 +514,15 @@ def _send(sock: socket.socket, head: bytes, content: bytes | Iterable[bytes] | N
                 sock.sendall(piece)
                 sock.sendall(b"\r\n")
         sock.sendall(b"0\r\n\r\n")
+
+
+def _early_answer(conn: _Conn, method: str) -> tuple[_Head, tuple[int, int, bool]] | None:
+    """An answer the server sent before it stopped reading our request, if a whole head of one
+    is there (the connection is not used again after it)."""
+    try:
+        return _read_answer(conn.rfile, method)
+    except (OSError, TransportError, _NoAnswer):
+        return None
 
 
 def _read_answer(rfile: BinaryIO, method: str) -> tuple[_Head, tuple[int, int, bool]]:
