@@ -262,6 +262,11 @@ def test_prune_then_pull(cli: Cli, store: LayerStore, open_registry: Registry, k
 
 
 # -- stores written before key proofs ----------------------------------------------------------
+def _meta_path(store: LayerStore, diff_id: str) -> Path:
+    """The file holding a stored layer's record."""
+    return store.root / "layers" / diff_id.partition(":")[2] / "meta.json"
+
+
 def _make_old(store: LayerStore) -> None:
     """Rewrite every record as the store wrote it before sizes and key proofs were kept."""
     for p in (store.root / "layers").glob("*/meta.json"):
@@ -316,7 +321,7 @@ def test_records_from_before_whiteout_dirs_are_completed(
     assert cli.pull(store.root, ref, "b1", "--flatten")[0] == 0
     (d,) = store.layers()
     assert store.get(d).whiteout_dirs == frozenset({"w"})
-    meta_path = store.root / "layers" / d.partition(":")[2] / "meta.json"
+    meta_path = _meta_path(store, d)
     meta = json.loads(meta_path.read_text())
     del meta["whiteout_dirs"]
     meta_path.write_text(json.dumps(meta))
@@ -334,7 +339,7 @@ def test_store_secret(cli: Cli, store: LayerStore, open_registry: Registry, keys
     st = os.stat(store.root / "secret")
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 32
     (d,) = store.layers()
-    meta = (store.root / "layers" / d.partition(":")[2] / "meta.json").read_text()
+    meta = _meta_path(store, d).read_text()
     (proof,) = json.loads(meta)["keys"]
     assert len(proof) == 64 and proof not in meta.replace(proof, "", 1)
     # another store has its own secret: the same key gives another proof
@@ -418,13 +423,13 @@ def test_claims_cannot_be_forged_or_carried(
     key = ["--decryption-key", str(keys.priv)]
     assert cli.pull(store.root, ref, "b1", *key)[0] == 0
     (d,) = store.layers()
-    meta_path = store.root / "layers" / d.partition(":")[2] / "meta.json"
+    meta_path = _meta_path(store, d)
     meta = json.loads(meta_path.read_text())
 
     # a second store's claims for the same key and layer are made with its own secret
     other = LayerStore(cli.tmp / "other")
     assert cli.pull(other.root, ref, "o1", "--flatten", *key)[0] == 0
-    other_meta_path = other.root / "layers" / d.partition(":")[2] / "meta.json"
+    other_meta_path = _meta_path(other, d)
     other_meta = json.loads(other_meta_path.read_text())
     assert set(other_meta["claims"]).isdisjoint(meta["claims"])
 
@@ -448,7 +453,7 @@ def test_claim_is_recorded_on_first_proof(
     key = ["--decryption-key", str(keys.priv)]
     assert cli.pull(store.root, ref, "b1", *key)[0] == 0
     (d,) = store.layers()
-    meta_path = store.root / "layers" / d.partition(":")[2] / "meta.json"
+    meta_path = _meta_path(store, d)
     meta = json.loads(meta_path.read_text())
     del meta["claims"]
     meta_path.write_text(json.dumps(meta))

@@ -38,13 +38,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coco.errors import HostError
+from coco.files import atomic_write
 
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 CONFIG_DIR = Path("/etc/coco")
@@ -200,18 +200,9 @@ def _load_record(config_dir: Path) -> dict[str, Any]:
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file beside it, then rename)."""
+    """Write ``data`` to ``path`` atomically (and durably), making its directory if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data, mode)
 
 
 # --- editing containerd's config

@@ -23,8 +23,8 @@ class UnpackLimits:
             if getattr(self, name) <= 0:
                 raise ValueError(f"UnpackLimits.{name} must be positive")
         if self.unsafe_allow_devices:
-            import logging
+            import coco.log
 
-            logging.getLogger("coco.image.unpack").warning(
+            coco.log.get("coco.image.unpack").warning(
                 "unpack: unsafe_allow_devices: device nodes from images will be created"
             )

@@ -343,10 +343,7 @@ class LayerStore:
                 fields = ("entries", "bytes", "file_bytes", "encrypted", "keys", "claims",
                           *_LAYOUT_FIELDS)  # fmt: skip
                 meta = {**old, **{k: new[k] for k in fields}}
-            fd, tmp = create_temp(self._tmp, "meta-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, path)
+            _replace(self._tmp, path, json.dumps(meta).encode(), "meta-")
 
     def add_layer(
         self,
@@ -387,10 +384,8 @@ class LayerStore:
         return data
 
     def _write_index(self, data: dict[str, Any]) -> None:
-        fd, tmp = create_temp(self.root, "index-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.root / "index.json")
+        text = json.dumps(data, indent=1, sort_keys=True)
+        _replace(self.root, self.root / "index.json", text.encode(), "index-")
 
     def bundles(self) -> dict[str, list[str]]:
         """Bundle path -> the diff_ids it uses."""
@@ -431,17 +426,9 @@ class LayerStore:
         if len(data) > _MAX_CONFIG or not digest.startswith("sha256:"):
             return
         d = self.root / "configs"
-        try:
+        with contextlib.suppress(OSError):
             d.mkdir(mode=0o700, exist_ok=True)
-            fd, tmp = create_temp(d, ".config-")
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, d / _check_diff_id(digest))
-        except OSError:
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
+            _replace(d, d / _check_diff_id(digest), data, ".config-")
 
     def prune(self) -> list[str]:
         """Remove layers no bundle uses (bundles whose directory vanished are forgotten) and
@@ -469,6 +456,20 @@ class LayerStore:
                 _rmtree(t, ignore_errors=True)
             _rmtree(self.root / "configs", ignore_errors=True)  # a cache: pulls refill it
         return removed
+
+
+def _replace(tmp_dir: Path, target: Path, data: bytes, prefix: str) -> None:
+    """Put ``data`` at ``target`` in one rename from a temporary file in ``tmp_dir`` (not
+    synced to disk, as the store's records never were); the temporary file goes on failure."""
+    fd, tmp = create_temp(tmp_dir, prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _rmtree(path: str | os.PathLike[str], ignore_errors: bool = False) -> None:

@@ -143,23 +143,11 @@ class _Reader:
         buf = self._buf
         if buf is None:
             buf = self._buf = memoryview(bytearray(_CHUNK))
-        readinto = getattr(self._raw, "readinto", None)
-        write = os.write
         while size:
-            want = buf[: min(size, _CHUNK)]
-            if readinto is not None:
-                got = readinto(want)
-            else:  # a source without readinto (never one of coco.oci.compression's)
-                data = self._raw.read(len(want))
-                got = len(data)
-                want[:got] = data
-            if not got:
-                raise tarfile.ReadError("unexpected end of data")
-            view = want[:got]
-            self._account(view)
-            size -= got
+            view = self.fill(buf, min(size, _CHUNK))
+            size -= len(view)
             while view:
-                view = view[write(fd, view) :]
+                view = view[os.write(fd, view) :]
 
     def fill(self, buf: memoryview, size: int) -> memoryview:
         """The next ``size`` bytes of the stream (at most ``len(buf)``) read into ``buf``,
@@ -296,7 +284,7 @@ class _Writer:
     def submit(self, fd: int, data: memoryview, buf: memoryview, finish: Any, where: str) -> None:
         """Write ``data`` (held in ``buf``, which comes back to the pool) to ``fd``, call
         ``finish(fd)``, close ``fd``."""
-        self._jobs.put((fd, data, (buf, finish), where))  # type: ignore[arg-type]
+        self._jobs.put((fd, data, buf, finish, where))
 
     def check(self) -> None:
         if self._error is not None:
@@ -315,7 +303,7 @@ class _Writer:
             job = self._jobs.get()
             if job is None:
                 return
-            fd, data, (buf, finish), where = job  # type: ignore[misc]
+            fd, data, buf, finish, where = job
             try:
                 if self._error is None:
                     view = data
